@@ -1,0 +1,35 @@
+"""Training: DDPM and classifier train steps, the resumable train loop, evaluation helpers.
+
+Everything here takes keyword arguments, never a config; ``experiments/`` turn configs into
+calls. Checkpoints go through :mod:`jaxrob.checkpoint`.
+"""
+
+from jaxrob.training._classifier import classifier_accuracy as classifier_accuracy
+from jaxrob.training._classifier import classifier_loss as classifier_loss
+from jaxrob.training._classifier import classifier_predictions as classifier_predictions
+from jaxrob.training._classifier import cross_entropy as cross_entropy
+from jaxrob.training._classifier import init_classifier_state as init_classifier_state
+from jaxrob.training._classifier import make_classifier_train_step as make_classifier_train_step
+from jaxrob.training._classifier import make_logits_fn as make_logits_fn
+from jaxrob.training._ddpm import ddpm_loss as ddpm_loss
+from jaxrob.training._ddpm import denoising_mse as denoising_mse
+from jaxrob.training._ddpm import init_ddpm_state as init_ddpm_state
+from jaxrob.training._ddpm import make_ddpm_train_step as make_ddpm_train_step
+from jaxrob.training._ddpm import make_eps_fn as make_eps_fn
+from jaxrob.training._loop import METRICS_FILE as METRICS_FILE
+from jaxrob.training._loop import MetricsWriter as MetricsWriter
+from jaxrob.training._loop import read_metrics as read_metrics
+from jaxrob.training._loop import step_batches as step_batches
+from jaxrob.training._loop import train_loop as train_loop
+from jaxrob.training._state import LR_SCHEDULES as LR_SCHEDULES
+from jaxrob.training._state import OPTIMIZERS as OPTIMIZERS
+from jaxrob.training._state import TrainState as TrainState
+from jaxrob.training._state import abstract_on_mesh as abstract_on_mesh
+from jaxrob.training._state import batched_apply as batched_apply
+from jaxrob.training._state import create_train_state as create_train_state
+from jaxrob.training._state import ema_update as ema_update
+from jaxrob.training._state import init_on_mesh as init_on_mesh
+from jaxrob.training._state import jit_train_step as jit_train_step
+from jaxrob.training._state import learning_rate_schedule as learning_rate_schedule
+from jaxrob.training._state import make_optimizer as make_optimizer
+from jaxrob.training._state import normal_noise as normal_noise
