@@ -1,0 +1,155 @@
+"""Shared pieces of the configs (not a config itself: it has no ``get_config``).
+
+Every config is ``get_config(arg=None)``; ``arg`` is ``None``/``""`` (the real run) or
+``"smoke"`` (same code path, tiny data and steps, seconds on CPU; used by the tests).
+"""
+
+from ml_collections import config_dict
+
+VARIANTS = ("", "smoke")
+
+
+def parse_arg(arg: str | None) -> str:
+    """Normalise the ``file.py:arg`` part of ``--config``; raises on an unknown variant."""
+    arg = (arg or "").strip()
+    if arg not in VARIANTS:
+        raise ValueError(f"config variant: expected one of {list(VARIANTS)} (e.g. "
+                         f"--config configs/digits_ddpm.py:smoke), got {arg!r}")
+    return arg
+
+
+def mesh(cpu_no_ynn: bool | None = None) -> config_dict.ConfigDict:
+    """Devices of a run.
+
+    ``num_devices``: None = every device (on CPU: ``JAXROB_CPU_DEVICES``, default 2 host
+    devices). ``cpu_no_ynn``: turn off XLA:CPU's YNNPACK conv fusions (None: the
+    ``JAXROB_CPU_NO_YNN`` environment default); 1.3-1.7x faster training of the small UNets on
+    the 2-core CPU (PERF_NOTES §2, §7), no effect on accelerators.
+    """
+    return config_dict.ConfigDict({"num_devices": config_dict.placeholder(int),
+                                   "cpu_no_ynn": config_dict.placeholder(bool)
+                                   if cpu_no_ynn is None else cpu_no_ynn})
+
+
+def data(name: str, train_split: str, test_split: str) -> config_dict.ConfigDict:
+    return config_dict.ConfigDict({
+        "name": name,
+        "train_split": train_split,
+        "test_split": test_split,
+        # None: $JAXROB_DATA_DIR (the datasets folder); unused for the bundled digits
+        "data_dir": config_dict.placeholder(str),
+    })
+
+
+_UNET_FIELDS = {"ch": int, "ch_mult": tuple, "num_res_blocks": int, "attn_resolutions": tuple,
+                "dropout": float, "num_groups": int}
+
+
+def unet_overrides(**values) -> config_dict.ConfigDict:
+    """Every overridable UNet argument as a typed field (None: keep the named config's value),
+    so ``--config.model.overrides.ch=16`` works on a locked config."""
+    unknown = set(values) - set(_UNET_FIELDS)
+    if unknown:
+        raise ValueError(f"unet_overrides: unknown UNet argument(s) {sorted(unknown)}")
+    return config_dict.ConfigDict({
+        k: values[k] if values.get(k) is not None else config_dict.placeholder(t)
+        for k, t in _UNET_FIELDS.items()})
+
+
+def ddpm_base() -> config_dict.ConfigDict:
+    """Defaults of a DDPM run; configs override model/data/steps."""
+    c = config_dict.ConfigDict()
+    c.seed = 0
+    c.data = data("digits", "train", "test")
+    c.model = config_dict.ConfigDict({
+        "name": "unet",
+        "config": "digits",  # a key of jaxrob.models.UNET_CONFIGS
+        # overrides of that configuration's UNet arguments; None keeps the named config's value
+        "overrides": unet_overrides(dropout=0.0, ch=16, num_groups=4),
+    })
+    c.diffusion = config_dict.ConfigDict({
+        "schedule": "linear", "num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02})
+    c.train = config_dict.ConfigDict({
+        "batch_size": 128,
+        "num_steps": 1500,
+        "optimizer": "adamw",
+        "learning_rate": 2e-3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 100,
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "ema_decay": 0.999,
+        "ema_warmup": True,
+        "log_every": 100,
+        "checkpoint_every": 500,
+        "keep_checkpoints": 2,
+    })
+    c.sample = config_dict.ConfigDict({
+        "sampler": "ddpm",  # "ddpm" over the full schedule, or "ddim" over num_steps steps
+        "num_steps": 1000,  # respaced to this many steps (ignored by ddpm when = schedule)
+        "eta": 0.0,  # DDIM eta
+        "grid": 8,  # grid x grid samples in samples.png
+        "seed": 1,
+    })
+    c.eval = config_dict.ConfigDict({
+        "t_stars": (0.1, 0.3),
+        "num_images": 0,  # 0: the whole test split
+        "batch_size": 500,
+        "seed": 2,
+    })
+    c.mesh = mesh(cpu_no_ynn=True)
+    return c
+
+
+def ddpm_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Shrink a DDPM config so it runs in seconds (tiny UNet, 3 steps, 5 DDIM steps)."""
+    c.model.overrides = unet_overrides(dropout=0.0, ch=8, ch_mult=(1,), num_res_blocks=1,
+                                       attn_resolutions=(), num_groups=4)
+    c.diffusion.num_steps = 50
+    c.train.update(batch_size=16, num_steps=3, warmup_steps=1, log_every=1,
+                   checkpoint_every=2)
+    c.sample.update(sampler="ddim", num_steps=5, grid=2)
+    c.eval.update(num_images=16, batch_size=16)
+    return c
+
+
+def classifier_base() -> config_dict.ConfigDict:
+    """Defaults of a classifier run."""
+    c = config_dict.ConfigDict()
+    c.seed = 0
+    c.data = data("digits", "train", "test")
+    c.model = config_dict.ConfigDict({
+        "name": "small_cnn",  # a key of jaxrob.models.MODELS
+        "kwargs": config_dict.ConfigDict({"features": (32, 64), "hidden": 128,
+                                          "dropout": 0.25}),
+    })
+    c.train = config_dict.ConfigDict({
+        "batch_size": 128,
+        "num_steps": 500,
+        "optimizer": "adamw",
+        "learning_rate": 2e-3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 50,
+        "weight_decay": 1e-4,
+        "grad_clip": 1.0,
+        "momentum": 0.9,  # sgd only
+        "label_smoothing": 0.0,
+        "log_every": 50,
+        "checkpoint_every": 250,
+        "keep_checkpoints": 2,
+    })
+    c.eval = config_dict.ConfigDict({"num_images": 0, "batch_size": 500})
+    c.mesh = mesh()
+    # One device: these classifiers are tiny (nothing to gain from splitting the CPU), and
+    # BatchNorm's many cross-device all-reduces once hung XLA:CPU's collective rendezvous
+    # (abort after 40 s) on the heavily shared 2-core machine. Override for accelerators.
+    c.mesh.num_devices = 1
+    return c
+
+
+def classifier_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    c.model.kwargs.update(features=(4, 8), hidden=16, dropout=0.0)
+    c.train.update(batch_size=16, num_steps=3, warmup_steps=1, log_every=1,
+                   checkpoint_every=2)
+    c.eval.update(num_images=32, batch_size=32)
+    return c

@@ -1,0 +1,310 @@
+"""Helpers shared by the experiment entry points: config -> objects, manifests, files.
+
+Experiments turn configs into keyword arguments for the library; the library never sees a
+ConfigDict. Everything here is experiment plumbing (paths, JSON, PNG, manifests).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import pathlib
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+import jaxrob
+from jaxrob.parallel import is_main_process, make_mesh
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+log = logging.getLogger("jaxrob.experiments")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def to_plain(obj: Any) -> Any:
+    """ConfigDict / numpy / tuples -> JSON-able Python (tuples become lists)."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, pathlib.Path):
+        return str(obj)
+    return obj
+
+
+def get_mesh(mesh_config) -> jax.sharding.Mesh:
+    """The 1-D ``data`` mesh of ``config.mesh`` (``num_devices`` None: all devices)."""
+    n = mesh_config.get("num_devices") if mesh_config is not None else None
+    mesh = make_mesh(n)
+    log.info("mesh: %d x %s (%s)", mesh.size, jax.devices()[0].device_kind,
+             jax.default_backend())
+    return mesh
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> int:
+    """Reject batch sizes that are not a positive multiple of the device count."""
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+        raise ValueError(f"{what}: expected a positive integer, got {batch_size!r}")
+    n = mesh.shape["data"]
+    if batch_size % n:
+        raise ValueError(f"{what}={batch_size} does not divide over the {n} devices of the "
+                         f"mesh; use a multiple of {n} (or set --config.mesh.num_devices)")
+    return int(batch_size)
+
+
+def check_positive(value, what: str) -> int:
+    if isinstance(value, bool) or int(value) != value or value <= 0:
+        raise ValueError(f"{what}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+# Where the datasets live in this project's checkout layout (repo/../shared/datasets).
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets"
+
+
+def data_dir(data_config) -> str | None:
+    """``config.data.data_dir``, else ``$JAXROB_DATA_DIR``, else ``../shared/datasets`` when it
+    exists (None: let ``jaxrob.data`` raise its "no data directory" error)."""
+    explicit = data_config.get("data_dir")
+    if explicit:
+        return str(explicit)
+    if os.environ.get("JAXROB_DATA_DIR"):
+        return None
+    return str(DEFAULT_DATA_DIR) if DEFAULT_DATA_DIR.is_dir() else None
+
+
+def load_split(data_config, split: str, *, name: str | None = None, num_images: int = 0):
+    """``jaxrob.data.load_dataset`` for a ``config.data`` block; ``num_images`` > 0 keeps the
+    first that many examples."""
+    from jaxrob.data import load_dataset
+
+    ds = load_dataset(name or data_config.name, split, data_dir=data_dir(data_config))
+    if num_images and num_images < len(ds):
+        ds = ds.subset(slice(0, int(num_images)))
+    log.info("data: %r", ds)
+    return ds
+
+
+def build_schedule(diffusion_config):
+    import jaxrob.diffusion as jd
+
+    kind = diffusion_config.schedule
+    if kind == "linear":
+        return jd.linear_schedule(int(diffusion_config.num_steps),
+                                  beta_start=float(diffusion_config.beta_start),
+                                  beta_end=float(diffusion_config.beta_end))
+    if kind == "cosine":
+        return jd.cosine_schedule(int(diffusion_config.num_steps))
+    raise ValueError(f"diffusion.schedule: expected 'linear' or 'cosine', got {kind!r}")
+
+
+def build_unet(model_config):
+    from jaxrob.models import unet_from_config
+
+    if model_config.name != "unet":
+        raise ValueError(f"model.name: expected 'unet' for a diffusion model, got "
+                         f"{model_config.name!r}")
+    overrides = {k: v for k, v in to_plain(model_config.get("overrides") or {}).items()
+                 if v is not None}
+    return unet_from_config(model_config.config, **overrides)
+
+
+def build_classifier(model_config, num_classes: int):
+    from jaxrob.models import MODELS
+
+    name = model_config.name
+    if name not in MODELS or name == "unet":
+        raise ValueError(f"model.name: expected a classifier of jaxrob.models.MODELS "
+                         f"{sorted(k for k in MODELS if k != 'unet')}, got {name!r}")
+    kwargs = to_plain(model_config.get("kwargs") or {})
+    for k, v in kwargs.items():
+        if isinstance(v, list):
+            kwargs[k] = tuple(v)
+    return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def resolve_path(path: str, *, base: pathlib.Path) -> pathlib.Path:
+    p = pathlib.Path(os.path.expanduser(path))
+    return p if p.is_absolute() else base / p
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def git_info() -> dict:
+    """Commit of the repository (None when not a git checkout or no commit yet) and dirtiness."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": dirty}
+
+
+def versions() -> dict:
+    import flax
+    import jaxlib
+    import optax
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "jaxrob": jaxrob.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def manifest(config, *, seeds: Mapping[str, int], wall_s: float,
+             extra: Mapping[str, Any] | None = None) -> dict:
+    """What every results.json carries: config, versions, commit, devices, seeds, wall time."""
+    devices = jax.devices()
+    return {
+        "config": to_plain(config),
+        "versions": versions(),
+        "git": git_info(),
+        "devices": {"backend": jax.default_backend(), "kind": devices[0].device_kind,
+                    "count": len(devices), "process_count": jax.process_count(),
+                    "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "host": socket.gethostname(),
+        "argv": list(sys.argv),
+        "seeds": dict(seeds),
+        "wall_s": float(wall_s),
+        "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **dict(extra or {}),
+    }
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write JSON (process 0 only)."""
+    if not is_main_process():
+        return
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_plain(obj), indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_npz(path: str | os.PathLike, **arrays) -> None:
+    """``np.savez_compressed`` by process 0 only."""
+    if is_main_process():
+        np.savez_compressed(path, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def save_image_grid(path: str | os.PathLike, images01: np.ndarray, *, grid: int,
+                    min_size: int = 256) -> None:
+    """Save ``grid x grid`` images (NHWC, [0, 1]) as one PNG, upscaled (nearest) to be viewable."""
+    from PIL import Image
+
+    if not is_main_process():
+        return
+    x = np.clip(np.asarray(images01, np.float32), 0.0, 1.0)[: grid * grid]
+    n, h, w, c = x.shape
+    pad = 1
+    canvas = np.ones((grid * (h + pad) + pad, grid * (w + pad) + pad, c), np.float32)
+    for i in range(n):
+        r, col = divmod(i, grid)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h,
+               pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    scale = max(1, -(-min_size // canvas.shape[0]))
+    img = (canvas * 255.0 + 0.5).astype(np.uint8)
+    img = img[..., 0] if c == 1 else img
+    pil = Image.fromarray(img)
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)
+
+
+class Timer:
+    """Wall-clock timer: ``t = Timer(); ...; t()`` gives seconds since creation."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def log_devices() -> None:
+    devs = jax.devices()
+    logging.info("JAX %s, backend %s, %d device(s): %s; process %d of %d; XLA_FLAGS=%r",
+                 jax.__version__, jax.default_backend(), len(devs), devs[0].device_kind,
+                 jax.process_index(), jax.process_count(), os.environ.get("XLA_FLAGS", ""))
+
+
+def absl_main(run_fn, config_flag, workdir_flag) -> None:
+    """Body of every entry point's ``main``: log devices, run, print the results path."""
+    log_devices()
+    workdir = pathlib.Path(workdir_flag.value)
+    results = run_fn(config_flag.value, workdir)
+    logging.info("wrote %s", workdir / "results.json")
+    summary = {k: v for k, v in results.items() if k in ("accuracy", "denoising", "wall_s",
+                                                         "train")}
+    print(json.dumps(to_plain(summary), indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def define_flags(default_config: str | None = None):
+    """``--config`` (locked ml_collections config file), ``--workdir``, ``--distributed``."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file(
+        "config", default_config, "Config file, e.g. configs/digits_ddpm.py (variants: "
+        "configs/digits_ddpm.py:smoke; overrides: --config.train.num_steps=100).",
+        lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Output directory (resumes when it holds "
+                                  "checkpoints of the same configuration).")
+    distributed = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
+                                    "first (multi-host TPU/GPU); one host works without it.")
+    flags.mark_flag_as_required("workdir")
+    return config, workdir, distributed
+
+
+def quiet_orbax() -> None:
+    """Drop orbax's INFO chatter (dozens of lines per save) from the absl log; keep warnings."""
+    from absl import logging as absl_logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+    absl_logging.get_absl_handler().addFilter(keep)
+
+
+def start(distributed: bool, config=None) -> None:
+    """First thing in every ``main``: CPU device set-up (before JAX starts), multi-host init.
+
+    ``config.mesh.cpu_no_ynn`` (when set) chooses the XLA:CPU YNNPACK setting.
+    """
+    from jaxrob.parallel import configure_cpu
+
+    mesh_config = config.get("mesh") if config is not None else None
+    no_ynn = mesh_config.get("cpu_no_ynn") if mesh_config is not None else None
+    configure_cpu(disable_ynn=no_ynn)
+    quiet_orbax()
+    if distributed:
+        jax.distributed.initialize()

@@ -1,0 +1,97 @@
+"""Clear errors for bad configs, before any compilation; the CLI wiring of the entry points."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from exp_helpers import REPO, load_config
+
+from experiments import main, train_classifier, train_diffusion
+
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds(name):
+    from experiments import _common
+
+    mod_doc = __import__(f"configs.{name}", fromlist=["x"]).__doc__
+    assert "python experiments/" in mod_doc  # the exact command is documented
+    for arg in (None, "smoke"):
+        cfg = load_config(name, arg)
+        assert "mesh" in cfg and "seed" in cfg
+        subs = [cfg.ddpm, cfg.classifier] if name == "main" else [cfg]
+        for sub in subs:
+            if "diffusion" in sub:
+                _common.build_unet(sub.model)
+                assert (_common.build_schedule(sub.diffusion).num_steps
+                        == sub.diffusion.num_steps)
+            elif sub.model.get("name"):
+                _common.build_classifier(sub.model, 10)
+    with pytest.raises(ValueError, match="config variant"):
+        load_config(name, "smok")
+
+
+def test_batch_not_divisible_by_device_count(tmp_path):
+    cfg = load_config("digits_ddpm", "smoke")
+    cfg.train.batch_size = 12
+    with pytest.raises(ValueError, match="does not divide over the 8 devices"):
+        train_diffusion.run(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("learning_rate", -1e-3, "learning_rate"),
+    ("weight_decay", -1.0, "weight_decay"),
+    ("num_steps", 0, "train.num_steps"),
+    ("optimizer", "adagrad", "optimizer"),
+])
+def test_nonsense_hyperparameters(tmp_path, field, value, match):
+    cfg = load_config("digits_classifier", "smoke")
+    cfg.train[field] = value
+    with pytest.raises(ValueError, match=match):
+        train_classifier.run(cfg, tmp_path)
+    assert not any((tmp_path / "checkpoints").glob("*"))
+
+
+def test_bad_ema_and_sampler(tmp_path):
+    cfg = load_config("digits_ddpm", "smoke")
+    cfg.train.ema_decay = 1.5
+    with pytest.raises(ValueError, match="ema_decay"):
+        train_diffusion.run(cfg, tmp_path)
+
+
+def test_missing_data_file(tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    cfg = load_config("mnist_ddpm", "smoke")
+    cfg.data.data_dir = str(empty)
+    with pytest.raises(FileNotFoundError, match="mnist"):
+        train_diffusion.run(cfg, tmp_path / "wd")
+
+
+def test_main_with_missing_checkpoints_dir_parent_is_fine_but_bad_variant_is_not():
+    with pytest.raises(ValueError, match="config variant"):
+        load_config("main", "fast")
+    assert main.DEFAULT_CONFIG.endswith("configs/main.py")
+
+
+def _cli(script, *args, timeout=120):
+    return subprocess.run([sys.executable, str(REPO / "experiments" / script), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_cli_missing_weights_fails_clearly(tmp_path):
+    r = _cli("eval_classifier.py",
+             "--config", str(REPO / "configs/cifar10_resnet20_pretrained.py:smoke"),
+             "--config.model.path=nope/resnet20.npz", "--workdir", str(tmp_path))
+    assert r.returncode != 0
+    assert "no pretrained weights at" in r.stderr and "nope/resnet20.npz" in r.stderr
+
+
+def test_cli_mistyped_override_fails_loudly(tmp_path):
+    r = _cli("train_diffusion.py", "--config", str(REPO / "configs/digits_ddpm.py:smoke"),
+             "--config.train.nmu_steps=3", "--workdir", str(tmp_path))
+    assert r.returncode != 0 and "nmu_steps" in r.stderr
+    assert not pathlib.Path(tmp_path / "checkpoints").exists()
