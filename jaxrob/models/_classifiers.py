@@ -28,6 +28,7 @@ import jax.random as jr
 
 from jaxrob._checks import check_images
 from jaxrob._types import Images, Logits
+from jaxrob.models._conv import conv_general_dilated_fast_vjp
 from jaxrob.models._torch_import import (
     StateDict,
     fill_from_state_dict,
@@ -67,7 +68,8 @@ def _normalize(x_BHWC, mean, std):
     return (x_BHWC - mean_C) / std_C
 
 
-def _conv(features: int, kernel: int, name: str, stride: int = 1, bias: bool = False):
+def _conv(features: int, kernel: int, name: str, stride: int = 1, bias: bool = False,
+          fast_vjp: bool = False):
     # PyTorch-style symmetric padding (kernel // 2 on every side), also for stride 2.
     pad = kernel // 2
     return nn.Conv(
@@ -78,6 +80,7 @@ def _conv(features: int, kernel: int, name: str, stride: int = 1, bias: bool = F
         use_bias=bias,
         kernel_init=_he_init,
         name=name,
+        conv_general_dilated=conv_general_dilated_fast_vjp if fast_vjp else None,
     )
 
 
@@ -118,6 +121,8 @@ class SmallCNN(nn.Module):
       dropout: dropout rate after the conv stack and before the output layer.
       mean: per-channel (or single) mean subtracted from the [0, 1] input.
       std: per-channel (or single) std the input is divided by.
+      fast_vjp: convolutions with the custom VJP of :mod:`jaxrob.models._conv` (faster
+        input-gradients inside ``lax`` loops on XLA:CPU; no forward-mode).
     """
 
     num_classes: int = 10
@@ -126,6 +131,7 @@ class SmallCNN(nn.Module):
     dropout: float = 0.1
     mean: Sequence[float] | None = (0.5,)
     std: Sequence[float] | None = (0.5,)
+    fast_vjp: bool = False
 
     @nn.compact
     def __call__(self, x: Images, train: bool = False) -> Logits:
@@ -133,7 +139,7 @@ class SmallCNN(nn.Module):
         _check_channels(x, "x", self.mean)
         h = _normalize(x, self.mean, self.std)
         for i, c in enumerate(self.features):
-            h = _conv(c, 3, f"conv{i}")(h)
+            h = _conv(c, 3, f"conv{i}", fast_vjp=self.fast_vjp)(h)
             h = _max_pool2(nn.relu(_bn(train, f"bn{i}")(h)))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = h.reshape(h.shape[0], -1)
@@ -147,11 +153,13 @@ class _AkaBlock(nn.Module):
 
     planes: int
     stride: int
+    fast_vjp: bool = False
 
     @nn.compact
     def __call__(self, x_BHWC, train: bool):
-        h = nn.relu(_bn(train, "bn1")(_conv(self.planes, 3, "conv1", self.stride)(x_BHWC)))
-        h = _bn(train, "bn2")(_conv(self.planes, 3, "conv2")(h))
+        conv = lambda name, stride=1: _conv(self.planes, 3, name, stride, fast_vjp=self.fast_vjp)
+        h = nn.relu(_bn(train, "bn1")(conv("conv1", self.stride)(x_BHWC)))
+        h = _bn(train, "bn2")(conv("conv2")(h))
         shortcut = x_BHWC
         if self.stride != 1 or x_BHWC.shape[-1] != self.planes:
             # Option A: subsample by 2 and zero-pad planes//4 channels on each side (no params).
@@ -172,12 +180,15 @@ class CifarResNet(nn.Module):
       num_classes: number of logits.
       mean: per-channel mean for the [0, 1] RGB input (the akamaster training normalisation).
       std: per-channel std.
+      fast_vjp: convolutions with the custom VJP of :mod:`jaxrob.models._conv` (faster
+        input-gradients inside ``lax`` loops on XLA:CPU; no forward-mode).
     """
 
     depth: int = 20
     num_classes: int = 10
     mean: Sequence[float] | None = AKAMASTER_MEAN
     std: Sequence[float] | None = AKAMASTER_STD
+    fast_vjp: bool = False
 
     @nn.compact
     def __call__(self, x: Images, train: bool = False) -> Logits:
@@ -185,11 +196,11 @@ class CifarResNet(nn.Module):
         n = _blocks_per_stage(self.depth, "CifarResNet")
         _check_channels(x, "x", self.mean)
         h = _normalize(x, self.mean, self.std)
-        h = nn.relu(_bn(train, "bn1")(_conv(16, 3, "conv1")(h)))
+        h = nn.relu(_bn(train, "bn1")(_conv(16, 3, "conv1", fast_vjp=self.fast_vjp)(h)))
         for stage, planes in enumerate((16, 32, 64)):
             for b in range(n):
                 stride = 2 if (stage > 0 and b == 0) else 1
-                h = _AkaBlock(planes, stride, name=f"layer{stage + 1}_{b}")(h, train)
+                h = _AkaBlock(planes, stride, self.fast_vjp, name=f"layer{stage + 1}_{b}")(h, train)
         h = jnp.mean(h, axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=_he_init, name="linear")(h)
 
@@ -206,19 +217,22 @@ class _WRNBlock(nn.Module):
     out_planes: int
     stride: int
     dropout: float
+    fast_vjp: bool = False
 
     @nn.compact
     def __call__(self, x_BHWC, train: bool):
         act = nn.relu(_bn(train, "bn1")(x_BHWC))
         equal_in_out = x_BHWC.shape[-1] == self.out_planes
-        h = _conv(self.out_planes, 3, "conv1", self.stride)(act)
+        conv = lambda k, name, stride=1: _conv(self.out_planes, k, name, stride,
+                                               fast_vjp=self.fast_vjp)
+        h = conv(3, "conv1", self.stride)(act)
         h = nn.relu(_bn(train, "bn2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv(self.out_planes, 3, "conv2")(h)
+        h = conv(3, "conv2")(h)
         if equal_in_out:
             return x_BHWC + h
         # The projection shortcut sees the pre-activated input.
-        return _conv(self.out_planes, 1, "convShortcut", self.stride)(act) + h
+        return conv(1, "convShortcut", self.stride)(act) + h
 
 
 class WideResNet(nn.Module):
@@ -235,6 +249,8 @@ class WideResNet(nn.Module):
       dropout: dropout rate between the two convs of each block (train mode only).
       mean: optional per-channel input mean (None = no normalisation).
       std: optional per-channel input std.
+      fast_vjp: convolutions with the custom VJP of :mod:`jaxrob.models._conv` (faster
+        input-gradients inside ``lax`` loops on XLA:CPU; no forward-mode).
     """
 
     depth: int = 28
@@ -243,6 +259,7 @@ class WideResNet(nn.Module):
     dropout: float = 0.0
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    fast_vjp: bool = False
 
     @nn.compact
     def __call__(self, x: Images, train: bool = False) -> Logits:
@@ -255,12 +272,13 @@ class WideResNet(nn.Module):
         rgb = self.mean is None or len(self.mean) == 1
         check_images(x, "x", channels=3 if rgb else len(self.mean))
         h = _normalize(x, self.mean, self.std)
-        h = _conv(16, 3, "conv1")(h)
+        h = _conv(16, 3, "conv1", fast_vjp=self.fast_vjp)(h)
         for stage, mult in enumerate((16, 32, 64)):
             for b in range(n):
                 stride = 2 if (stage > 0 and b == 0) else 1
                 h = _WRNBlock(
-                    mult * self.widen_factor, stride, self.dropout, name=f"block{stage + 1}_{b}"
+                    mult * self.widen_factor, stride, self.dropout, self.fast_vjp,
+                    name=f"block{stage + 1}_{b}",
                 )(h, train)
         h = nn.relu(_bn(train, "bn1")(h))
         h = jnp.mean(h, axis=(1, 2))
