@@ -1,0 +1,11 @@
+"""Purifiers built on :mod:`jaxrob.diffusion`: DiffPure-style, multi-stage, majority vote."""
+
+from jaxrob.purify._diffpure import GRADIENTS as GRADIENTS
+from jaxrob.purify._diffpure import SAMPLERS as SAMPLERS
+from jaxrob.purify._diffpure import Purifier as Purifier
+from jaxrob.purify._diffpure import PurifyFn as PurifyFn
+from jaxrob.purify._diffpure import diffpure as diffpure
+from jaxrob.purify._diffpure import example_keys as example_keys
+from jaxrob.purify._diffpure import majority_vote as majority_vote
+from jaxrob.purify._diffpure import multistage as multistage
+from jaxrob.purify._diffpure import purified_logits as purified_logits
