@@ -1,0 +1,206 @@
+"""Shared pieces of the attacks: input checks, norms, projection, random starts, result types.
+
+Key derivation, shared by every attack (documented here once): restart ``r`` uses
+``key_r = fold_in(key, r)``; ``k_init, k_steps = split(key_r)``; the random start is drawn from
+``k_init`` and the loss / gradient of iteration ``t`` is evaluated with ``fold_in(k_steps, t)``
+(EoT sample ``i`` of that iteration with ``fold_in(fold_in(k_steps, t), i)``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from jaxrob._checks import check_choice, check_images, check_positive_int
+from jaxrob._types import Array, Images, Key, PerExample
+from jaxrob.attacks._losses import LOSSES, LossFn, loss_from_logits
+
+NORMS = ("linf", "l2")
+_TINY = 1e-12
+
+
+class AttackResult(NamedTuple):
+    """What a norm-bounded attack (FGSM, PGD, APGD) returns.
+
+    Attributes:
+      x_adv: (B, H, W, C) the best iterate per example: the one with the highest loss (ties keep
+        the earliest), inside the eps-ball around ``x`` and in [0, 1].
+      loss: (B,) the loss at ``x_adv`` as measured when it was chosen (the EoT mean over that
+        iteration's keys for randomised losses).
+      iterates: every evaluated point, (num_restarts * (num_steps + 1), B, H, W, C), when the
+        attack was asked for them; otherwise None.
+    """
+
+    x_adv: Array
+    loss: Array
+    iterates: Array | None = None
+
+
+class MinimumNormResult(NamedTuple):
+    """What a minimum-norm attack (C&W, DeepFool) returns.
+
+    Attributes:
+      x_adv: (B, H, W, C) adversarial images in [0, 1]; C&W returns ``x`` where it failed.
+      norm: (B,) distance ``||x_adv - x||`` in the attack's norm (C&W: inf where it failed).
+      success: (B,) bool, whether ``x_adv`` was misclassified when last evaluated.
+    """
+
+    x_adv: Array
+    norm: Array
+    success: Array
+
+
+# --------------------------------------------------------------------------------------------
+# Checks (values only on concrete inputs, so the public functions stay jit-able).
+
+
+def check_labels(y, x) -> Array:
+    shape = getattr(y, "shape", None)
+    dtype = getattr(y, "dtype", None)
+    if shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"y: expected an int array of labels, shape ({x.shape[0]},), got "
+                         f"{type(y).__name__} {dtype}")
+    if tuple(shape) != (x.shape[0],):
+        raise ValueError(f"y: expected shape ({x.shape[0]},) (one label per image of x), got "
+                         f"{tuple(shape)}")
+    if not isinstance(y, jax.core.Tracer) and np.asarray(y).size and np.asarray(y).min() < 0:
+        raise ValueError(f"y: expected labels >= 0, got min {int(np.asarray(y).min())}")
+    return jnp.asarray(y, jnp.int32)
+
+
+def check_scalar(value, name: str, *, positive: bool = False) -> Array:
+    """A float32 scalar, checked finite and >= 0 (> 0 with ``positive``) when concrete."""
+    if isinstance(value, jax.core.Tracer):
+        if value.ndim != 0:
+            raise ValueError(f"{name}: expected a scalar, got shape {value.shape}")
+        return value.astype(jnp.float32)
+    try:
+        v = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if v.ndim != 0:
+        raise ValueError(f"{name}: expected a scalar, got shape {v.shape}")
+    if not np.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{name}: expected a finite number {'>' if positive else '>='} 0, "
+                         f"got {value!r}")
+    return jnp.asarray(value, jnp.float32)
+
+
+def check_attack_inputs(x, y, *, norm: str | None = None) -> Array:
+    """Check images, labels (and the norm name); return the labels as int32."""
+    check_images(x, "x")
+    if norm is not None:
+        check_choice(norm, NORMS, "norm")
+    return check_labels(y, x)
+
+
+def resolve_loss(fn, loss: str | None, kappa: float | None = None) -> LossFn:
+    """``fn`` itself (a loss_fn) when ``loss`` is None, else ``loss_from_logits(fn, loss)``."""
+    if not callable(fn):
+        raise TypeError(f"expected a callable loss_fn(x, y, key) or logits_fn(x, key), got "
+                        f"{type(fn).__name__}")
+    if loss is None:
+        if kappa is not None:
+            raise ValueError("kappa: only used with loss='cw' (fn is then a logits_fn)")
+        return fn
+    check_choice(loss, LOSSES, "loss")
+    return loss_from_logits(fn, loss, kappa=kappa)
+
+
+def check_eot(samples, chunk, samples_name: str = "samples",
+              chunk_name: str = "chunk") -> tuple[int, int]:
+    samples = check_positive_int(samples, samples_name)
+    if chunk is None:
+        return samples, samples
+    chunk = check_positive_int(chunk, chunk_name)
+    if samples % chunk:
+        raise ValueError(f"{chunk_name}={chunk} does not divide {samples_name}={samples}; "
+                         f"pick a chunk size that divides the number of EoT samples")
+    return samples, chunk
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry of the threat model.
+
+
+def expand(v_B: Array) -> Array:
+    """(B,) -> (B, 1, 1, 1), to broadcast against NHWC images."""
+    return v_B[:, None, None, None]
+
+
+def per_example_norm(d_BHWC: Array, norm: str) -> Array:
+    """(B,) Linf / L2 / L1 norm of each example."""
+    if norm == "linf":
+        return jnp.max(jnp.abs(d_BHWC), axis=(1, 2, 3))
+    if norm == "l2":
+        return jnp.sqrt(jnp.sum(jnp.square(d_BHWC), axis=(1, 2, 3)))
+    if norm == "l1":
+        return jnp.sum(jnp.abs(d_BHWC), axis=(1, 2, 3))
+    raise ValueError(f"norm: expected one of ['l1', 'l2', 'linf'], got {norm!r}")
+
+
+def steepest_direction(g_BHWC: Array, norm: str) -> Array:
+    """Unit-norm steepest-ascent direction: ``sign(g)`` (Linf) or ``g / ||g||_2`` (L2)."""
+    if norm == "linf":
+        return jnp.sign(g_BHWC)
+    return g_BHWC / expand(per_example_norm(g_BHWC, "l2") + _TINY)
+
+
+def project(x_adv: Images, x: Images, eps: Array, norm: str) -> Images:
+    """Project onto the eps-ball around ``x``, then clip to [0, 1].
+
+    Clipping after the ball projection keeps the point in the ball: ``x`` is in [0, 1], so the
+    clip moves every coordinate towards ``x`` and cannot lengthen ``x_adv - x`` in any norm.
+    """
+    d = x_adv - x
+    if norm == "linf":
+        d = jnp.clip(d, -eps, eps)
+    else:
+        n_B = per_example_norm(d, "l2")
+        d = d * expand(jnp.minimum(1.0, eps / (n_B + _TINY)))
+    return jnp.clip(x + d, 0.0, 1.0)
+
+
+def uniform_in_ball(key: Key, x: Images, eps: Array, norm: str) -> Images:
+    """``x`` plus a point uniform in the Linf / L2 eps-ball, clipped to [0, 1]."""
+    if norm == "linf":
+        d = jr.uniform(key, x.shape, x.dtype, -1.0, 1.0) * eps
+    else:
+        k_dir, k_rad = jr.split(key)
+        dim = x.shape[1] * x.shape[2] * x.shape[3]
+        u = jr.normal(k_dir, x.shape, x.dtype)
+        r_B = eps * jr.uniform(k_rad, (x.shape[0],), x.dtype) ** (1.0 / dim)
+        d = u / expand(per_example_norm(u, "l2") + _TINY) * expand(r_B)
+    return project(x + d, x, eps, norm)
+
+
+def best_over_restarts(run, x: Images, key: Key, num_restarts: int,
+                       return_iterates: bool) -> AttackResult:
+    """Run ``run(key_r) -> AttackResult`` for ``key_r = fold_in(key, r)``; keep the best loss."""
+
+    def body(carry, r):
+        x_best, l_best = carry
+        res = run(jr.fold_in(key, r))
+        better_B = res.loss > l_best
+        x_best = jnp.where(expand(better_B), res.x_adv, x_best)
+        return (x_best, jnp.where(better_B, res.loss, l_best)), res.iterates
+
+    if num_restarts == 1:
+        return run(jr.fold_in(key, 0))
+    init = (x, jnp.full((x.shape[0],), -jnp.inf, jnp.float32))
+    (x_best, l_best), its = jax.lax.scan(body, init, jnp.arange(num_restarts))
+    if return_iterates:
+        its = its.reshape((-1,) + its.shape[2:])
+    return AttackResult(x_best, l_best, its)
+
+
+def as_per_example(loss_B: Array, x: Images, name: str = "loss_fn") -> PerExample:
+    """Check (statically) that a loss is per-example, shape (B,)."""
+    if loss_B.shape != (x.shape[0],):
+        raise ValueError(f"{name}: expected a per-example loss of shape ({x.shape[0]},), got "
+                         f"{loss_B.shape} (for a logits_fn(x, key), pass loss='ce'/'cw'/'dlr')")
+    return loss_B

@@ -1,0 +1,118 @@
+"""Carlini-Wagner L2: Adam in tanh space on ``||x' - x||^2 + c f(x')``, optional search over c."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+
+from jaxrob._checks import check_positive_int
+from jaxrob._types import Images, Key, Labels
+from jaxrob.attacks._common import (
+    MinimumNormResult,
+    check_attack_inputs,
+    check_scalar,
+    expand,
+)
+from jaxrob.attacks._losses import LogitsFn, cw_loss
+
+_C_UPPER = 1e10  # "no upper bound found yet" in the binary search
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("num_steps", "binary_search_steps"))
+def _cw_l2(logits_fn, x, y, key, c, kappa, learning_rate, *, num_steps, binary_search_steps):
+    batch = x.shape[0]
+    # x = (tanh(w) + 1) / 2; shrink so that pixels at exactly 0 or 1 have a finite w.
+    w0 = jnp.arctanh(jnp.clip(2.0 * x - 1.0, -1.0, 1.0) * (1.0 - 1e-6))
+    to_image = lambda w: (jnp.tanh(w) + 1.0) / 2.0
+    opt = optax.adam(learning_rate)
+
+    def objective(w, c_B, k):
+        x_adv = to_image(w)
+        margin_B = cw_loss(logits_fn(x_adv, k), y)  # max_{j != y} z_j - z_y
+        l2sq_B = jnp.sum(jnp.square(x_adv - x), axis=(1, 2, 3))
+        f_B = jnp.maximum(-margin_B, -kappa)  # C&W's f_6, untargeted
+        return jnp.sum(l2sq_B + c_B * f_B), (margin_B, l2sq_B, x_adv)
+
+    def search(carry, s):
+        c_B, lo_B, hi_B, best_l2sq_B, best_x = carry
+        k_s = jr.fold_in(key, s)
+
+        def step(carry2, i):
+            w, opt_state, found_B, best_l2sq_B, best_x = carry2
+            (_, (margin_B, l2sq_B, x_adv)), g = jax.value_and_grad(objective, has_aux=True)(
+                w, c_B, jr.fold_in(k_s, i))
+            success_B = margin_B > kappa
+            improve_B = success_B & (l2sq_B < best_l2sq_B)
+            best_x = jnp.where(expand(improve_B), x_adv, best_x)
+            best_l2sq_B = jnp.where(improve_B, l2sq_B, best_l2sq_B)
+            updates, opt_state = opt.update(g, opt_state, w)
+            w = optax.apply_updates(w, updates)
+            return (w, opt_state, found_B | success_B, best_l2sq_B, best_x), None
+
+        init2 = (w0, opt.init(w0), jnp.zeros((batch,), bool), best_l2sq_B, best_x)
+        (_, _, found_B, best_l2sq_B, best_x), _ = jax.lax.scan(step, init2,
+                                                               jnp.arange(num_steps))
+        # Binary search: success -> smaller c; failure -> larger c (x10 until bracketed).
+        hi_B = jnp.where(found_B, jnp.minimum(hi_B, c_B), hi_B)
+        lo_B = jnp.where(found_B, lo_B, jnp.maximum(lo_B, c_B))
+        c_B = jnp.where(hi_B < _C_UPPER, (lo_B + hi_B) / 2.0, c_B * 10.0)
+        return (c_B, lo_B, hi_B, best_l2sq_B, best_x), None
+
+    init = (jnp.full((batch,), 1.0, jnp.float32) * c, jnp.zeros((batch,), jnp.float32),
+            jnp.full((batch,), _C_UPPER, jnp.float32), jnp.full((batch,), jnp.inf, jnp.float32),
+            x)
+    (_, _, _, best_l2sq_B, best_x), _ = jax.lax.scan(search, init,
+                                                     jnp.arange(binary_search_steps))
+    success_B = jnp.isfinite(best_l2sq_B)
+    return MinimumNormResult(best_x, jnp.sqrt(best_l2sq_B), success_B)
+
+
+def cw_l2(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, c: float = 1.0,
+          kappa: float = 0.0, num_steps: int = 100, learning_rate: float = 0.01,
+          binary_search_steps: int = 1) -> MinimumNormResult:
+    """Carlini-Wagner L2 attack (untargeted) with Adam on ``w``, ``x' = (tanh(w) + 1) / 2``.
+
+    Minimises ``||x' - x||_2^2 + c * max(z_y - max_{j != y} z_j, -kappa)`` over ``w`` with Adam
+    from ``w_0 = arctanh(2x - 1)``, so ``x'`` is in [0, 1] by construction. Among the iterates
+    that are misclassified with margin > ``kappa``, the one closest to ``x`` is returned.
+    ``binary_search_steps = 1`` (default) runs one fixed ``c``; more steps repeat the
+    optimisation from ``w_0`` with a per-example binary search on ``c`` (halve towards the
+    last success, x10 until a first success), keeping the best result over all of them.
+    Iteration ``i`` of search step ``s`` calls ``logits_fn`` with ``fold_in(fold_in(key, s),
+    i)``; there is no EoT (wrap a randomised model's logits in your own average if needed).
+
+    Args:
+      logits_fn: ``logits_fn(x, key) -> (B, K)``.
+      x: (B, H, W, C) float32 images in [0, 1].
+      y: (B,) int labels.
+      key: randomness passed to ``logits_fn``.
+      c: initial trade-off constant (> 0), per example during the search.
+      kappa: confidence margin (>= 0).
+      num_steps: Adam steps per search step.
+      learning_rate: Adam step size (> 0).
+      binary_search_steps: number of values of ``c`` tried (1: fixed ``c``).
+
+    Returns:
+      :class:`MinimumNormResult`: ``x_adv`` (``x`` where no iterate succeeded), ``norm`` the
+      L2 distance (inf where it failed), ``success``.
+
+    References:
+      Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks", IEEE S&P 2017.
+    """
+    y = check_attack_inputs(x, y)
+    c = check_scalar(c, "c", positive=True)
+    kappa = check_scalar(kappa, "kappa")
+    learning_rate = check_scalar(learning_rate, "learning_rate", positive=True)
+    num_steps = check_positive_int(num_steps, "num_steps")
+    binary_search_steps = check_positive_int(binary_search_steps, "binary_search_steps")
+    if not callable(logits_fn):
+        raise TypeError(f"logits_fn: expected a callable, got {type(logits_fn).__name__}")
+    return _cw_l2(logits_fn, x, y, key, c, kappa, learning_rate, num_steps=num_steps,
+                  binary_search_steps=binary_search_steps)
+
+

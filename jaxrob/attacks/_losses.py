@@ -1,0 +1,149 @@
+"""Per-example attack losses on logits, all *maximised* by the attacker.
+
+Each loss maps logits (B, K) and int labels (B,) to a (B,) array. :func:`loss_from_logits` turns a
+classifier ``logits_fn(x, key) -> logits`` into the ``loss_fn(x, y, key) -> (B,)`` that every
+attack in :mod:`jaxrob.attacks` takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxrob._checks import check_choice
+from jaxrob._types import Array, Images, Key, Labels, Logits, PerExample
+
+LogitsFn = Callable[[Array, Array], Array]
+"""``logits_fn(x, key) -> logits (B, K)``; deterministic models ignore ``key``."""
+LossFn = Callable[[Array, Array, Array], Array]
+"""``loss_fn(x, y, key) -> per-example loss (B,)``, maximised by the attacker."""
+
+
+def _check_logits(logits, y, name: str, min_classes: int = 2) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"{name}: expected logits of shape (batch, classes), got {logits.shape}")
+    if logits.shape[1] < min_classes:
+        raise ValueError(f"{name}: needs at least {min_classes} classes, got logits of shape "
+                         f"{logits.shape}")
+    if y.shape != logits.shape[:1]:
+        raise ValueError(f"{name}: expected labels of shape ({logits.shape[0]},) to match the "
+                         f"logits {logits.shape}, got {y.shape}")
+
+
+def _true_and_max_other(logits_BK: Array, y_B: Array) -> tuple[Array, Array]:
+    """``(z_y, max_{j != y} z_j)``, each (B,)."""
+    onehot_BK = jax.nn.one_hot(y_B, logits_BK.shape[1], dtype=bool)
+    z_true_B = jnp.sum(jnp.where(onehot_BK, logits_BK, 0.0), axis=1)
+    z_other_B = jnp.max(jnp.where(onehot_BK, -jnp.inf, logits_BK), axis=1)
+    return z_true_B, z_other_B
+
+
+def ce_loss(logits: Logits, y: Labels) -> PerExample:
+    """Cross-entropy ``logsumexp(z) - z_y`` per example.
+
+    Args:
+      logits: (B, K) logits.
+      y: (B,) int true labels.
+
+    Returns:
+      (B,) cross-entropy of the true class.
+    """
+    _check_logits(logits, y, "ce_loss")
+    logp_BK = jax.nn.log_softmax(logits, axis=1)
+    return -jnp.take_along_axis(logp_BK, y[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def cw_loss(logits: Logits, y: Labels, *, kappa: float | None = None) -> PerExample:
+    """Carlini-Wagner margin ``max_{j != y} z_j - z_y``, optionally capped at ``kappa``.
+
+    Positive exactly when the example is misclassified. With ``kappa`` the loss is
+    ``min(max_{j != y} z_j - z_y, kappa)``: the negative of C&W's ``f_6`` with confidence
+    ``kappa``, which stops rewarding the attacker once the margin exceeds ``kappa``.
+
+    Args:
+      logits: (B, K) logits.
+      y: (B,) int true labels.
+      kappa: confidence cap, or None for the plain (uncapped) margin.
+
+    Returns:
+      (B,) margin loss.
+
+    References:
+      Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks", IEEE S&P 2017.
+    """
+    _check_logits(logits, y, "cw_loss")
+    z_true_B, z_other_B = _true_and_max_other(logits, y)
+    margin_B = z_other_B - z_true_B
+    return margin_B if kappa is None else jnp.minimum(margin_B, kappa)
+
+
+def dlr_loss(logits: Logits, y: Labels) -> PerExample:
+    """Difference of Logits Ratio, ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)``.
+
+    ``z_pi1 >= z_pi2 >= z_pi3`` are the sorted logits. The loss is invariant to shifting and
+    (positive) rescaling of the logits, and positive exactly when the example is misclassified.
+
+    Args:
+      logits: (B, K) logits with K >= 3.
+      y: (B,) int true labels.
+
+    Returns:
+      (B,) DLR loss.
+
+    References:
+      Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+      parameter-free attacks", ICML 2020, Eq. (6).
+    """
+    _check_logits(logits, y, "dlr_loss", min_classes=3)
+    z_true_B, z_other_B = _true_and_max_other(logits, y)
+    top3_B3 = jax.lax.top_k(logits, 3)[0]
+    return -(z_true_B - z_other_B) / (top3_B3[:, 0] - top3_B3[:, 2] + 1e-12)
+
+
+LOSSES: dict[str, Callable[..., Array]] = {"ce": ce_loss, "cw": cw_loss, "dlr": dlr_loss}
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitsLoss:
+    """``loss_fn(x, y, key)`` built from ``logits_fn(x, key)`` and a loss name.
+
+    A frozen dataclass (equal when its fields are) rather than a closure, so the jitted attacks,
+    which take the loss function as a static argument, reuse their compilation when
+    :func:`loss_from_logits` is called again with the same ``logits_fn``.
+    """
+
+    logits_fn: LogitsFn
+    name: str = "ce"
+    kappa: float | None = None
+
+    def __call__(self, x: Images, y: Labels, key: Key) -> PerExample:
+        logits = self.logits_fn(x, key)
+        if self.name == "cw":
+            return cw_loss(logits, y, kappa=self.kappa)
+        return LOSSES[self.name](logits, y)
+
+
+def loss_from_logits(logits_fn: LogitsFn, name: str = "ce", *,
+                     kappa: float | None = None) -> LossFn:
+    """Build ``loss_fn(x, y, key) -> (B,)`` from a classifier and a loss name.
+
+    Args:
+      logits_fn: ``logits_fn(x, key) -> (B, K)`` logits (deterministic models ignore ``key``).
+      name: ``"ce"`` (:func:`ce_loss`), ``"cw"`` (:func:`cw_loss`) or ``"dlr"``
+        (:func:`dlr_loss`).
+      kappa: confidence cap of the ``"cw"`` loss (None: uncapped); only valid with ``"cw"``.
+
+    Returns:
+      A hashable callable ``loss_fn(x, y, key)``.
+    """
+    check_choice(name, LOSSES, "loss")
+    if not callable(logits_fn):
+        raise TypeError(f"logits_fn: expected a callable logits_fn(x, key), got "
+                        f"{type(logits_fn).__name__}")
+    if kappa is not None and name != "cw":
+        raise ValueError(f"kappa: only the 'cw' loss takes a confidence cap, got kappa={kappa} "
+                         f"with loss {name!r}")
+    return LogitsLoss(logits_fn, name, None if kappa is None else float(kappa))

@@ -1,0 +1,168 @@
+"""FGSM and PGD (Linf sign steps, L2 normalised steps) with EoT gradients and best-iterate tracking.
+
+PGD evaluates the loss and gradient at ``x_0, ..., x_T`` (``T = num_steps``) inside one
+``lax.scan`` and keeps, per example, the point with the highest loss. Iteration ``t`` uses the key
+``fold_in(k_steps, t)`` (see :mod:`jaxrob.attacks._common`), so a run with more steps visits the
+same points first and its best loss is never lower for the same key.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from jaxrob._checks import check_positive_int
+from jaxrob._types import Array, Images, Key, Labels
+from jaxrob.attacks._common import (
+    AttackResult,
+    best_over_restarts,
+    check_attack_inputs,
+    check_eot,
+    check_scalar,
+    expand,
+    project,
+    resolve_loss,
+    steepest_direction,
+    uniform_in_ball,
+)
+from jaxrob.attacks._eot import eot_value_and_grad
+from jaxrob.attacks._losses import LossFn
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("eot_samples", "eot_chunk"))
+def _fgsm(loss_fn, x, y, key, eps, *, eot_samples, eot_chunk):
+    k_grad, k_eval = jr.fold_in(key, 0), jr.fold_in(key, 1)
+    _, g = eot_value_and_grad(loss_fn, x, y, k_grad, samples=eot_samples, chunk=eot_chunk)
+    x_adv = project(x + eps * jnp.sign(g), x, eps, "linf")
+    loss_B, _ = eot_value_and_grad(loss_fn, x_adv, y, k_eval, samples=eot_samples,
+                                   chunk=eot_chunk)
+    return AttackResult(x_adv, loss_B)
+
+
+def fgsm(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float, loss: str | None = None,
+         eot_samples: int = 1, eot_chunk: int | None = None) -> AttackResult:
+    """Fast Gradient Sign Method (Linf): ``clip(x + eps * sign(grad_x loss), 0, 1)``.
+
+    Args:
+      fn: ``loss_fn(x, y, key) -> (B,)`` when ``loss`` is None, else ``logits_fn(x, key)``.
+      x: (B, H, W, C) float32 images in [0, 1].
+      y: (B,) int labels.
+      key: the gradient uses ``fold_in(key, 0)``, the reported loss ``fold_in(key, 1)``.
+      eps: Linf radius (>= 0).
+      loss: None, or ``"ce"``/``"cw"``/``"dlr"`` to build the loss from ``fn`` as a logits_fn.
+      eot_samples: EoT samples per gradient (:func:`eot_value_and_grad`).
+      eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
+
+    Returns:
+      :class:`AttackResult` with the single-step ``x_adv`` (not the better of ``x`` and
+      ``x_adv``) and the loss there; ``iterates`` is None.
+
+    References:
+      Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015.
+    """
+    y = check_attack_inputs(x, y)
+    eps = check_scalar(eps, "eps")
+    eot_samples, eot_chunk = check_eot(eot_samples, eot_chunk, "eot_samples", "eot_chunk")
+    loss_fn = resolve_loss(fn, loss)
+    return _fgsm(loss_fn, x, y, key, eps, eot_samples=eot_samples, eot_chunk=eot_chunk)
+
+
+def _pgd_run(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_start, eot_samples,
+             eot_chunk, return_iterates) -> AttackResult:
+    k_init, k_steps = jr.split(key)
+    x0 = uniform_in_ball(k_init, x, eps, norm) if random_start else x
+
+    def body(carry, t):
+        x_t, x_best, loss_best_B = carry
+        loss_B, g = eot_value_and_grad(loss_fn, x_t, y, jr.fold_in(k_steps, t),
+                                       samples=eot_samples, chunk=eot_chunk)
+        better_B = loss_B > loss_best_B
+        x_best = jnp.where(expand(better_B), x_t, x_best)
+        loss_best_B = jnp.where(better_B, loss_B, loss_best_B)
+        # The step after the last evaluation is never used; computing it keeps the body uniform.
+        x_next = project(x_t + step_size * steepest_direction(g, norm), x, eps, norm)
+        return (x_next, x_best, loss_best_B), (x_t if return_iterates else None)
+
+    init = (x0, x0, jnp.full((x.shape[0],), -jnp.inf, jnp.float32))
+    (_, x_best, loss_best_B), its = jax.lax.scan(body, init, jnp.arange(num_steps + 1))
+    return AttackResult(x_best, loss_best_B, its)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnums=0,
+    static_argnames=("norm", "num_steps", "random_start", "num_restarts", "eot_samples",
+                     "eot_chunk", "return_iterates"),
+)
+def _pgd(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_start, num_restarts,
+         eot_samples, eot_chunk, return_iterates):
+    run = functools.partial(
+        _pgd_run, loss_fn, x, y, eps=eps, step_size=step_size, norm=norm, num_steps=num_steps,
+        random_start=random_start, eot_samples=eot_samples, eot_chunk=eot_chunk,
+        return_iterates=return_iterates)
+    return best_over_restarts(run, x, key, num_restarts, return_iterates)
+
+
+def pgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm: str = "linf",
+        step_size: float | Array | None = None, num_steps: int = 10,
+        random_start: bool = False, num_restarts: int = 1, loss: str | None = None,
+        eot_samples: int = 1, eot_chunk: int | None = None,
+        return_iterates: bool = False) -> AttackResult:
+    """Projected gradient ascent on a per-example loss in an Linf or L2 ball, best iterate kept.
+
+    ``x_{t+1} = Proj_{B(x, eps) cap [0,1]^d}(x_t + step_size * s_t)`` with ``s_t = sign(g_t)``
+    (Linf) or ``g_t / ||g_t||_2`` (L2), ``g_t`` the (EoT-averaged) input gradient at ``x_t``.
+    Every iterate is projected, so it lies in the eps-ball and in [0, 1] by construction. The
+    loss is evaluated at ``x_0 .. x_T`` and the highest-loss point per example is returned
+    (highest loss, not first misclassified: with the ``"cw"``/``"dlr"`` losses a positive loss
+    means misclassified, so the two agree on success).
+
+    The loop is a ``lax.scan`` inside ``jax.jit``; ``eps`` and ``step_size`` are traced, so
+    sweeping them does not recompile, while ``fn`` and the integer/bool options are static
+    (pass the same ``fn`` object to reuse the compilation).
+
+    Args:
+      fn: ``loss_fn(x, y, key) -> (B,)`` when ``loss`` is None, else ``logits_fn(x, key)``.
+      x: (B, H, W, C) float32 images in [0, 1].
+      y: (B,) int labels.
+      key: randomness of the random start and of every iteration (module docstring).
+      eps: radius of the ball (>= 0).
+      norm: ``"linf"`` or ``"l2"``.
+      step_size: step length (> 0); None: ``2.5 * eps / num_steps`` (Madry et al.).
+      num_steps: gradient steps T (the loss is evaluated T + 1 times).
+      random_start: start uniformly at random in the ball (Linf: per-pixel uniform; L2: uniform
+        in the ball) instead of at ``x``.
+      num_restarts: independent runs (restart ``r`` uses ``fold_in(key, r)``); the best is kept.
+      loss: None, or ``"ce"``/``"cw"``/``"dlr"`` to build the loss from ``fn`` as a logits_fn.
+      eot_samples: EoT samples per gradient (:func:`eot_value_and_grad`).
+      eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
+      return_iterates: also return every evaluated point,
+        (num_restarts * (num_steps + 1), B, H, W, C).
+
+    Returns:
+      :class:`AttackResult` ``(x_adv, loss, iterates)``.
+
+    Raises:
+      ValueError: bad images or labels, ``eps < 0``, ``step_size <= 0``, unknown ``norm`` or
+        ``loss``, non-positive ``num_steps``/``num_restarts``/``eot_samples``, or ``eot_chunk``
+        not dividing ``eot_samples``.
+
+    References:
+      Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards Deep Learning Models Resistant to
+      Adversarial Attacks", ICLR 2018.
+    """
+    y = check_attack_inputs(x, y, norm=norm)
+    eps = check_scalar(eps, "eps")
+    num_steps = check_positive_int(num_steps, "num_steps")
+    num_restarts = check_positive_int(num_restarts, "num_restarts")
+    step_size = (2.5 * eps / num_steps if step_size is None
+                 else check_scalar(step_size, "step_size", positive=True))
+    eot_samples, eot_chunk = check_eot(eot_samples, eot_chunk, "eot_samples", "eot_chunk")
+    loss_fn = resolve_loss(fn, loss)
+    return _pgd(loss_fn, x, y, key, eps, step_size, norm=norm, num_steps=num_steps,
+                random_start=bool(random_start), num_restarts=num_restarts,
+                eot_samples=eot_samples, eot_chunk=eot_chunk,
+                return_iterates=bool(return_iterates))
