@@ -11,7 +11,6 @@ summary, test accuracy with a 95 % Wilson interval).
 
 from __future__ import annotations
 
-import math
 import pathlib
 import sys
 
@@ -23,23 +22,13 @@ import jax.random as jr
 from absl import app, logging
 
 from experiments import _common
+from jaxrob.evaluation import wilson_interval
 
 
 def fingerprint(config, num_classes: int) -> dict:
     return {"kind": "classifier", "model": _common.to_plain(config.model),
             "num_classes": int(num_classes),
             "data": {"name": config.data.name, "train_split": config.data.train_split}}
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion."""
-    if total == 0:
-        return (0.0, 1.0)
-    p = correct / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def evaluate(logits_fn, dataset, *, batch_size: int, mesh) -> dict:

@@ -1,0 +1,127 @@
+"""Scoring a randomised defence under a named protocol, and confidence intervals.
+
+The same DiffPure model has published robust accuracies from ~71% to ~17% depending on how the
+randomised defence is scored (../ANCHORS.md section 15), so the protocol is a required, recorded
+argument:
+
+* ``one_shot``: one purification of the (adversarial) input; correct or not;
+* ``majority_vote@N``: the class most often predicted over N purifications (Lee & Kim);
+* ``worst_of@N``: correct only if all N purifications are classified correctly (the attacker
+  wins if any resubmission succeeds; DiffHammer / DiffBreak "Wor.Rob");
+* ``average@N``: the fraction of the N purifications classified correctly (ADDT's Fixed-AA,
+  "fuzzy" robustness).
+
+Purification ``v`` of example ``i`` uses ``fold_in(fold_in(key, i), v)``, so scores do not
+depend on batch size, chunking or device count.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from jaxrob._types import Images, Key, Labels, PerExample
+
+PROTOCOLS = ("one_shot", "majority_vote", "worst_of", "average")
+RANDOMNESS = ("stochastic", "fixed")
+
+DefendedLogits = Callable[[Images, Key], jax.Array]
+
+
+def parse_protocol(protocol: str) -> tuple[str, int]:
+    """``"worst_of@10"`` -> ``("worst_of", 10)``; ``"one_shot"`` -> ``("one_shot", 1)``."""
+    m = re.fullmatch(r"([a-z_]+)(?:@(\d+))?", str(protocol))
+    name, n = (m.group(1), m.group(2)) if m else (None, None)
+    if name not in PROTOCOLS or (name == "one_shot") != (n is None) or (n is not None
+                                                                         and int(n) < 1):
+        raise ValueError(f"protocol: expected 'one_shot', 'majority_vote@N', 'worst_of@N' or "
+                         f"'average@N' with N >= 1, got {protocol!r}")
+    return name, 1 if n is None else int(n)
+
+
+def check_randomness(randomness: str) -> str:
+    if randomness not in RANDOMNESS:
+        raise ValueError(f"randomness: expected one of {list(RANDOMNESS)}, got {randomness!r}")
+    return randomness
+
+
+def sample_keys(example_keys: Key, num: int) -> Key:
+    """(num, B) keys: ``fold_in(example_keys[i], v)`` for v < num."""
+    return jax.vmap(lambda v: jax.vmap(lambda k: jr.fold_in(k, v))(example_keys))(
+        jnp.arange(num))
+
+
+def protocol_scores(defended: DefendedLogits, x: Images, y: Labels, example_keys: Key, *,
+                    protocol: str, chunk: int | None = None) -> tuple[PerExample, jax.Array]:
+    """Per-example score of a defended classifier under ``protocol``.
+
+    Args:
+      defended: ``defended(x, keys) -> logits`` with one key per example (e.g.
+        ``purified_logits(logits_fn, purifier)``).
+      x: images in [0, 1].
+      y: true labels.
+      example_keys: (B,) per-example keys (``jaxrob.purify.example_keys``).
+      protocol: a name of :data:`PROTOCOLS` (``"one_shot"``, ``"worst_of@10"``, ...).
+      chunk: purifications evaluated at once (``lax.map`` batch size; default all N).
+
+    Returns:
+      ``(score, correct)``: (B,) float32 scores in [0, 1] (0/1 except for ``average@N``) and the
+      (N, B) bool matrix of per-purification correctness.
+    """
+    name, n = parse_protocol(protocol)
+    keys_NB = sample_keys(example_keys, n)
+    num_classes_logits = jax.eval_shape(defended, x, example_keys).shape[-1]
+    chunk = n if chunk is None else min(int(chunk), n)
+
+    preds_NB = jax.lax.map(lambda k: jnp.argmax(defended(x, k), -1), keys_NB,
+                           batch_size=chunk)
+    correct_NB = preds_NB == y[None, :]
+    if name == "one_shot":
+        score = correct_NB[0]
+    elif name == "worst_of":
+        score = jnp.all(correct_NB, axis=0)
+    elif name == "average":
+        score = jnp.mean(correct_NB, axis=0)
+    else:  # majority vote; ties go to the lowest class index
+        votes_BK = jax.nn.one_hot(preds_NB, num_classes_logits, dtype=jnp.int32).sum(0)
+        score = jnp.argmax(votes_BK, -1) == y
+    return score.astype(jnp.float32), correct_NB
+
+
+def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (``successes`` of ``total``)."""
+    if total <= 0:
+        return (0.0, 1.0)
+    p = successes / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / total + z * z / (4 * total * total)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_interval(scores, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of the mean of per-example scores in [0, 1].
+
+    0/1 scores get the Wilson interval; fractional scores (``average@N``) a normal interval
+    on the sample standard error, clipped to [0, 1].
+    """
+    s = np.asarray(scores, np.float64)
+    if s.size == 0:
+        return (0.0, 1.0)
+    if np.all((s == 0) | (s == 1)):
+        return wilson_interval(float(s.sum()), int(s.size), z)
+    half = z * s.std(ddof=1) / math.sqrt(s.size) if s.size > 1 else 1.0
+    return (max(0.0, float(s.mean() - half)), min(1.0, float(s.mean() + half)))
+
+
+def summarize(scores) -> dict:
+    """``{"accuracy", "ci95", "num_images"}`` of per-example scores."""
+    s = np.asarray(scores, np.float64)
+    return {"accuracy": float(s.mean()) if s.size else float("nan"),
+            "ci95": list(mean_interval(s)), "num_images": int(s.size)}

@@ -1,0 +1,207 @@
+"""Robust accuracy of a (randomised) defence under an adaptive attack and a named protocol.
+
+Randomness, per example ``i`` with ``k_i = fold_in(key, index_i)``:
+
+* ``stochastic``: the attack sees fresh purifier noise at every EoT sample and iteration
+  (derived from ``fold_in(k_i, 1)``), and the final scoring uses independent noise
+  (``fold_in(k_i, 2)`` for the clean and ``fold_in(k_i, 3)`` for the adversarial input);
+* ``fixed`` (the deterministic white-box / "DW-box" setting): one purifier key per example,
+  ``fold_in(k_i, 4)``, is used by every attack step AND by the scoring, so the defence is a
+  deterministic function that the attacker knows exactly. Every protocol then reduces to
+  ``one_shot`` (all N purifications are the same).
+
+An attack is any ``attack(model, x, y, key) -> x_adv`` with ``model(x, key) -> logits``, e.g.
+``functools.partial(jaxrob.attacks.pgd, loss="ce", eps=0.3, ...)`` wrapped to return
+``.x_adv``. It is ``vmap``-ed over examples: example ``i`` is attacked alone (as a batch of one)
+with key ``fold_in(k_i, 1)``, and the keys the attack hands to ``model`` become that example's
+purifier keys. The attack's random start, EoT noise and purifier noise of an example therefore
+never depend on which other examples share its batch (vmap keeps the computation batched).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from jaxrob._checks import check_images, check_positive_int
+from jaxrob._types import Images, Key, Labels
+from jaxrob.evaluation._protocols import (
+    check_randomness,
+    parse_protocol,
+    protocol_scores,
+    summarize,
+)
+from jaxrob.evaluation._store import ChunkStore
+from jaxrob.parallel import data_sharding, make_mesh, replicated
+
+Model = Callable[[Images, Key], jax.Array]
+Attack = Callable[[Model, Images, Labels, Key], Images]
+
+_ATTACK, _CLEAN, _ADV, _FIXED = 1, 2, 3, 4
+
+
+def _fold_all(keys_B: Key, data) -> Key:
+    return jax.vmap(lambda k: jr.fold_in(k, data))(keys_B)
+
+
+def robust_scores(defended: Model, attack: Attack | None, x: Images, y: Labels,
+                  example_keys: Key, *, protocol: str = "one_shot",
+                  randomness: str = "stochastic", vote_chunk: int | None = None) -> dict:
+    """Clean and adversarial per-example scores of one batch (jit-able).
+
+    Args:
+      defended: ``defended(x, keys) -> logits`` with one purifier key per example, e.g.
+        ``jaxrob.purify.purified_logits(logits_fn, purifier)``; an undefended classifier is
+        ``lambda x, keys: logits_fn(x)``.
+      attack: ``attack(model, x, y, key) -> x_adv`` (None: clean evaluation only).
+      x: images in [0, 1]; y: labels; example_keys: (B,) keys ``fold_in(key, index)``.
+      protocol: ``one_shot``, ``majority_vote@N``, ``worst_of@N`` or ``average@N``.
+      randomness: ``stochastic`` or ``fixed``.
+      vote_chunk: purifications scored at once.
+
+    Returns:
+      ``{"clean": (B,), "adv": (B,), "x_adv": ..., "linf": (B,), "l2": (B,)}`` (without the
+      adversarial entries when ``attack`` is None).
+    """
+    check_randomness(randomness)
+    parse_protocol(protocol)
+    fixed = randomness == "fixed"
+    model = (lambda xx, _keys: defended(xx, _fold_all(example_keys, _FIXED))) if fixed \
+        else defended
+    score = lambda xx, tag: protocol_scores(model, xx, y, _fold_all(example_keys, tag),
+                                            protocol=protocol, chunk=vote_chunk)[0]
+    out = {"clean": score(x, _CLEAN)}
+    if attack is not None:
+        def attack_one(x_i, y_i, k_i):
+            if fixed:
+                k_fixed = jr.fold_in(k_i, _FIXED)[None]
+                model_i = lambda xx, _key: defended(xx, k_fixed)
+            else:
+                model_i = lambda xx, key: defended(xx, key[None])
+            return attack(model_i, x_i[None], y_i[None], jr.fold_in(k_i, _ATTACK))[0]
+
+        x_adv = jax.vmap(attack_one)(x, y, example_keys)
+        d = (x_adv - x).reshape(x.shape[0], -1)
+        out.update(adv=score(x_adv, _ADV), x_adv=x_adv, linf=jnp.max(jnp.abs(d), -1),
+                   l2=jnp.sqrt(jnp.sum(d * d, -1)))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_fn(defended, attack, protocol, randomness, vote_chunk, mesh):
+    """The jitted chunk computation, cached so repeated runs and sweeps compile once."""
+    def chunk_fn(x, y, idx, key):
+        keys = jax.vmap(lambda i: jr.fold_in(key, i))(idx)
+        return robust_scores(defended, attack, x, y, keys, protocol=protocol,
+                             randomness=randomness, vote_chunk=vote_chunk)
+
+    shard = data_sharding(mesh)
+    return jax.jit(chunk_fn, in_shardings=(shard, shard, shard, replicated(mesh)),
+                   out_shardings=shard)
+
+
+def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, labels: Labels,
+                        indices, *, key: Key, protocol: str = "one_shot",
+                        randomness: str = "stochastic", batch_size: int = 64,
+                        store: ChunkStore | None = None, mesh: jax.sharding.Mesh | None = None,
+                        vote_chunk: int | None = None, keep_x_adv: bool = False,
+                        progress: bool = True, log: Callable[[str], None] | None = None
+                        ) -> dict:
+    """Robust accuracy over a dataset, in resumable, sharded chunks of ``batch_size`` examples.
+
+    The chunk function (attack + scoring) is jitted once; each chunk is padded to
+    ``batch_size`` and split over the ``data`` axis of ``mesh``. Finished chunks go to ``store``
+    (if given) and are skipped on rerun. Examples are keyed by their global ``indices``, so the
+    per-example record does not depend on ``batch_size``, the number of devices or restarts.
+
+    Args:
+      defended, attack, protocol, randomness, vote_chunk: as :func:`robust_scores`.
+      images: (N, H, W, C) float32 in [0, 1]; labels: (N,) ints.
+      indices: (N,) global dataset indices of the examples (their keys).
+      key: the run's key.
+      batch_size: examples per chunk (a multiple of the mesh size).
+      store: a :class:`ChunkStore` for resumable runs.
+      mesh: device mesh (default: all devices).
+      keep_x_adv: also return the adversarial images.
+      progress: show a progress bar with ETA.
+      log: called with a line per finished chunk.
+
+    Returns:
+      ``{"clean": {...}, "adv": {...}, "per_example": {...}, "wall_s", "chunks_run"}`` where
+      the summaries hold accuracy, 95% interval and count, and ``per_example`` the arrays
+      (``index``, ``label``, ``clean``, ``adv``, ``linf``, ``l2`` [, ``x_adv``]).
+    """
+    check_images(images, "images")
+    labels = np.asarray(labels)
+    indices = np.asarray(indices)
+    n = images.shape[0]
+    if labels.shape != (n,) or indices.shape != (n,):
+        raise ValueError(f"labels and indices: expected shape ({n},), got {labels.shape} and "
+                         f"{indices.shape}")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    mesh = mesh or make_mesh()
+    if batch_size % mesh.size:
+        raise ValueError(f"batch_size={batch_size} does not divide over the {mesh.size} "
+                         f"devices; use a multiple of {mesh.size}")
+    check_randomness(randomness)
+    parse_protocol(protocol)
+
+    shard = data_sharding(mesh)
+    jitted = _chunk_fn(defended, attack, protocol, randomness, vote_chunk, mesh)
+    starts = list(range(0, n, batch_size))
+    todo = [s for s in starts if store is None or not store.is_done(s, min(s + batch_size, n))]
+    t0 = time.perf_counter()
+    results: dict[int, dict] = {}
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"robust eval ({protocol}, {randomness})",
+                   unit="chunk")
+    for s in todo:
+        e = min(s + batch_size, n)
+        pad = batch_size - (e - s)
+        take = lambda a, s=s, e=e, pad=pad: np.concatenate(
+            [a[s:e], np.repeat(a[e - 1:e], pad, axis=0)]) if pad else a[s:e]
+        x = jax.device_put(np.asarray(take(np.asarray(images)), np.float32), shard)
+        out = jitted(x, jax.device_put(take(labels).astype(np.int32), shard),
+                     jax.device_put(take(indices).astype(np.uint32), shard), key)
+        out = {k: np.asarray(v)[: e - s] for k, v in out.items()}
+        arrays = {"index": indices[s:e], "label": labels[s:e], **out}
+        if not keep_x_adv:
+            arrays.pop("x_adv", None)
+        if store is not None:
+            store.save(s, e, **arrays)
+        results[s] = arrays
+        if bar is not None:
+            bar.update(1)
+        if log is not None:
+            log(f"chunk [{s}, {e}): clean {out['clean'].mean():.3f}"
+                + (f", adv {out['adv'].mean():.3f}" if "adv" in out else ""))
+    if bar is not None:
+        bar.close()
+    wall_s = time.perf_counter() - t0
+    if store is not None:
+        per = store.load()
+        if sorted(per["position"].tolist()) != list(range(n)):
+            raise RuntimeError(f"{store.directory}: finished chunks do not cover the {n} "
+                               "examples exactly")
+    else:
+        per = {k: np.concatenate([results[s][k] for s in starts]) for k in results[starts[0]]}
+    summary = {"clean": summarize(per["clean"]), "per_example": per, "wall_s": wall_s,
+               "chunks_run": len(todo), "chunks_total": len(starts)}
+    if "adv" in per:
+        summary["adv"] = summarize(per["adv"])
+    return summary
+
+
+def attack_manifest(name: str, **options) -> Mapping:
+    """A JSON-able record of an attack's settings for results manifests."""
+    return {"name": name, **{k: (float(v) if isinstance(v, float | np.floating) else v)
+                             for k, v in options.items()}}

@@ -1,0 +1,152 @@
+"""Protocols, intervals, fixed vs stochastic randomness, sharding and resumable runs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import jaxrob.diffusion as jd
+from jaxrob.attacks import pgd
+from jaxrob.evaluation import (
+    ChunkStore,
+    evaluate_robustness,
+    parse_protocol,
+    protocol_scores,
+    robust_scores,
+    summarize,
+    wilson_interval,
+)
+from jaxrob.models import unet_from_config
+from jaxrob.parallel import make_mesh
+from jaxrob.purify import diffpure, example_keys, purified_logits
+
+N = 16
+X = jr.uniform(jr.key(0), (N, 8, 8, 1), minval=0.1, maxval=0.9)
+W = jr.normal(jr.key(2), (64, 10)) * 0.5
+
+
+def logits_fn(x):
+    return jnp.tanh(x.reshape(x.shape[0], -1) - 0.5) @ W
+
+
+Y = jnp.argmax(logits_fn(X), -1)  # the undefended model is correct on every clean image
+
+
+def _defended():
+    m = unet_from_config("digits", ch=8, ch_mult=(1, 2), num_groups=4, dropout=0.0,
+                         attn_resolutions=(), fast_vjp=True)
+    v = m.init(jr.key(1), X[:2], jnp.zeros((2,), jnp.int32))
+    pur = diffpure(lambda x, s: m.apply(v, x, s), jd.linear_schedule(), t_star=0.2, num_steps=2)
+    return purified_logits(logits_fn, pur)
+
+
+DEFENDED = _defended()
+
+
+def attack(model, x, y, key):
+    return pgd(model, x, y, key, eps=0.1, num_steps=2, loss="ce", eot_samples=2).x_adv
+
+
+def test_parse_protocol():
+    assert parse_protocol("one_shot") == ("one_shot", 1)
+    assert parse_protocol("worst_of@10") == ("worst_of", 10)
+    assert parse_protocol("average@3") == ("average", 3)
+    for bad in ["one_shot@2", "worst_of", "worst_of@0", "best_of@3", "majority"]:
+        with pytest.raises(ValueError, match="protocol"):
+            parse_protocol(bad)
+
+
+def test_protocol_semantics_on_a_key_dependent_model():
+    # the model is right for an example unless the key's first bit (per sample) is set
+    def model(x, keys):
+        flip = jax.vmap(lambda k: jr.bernoulli(k, 0.5))(keys)
+        lg = jax.nn.one_hot(jnp.where(flip, 1, 0), 3)
+        return lg
+
+    x, y = X[:8], jnp.zeros((8,), jnp.int32)
+    keys = example_keys(jr.key(3), jnp.arange(8))
+    _, correct = protocol_scores(model, x, y, keys, protocol="average@5")
+    correct = np.asarray(correct)
+    assert correct.shape == (5, 8)
+    for proto, expect in [("worst_of@5", correct.all(0)), ("average@5", correct.mean(0)),
+                          ("majority_vote@5", correct.sum(0) >= 3)]:
+        score, c2 = protocol_scores(model, x, y, keys, protocol=proto, chunk=2)
+        np.testing.assert_array_equal(c2, correct)
+        np.testing.assert_allclose(score, expect.astype(np.float32))
+    one, _ = protocol_scores(model, x, y, keys, protocol="one_shot")
+    np.testing.assert_array_equal(one, correct[0])
+
+
+def test_intervals():
+    lo, hi = wilson_interval(0, 50)
+    assert lo == 0.0 and 0 < hi < 0.1
+    lo, hi = wilson_interval(45, 50)
+    assert lo < 0.9 < hi
+    s = summarize(np.array([0.5, 0.25, 1.0, 0.75]))  # fractional: normal interval
+    assert s["ci95"][0] < s["accuracy"] == 0.625 < s["ci95"][1]
+    assert summarize(np.array([1.0, 0.0, 1.0]))["ci95"] == list(wilson_interval(2, 3))
+
+
+def test_fixed_randomness_is_deterministic_and_protocol_free():
+    keys = example_keys(jr.key(4), jnp.arange(N))
+    f = jax.jit(functools.partial(robust_scores, DEFENDED, attack, protocol="worst_of@3",
+                                  randomness="fixed"))
+    a, b = f(X, Y, keys), f(X, Y, keys)
+    np.testing.assert_array_equal(a["x_adv"], b["x_adv"])
+    one = jax.jit(functools.partial(robust_scores, DEFENDED, attack, protocol="one_shot",
+                                    randomness="fixed"))(X, Y, keys)
+    np.testing.assert_array_equal(a["adv"], one["adv"])
+    np.testing.assert_array_equal(a["x_adv"], one["x_adv"])
+    assert float(a["linf"].max()) <= 0.1 + 1e-6
+
+
+def _run(batch_size, mesh, store=None, log=None, **kw):
+    return evaluate_robustness(DEFENDED, attack, X, Y, np.arange(100, 100 + N),
+                               key=jr.key(5), batch_size=batch_size, mesh=mesh, store=store,
+                               progress=False, log=log, **kw)
+
+
+def test_record_is_independent_of_batch_size_and_devices():
+    ref = _run(4, make_mesh(1))
+    for batch_size, devices in [(16, 8)]:
+        out = _run(batch_size, make_mesh(devices))
+        for k in ("clean", "adv", "linf", "l2", "index"):
+            np.testing.assert_allclose(out["per_example"][k], ref["per_example"][k],
+                                       atol=1e-5, err_msg=k)
+    assert ref["adv"]["num_images"] == N and 0 <= ref["adv"]["accuracy"] <= 1
+
+
+def test_killed_run_resumes_without_recounting(tmp_path):
+    mesh = make_mesh(1)
+    full = _run(8, mesh)  # compiled once, reused by the killed and the resumed run
+    fp = {"attack": "pgd", "eps": 0.1}
+
+    def die(_line):
+        raise KeyboardInterrupt  # the run dies after its first chunk was written
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(8, mesh, store=ChunkStore(tmp_path, fingerprint=fp), log=die)
+    assert ChunkStore(tmp_path).finished() == [(0, 8)]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    resumed = _run(8, mesh, store=ChunkStore(tmp_path, fingerprint=fp))
+    assert resumed["chunks_run"] == 1 and resumed["chunks_total"] == 2
+    for k in ("clean", "adv", "linf", "index"):
+        np.testing.assert_array_equal(resumed["per_example"][k], full["per_example"][k])
+    with pytest.raises(ValueError, match="another run"):
+        ChunkStore(tmp_path, fingerprint={"attack": "apgd"})
+
+
+def test_bad_input_fails_before_work():
+    mesh = make_mesh(8)
+    with pytest.raises(ValueError, match="protocol"):
+        _run(8, mesh, protocol="best_of@3")
+    with pytest.raises(ValueError, match="randomness"):
+        _run(8, mesh, randomness="frozen")
+    with pytest.raises(ValueError, match="divide"):
+        _run(12, mesh)
+    with pytest.raises(ValueError, match=r"\[0.0, 1.0\]"):
+        evaluate_robustness(DEFENDED, attack, X * 2, Y, np.arange(N), key=jr.key(0),
+                            mesh=make_mesh(1), progress=False)
