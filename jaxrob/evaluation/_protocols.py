@@ -57,6 +57,42 @@ def sample_keys(example_keys: Key, num: int) -> Key:
         jnp.arange(num))
 
 
+def predictions(defended: DefendedLogits, x: Images, example_keys: Key, *, num: int,
+                chunk: int | None = None) -> jax.Array:
+    """(num, B) predicted labels of ``num`` purifications (sample ``v`` uses
+    ``fold_in(example_keys[i], v)``), computed ``chunk`` purifications at a time."""
+    chunk = num if chunk is None else max(1, min(int(chunk), num))
+    return jax.lax.map(lambda k: jnp.argmax(defended(x, k), -1).astype(jnp.int32),
+                       sample_keys(example_keys, num), batch_size=chunk)
+
+
+def score_predictions(preds_NB: jax.Array, y: Labels, protocol: str, *,
+                      num_classes: int | None = None) -> PerExample:
+    """Per-example score under ``protocol`` from (N', B) predictions with N' >= N.
+
+    ``X@N`` uses the first N rows, ``one_shot`` the first row, so one set of purifications
+    scores every protocol consistently. Works on jax and numpy arrays.
+    """
+    name, n = parse_protocol(protocol)
+    xp = np if isinstance(preds_NB, np.ndarray) else jnp
+    if preds_NB.shape[0] < n:
+        raise ValueError(f"protocol {protocol!r} needs {n} purifications per example, got "
+                         f"{preds_NB.shape[0]}")
+    preds_NB = preds_NB[:n]
+    correct_NB = preds_NB == y[None, :]
+    if name == "one_shot":
+        score = correct_NB[0]
+    elif name == "worst_of":
+        score = xp.all(correct_NB, axis=0)
+    elif name == "average":
+        score = xp.mean(correct_NB, axis=0)
+    else:  # majority vote; ties go to the lowest class index
+        k = int(num_classes or int(preds_NB.max()) + 1)
+        votes_BK = (preds_NB[:, :, None] == xp.arange(k)[None, None, :]).sum(0)
+        score = xp.argmax(votes_BK, -1) == y
+    return score.astype(xp.float32)
+
+
 def protocol_scores(defended: DefendedLogits, x: Images, y: Labels, example_keys: Key, *,
                     protocol: str, chunk: int | None = None) -> tuple[PerExample, jax.Array]:
     """Per-example score of a defended classifier under ``protocol``.
@@ -74,24 +110,11 @@ def protocol_scores(defended: DefendedLogits, x: Images, y: Labels, example_keys
       ``(score, correct)``: (B,) float32 scores in [0, 1] (0/1 except for ``average@N``) and the
       (N, B) bool matrix of per-purification correctness.
     """
-    name, n = parse_protocol(protocol)
-    keys_NB = sample_keys(example_keys, n)
-    num_classes_logits = jax.eval_shape(defended, x, example_keys).shape[-1]
-    chunk = n if chunk is None else min(int(chunk), n)
-
-    preds_NB = jax.lax.map(lambda k: jnp.argmax(defended(x, k), -1), keys_NB,
-                           batch_size=chunk)
-    correct_NB = preds_NB == y[None, :]
-    if name == "one_shot":
-        score = correct_NB[0]
-    elif name == "worst_of":
-        score = jnp.all(correct_NB, axis=0)
-    elif name == "average":
-        score = jnp.mean(correct_NB, axis=0)
-    else:  # majority vote; ties go to the lowest class index
-        votes_BK = jax.nn.one_hot(preds_NB, num_classes_logits, dtype=jnp.int32).sum(0)
-        score = jnp.argmax(votes_BK, -1) == y
-    return score.astype(jnp.float32), correct_NB
+    _, n = parse_protocol(protocol)
+    num_classes = jax.eval_shape(defended, x, example_keys).shape[-1]
+    preds_NB = predictions(defended, x, example_keys, num=n, chunk=chunk)
+    return (score_predictions(preds_NB, y, protocol, num_classes=num_classes),
+            preds_NB == y[None, :])
 
 
 def wilson_interval(successes: float, total: int, z: float = 1.96) -> tuple[float, float]:

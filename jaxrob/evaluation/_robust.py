@@ -34,7 +34,8 @@ from jaxrob._types import Images, Key, Labels
 from jaxrob.evaluation._protocols import (
     check_randomness,
     parse_protocol,
-    protocol_scores,
+    predictions,
+    score_predictions,
     summarize,
 )
 from jaxrob.evaluation._store import ChunkStore
@@ -50,10 +51,20 @@ def _fold_all(keys_B: Key, data) -> Key:
     return jax.vmap(lambda k: jr.fold_in(k, data))(keys_B)
 
 
+def _num_samples(protocols, randomness: str) -> int:
+    """Purifications per example that score every protocol (1 in fixed mode)."""
+    if isinstance(protocols, str):
+        protocols = (protocols,)
+    if not protocols:
+        raise ValueError("protocols: expected at least one protocol")
+    n = max(parse_protocol(p)[1] for p in protocols)
+    return 1 if check_randomness(randomness) == "fixed" else n
+
+
 def robust_scores(defended: Model, attack: Attack | None, x: Images, y: Labels,
-                  example_keys: Key, *, protocol: str = "one_shot",
+                  example_keys: Key, *, protocols=("one_shot",),
                   randomness: str = "stochastic", vote_chunk: int | None = None) -> dict:
-    """Clean and adversarial per-example scores of one batch (jit-able).
+    """Attack one batch and predict its clean and adversarial inputs (jit-able).
 
     Args:
       defended: ``defended(x, keys) -> logits`` with one purifier key per example, e.g.
@@ -61,22 +72,23 @@ def robust_scores(defended: Model, attack: Attack | None, x: Images, y: Labels,
         ``lambda x, keys: logits_fn(x)``.
       attack: ``attack(model, x, y, key) -> x_adv`` (None: clean evaluation only).
       x: images in [0, 1]; y: labels; example_keys: (B,) keys ``fold_in(key, index)``.
-      protocol: ``one_shot``, ``majority_vote@N``, ``worst_of@N`` or ``average@N``.
+      protocols: the protocols to be scored (``one_shot``, ``majority_vote@N``,
+        ``worst_of@N``, ``average@N``): enough purifications are made for all of them.
       randomness: ``stochastic`` or ``fixed``.
-      vote_chunk: purifications scored at once.
+      vote_chunk: purifications predicted at once.
 
     Returns:
-      ``{"clean": (B,), "adv": (B,), "x_adv": ..., "linf": (B,), "l2": (B,)}`` (without the
-      adversarial entries when ``attack`` is None).
+      ``{"pred_clean": (B, N), "pred_adv": (B, N), "x_adv", "linf": (B,), "l2": (B,)}``
+      (without the adversarial entries when ``attack`` is None); score them with
+      :func:`jaxrob.evaluation.score_predictions` (transpose to (N, B)).
     """
-    check_randomness(randomness)
-    parse_protocol(protocol)
+    num = _num_samples(protocols, randomness)
     fixed = randomness == "fixed"
     model = (lambda xx, _keys: defended(xx, _fold_all(example_keys, _FIXED))) if fixed \
         else defended
-    score = lambda xx, tag: protocol_scores(model, xx, y, _fold_all(example_keys, tag),
-                                            protocol=protocol, chunk=vote_chunk)[0]
-    out = {"clean": score(x, _CLEAN)}
+    pred = lambda xx, tag: predictions(model, xx, _fold_all(example_keys, tag), num=num,
+                                       chunk=vote_chunk).T
+    out = {"pred_clean": pred(x, _CLEAN)}
     if attack is not None:
         def attack_one(x_i, y_i, k_i):
             if fixed:
@@ -88,17 +100,37 @@ def robust_scores(defended: Model, attack: Attack | None, x: Images, y: Labels,
 
         x_adv = jax.vmap(attack_one)(x, y, example_keys)
         d = (x_adv - x).reshape(x.shape[0], -1)
-        out.update(adv=score(x_adv, _ADV), x_adv=x_adv, linf=jnp.max(jnp.abs(d), -1),
+        out.update(pred_adv=pred(x_adv, _ADV), x_adv=x_adv, linf=jnp.max(jnp.abs(d), -1),
                    l2=jnp.sqrt(jnp.sum(d * d, -1)))
     return out
 
 
+def score_record(per_example: Mapping, protocols, randomness: str) -> dict:
+    """Summaries (accuracy, 95% interval, count) per protocol of a per-example record."""
+    out = {}
+    for which in ("clean", "adv"):
+        if f"pred_{which}" not in per_example:
+            continue
+        preds_NB = np.asarray(per_example[f"pred_{which}"]).T
+        y = np.asarray(per_example["label"])
+        out[which] = {}
+        for p in protocols:
+            # fixed randomness: every purification is the same one
+            proto = "one_shot" if randomness == "fixed" else p
+            score = score_predictions(preds_NB, y, proto)
+            out[which][p] = summarize(score)
+            per_example_key = f"{which}@{p}"
+            if isinstance(per_example, dict):
+                per_example[per_example_key] = score
+    return out
+
+
 @functools.lru_cache(maxsize=64)
-def _chunk_fn(defended, attack, protocol, randomness, vote_chunk, mesh):
+def _chunk_fn(defended, attack, protocols, randomness, vote_chunk, mesh):
     """The jitted chunk computation, cached so repeated runs and sweeps compile once."""
     def chunk_fn(x, y, idx, key):
         keys = jax.vmap(lambda i: jr.fold_in(key, i))(idx)
-        return robust_scores(defended, attack, x, y, keys, protocol=protocol,
+        return robust_scores(defended, attack, x, y, keys, protocols=protocols,
                              randomness=randomness, vote_chunk=vote_chunk)
 
     shard = data_sharding(mesh)
@@ -107,7 +139,7 @@ def _chunk_fn(defended, attack, protocol, randomness, vote_chunk, mesh):
 
 
 def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, labels: Labels,
-                        indices, *, key: Key, protocol: str = "one_shot",
+                        indices, *, key: Key, protocols=("one_shot",),
                         randomness: str = "stochastic", batch_size: int = 64,
                         store: ChunkStore | None = None, mesh: jax.sharding.Mesh | None = None,
                         vote_chunk: int | None = None, keep_x_adv: bool = False,
@@ -121,7 +153,7 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
     per-example record does not depend on ``batch_size``, the number of devices or restarts.
 
     Args:
-      defended, attack, protocol, randomness, vote_chunk: as :func:`robust_scores`.
+      defended, attack, protocols, randomness, vote_chunk: as :func:`robust_scores`.
       images: (N, H, W, C) float32 in [0, 1]; labels: (N,) ints.
       indices: (N,) global dataset indices of the examples (their keys).
       key: the run's key.
@@ -133,9 +165,10 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
       log: called with a line per finished chunk.
 
     Returns:
-      ``{"clean": {...}, "adv": {...}, "per_example": {...}, "wall_s", "chunks_run"}`` where
-      the summaries hold accuracy, 95% interval and count, and ``per_example`` the arrays
-      (``index``, ``label``, ``clean``, ``adv``, ``linf``, ``l2`` [, ``x_adv``]).
+      ``{"clean": {protocol: summary}, "adv": {protocol: summary}, "per_example": {...},
+      "wall_s", "chunks_run", "chunks_total"}``; a summary holds accuracy, 95% interval and
+      count; ``per_example`` the arrays ``index``, ``label``, ``pred_clean``/``pred_adv``
+      (B, N), ``linf``, ``l2``, the per-protocol scores ``clean@P``/``adv@P`` [and ``x_adv``].
     """
     check_images(images, "images")
     labels = np.asarray(labels)
@@ -149,11 +182,11 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
     if batch_size % mesh.size:
         raise ValueError(f"batch_size={batch_size} does not divide over the {mesh.size} "
                          f"devices; use a multiple of {mesh.size}")
-    check_randomness(randomness)
-    parse_protocol(protocol)
+    protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
+    _num_samples(protocols, randomness)
 
     shard = data_sharding(mesh)
-    jitted = _chunk_fn(defended, attack, protocol, randomness, vote_chunk, mesh)
+    jitted = _chunk_fn(defended, attack, protocols, randomness, vote_chunk, mesh)
     starts = list(range(0, n, batch_size))
     todo = [s for s in starts if store is None or not store.is_done(s, min(s + batch_size, n))]
     t0 = time.perf_counter()
@@ -162,7 +195,7 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"robust eval ({protocol}, {randomness})",
+        bar = tqdm(total=len(todo), desc=f"robust eval ({randomness})",
                    unit="chunk")
     for s in todo:
         e = min(s + batch_size, n)
@@ -182,8 +215,9 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
         if bar is not None:
             bar.update(1)
         if log is not None:
-            log(f"chunk [{s}, {e}): clean {out['clean'].mean():.3f}"
-                + (f", adv {out['adv'].mean():.3f}" if "adv" in out else ""))
+            acc = lambda p: float((p[:, 0] == labels[s:e]).mean())
+            log(f"chunk [{s}, {e}): one-shot clean {acc(out['pred_clean']):.3f}"
+                + (f", adv {acc(out['pred_adv']):.3f}" if "pred_adv" in out else ""))
     if bar is not None:
         bar.close()
     wall_s = time.perf_counter() - t0
@@ -194,11 +228,8 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
                                "examples exactly")
     else:
         per = {k: np.concatenate([results[s][k] for s in starts]) for k in results[starts[0]]}
-    summary = {"clean": summarize(per["clean"]), "per_example": per, "wall_s": wall_s,
-               "chunks_run": len(todo), "chunks_total": len(starts)}
-    if "adv" in per:
-        summary["adv"] = summarize(per["adv"])
-    return summary
+    return {**score_record(per, protocols, randomness), "per_example": per, "wall_s": wall_s,
+            "chunks_run": len(todo), "chunks_total": len(starts)}
 
 
 def attack_manifest(name: str, **options) -> Mapping:

@@ -16,6 +16,7 @@ from jaxrob.evaluation import (
     parse_protocol,
     protocol_scores,
     robust_scores,
+    score_predictions,
     summarize,
     wilson_interval,
 )
@@ -92,18 +93,23 @@ def test_intervals():
 
 def test_fixed_randomness_is_deterministic_and_protocol_free():
     keys = example_keys(jr.key(4), jnp.arange(N))
-    f = jax.jit(functools.partial(robust_scores, DEFENDED, attack, protocol="worst_of@3",
-                                  randomness="fixed"))
+    f = jax.jit(functools.partial(robust_scores, DEFENDED, attack,
+                                  protocols=("one_shot", "worst_of@3"), randomness="fixed"))
     a, b = f(X, Y, keys), f(X, Y, keys)
     np.testing.assert_array_equal(a["x_adv"], b["x_adv"])
-    one = jax.jit(functools.partial(robust_scores, DEFENDED, attack, protocol="one_shot",
-                                    randomness="fixed"))(X, Y, keys)
-    np.testing.assert_array_equal(a["adv"], one["adv"])
-    np.testing.assert_array_equal(a["x_adv"], one["x_adv"])
+    assert a["pred_adv"].shape == (N, 1)  # one purification: the purifier is deterministic
+    # the same fixed key in attack and scoring: re-predicting x_adv gives the same labels
+    fixed = jax.vmap(lambda k: jr.fold_in(k, 4))(keys)
+    np.testing.assert_array_equal(jnp.argmax(DEFENDED(a["x_adv"], fixed), -1),
+                                  a["pred_adv"][:, 0])
     assert float(a["linf"].max()) <= 0.1 + 1e-6
+    stoch = jax.jit(functools.partial(robust_scores, DEFENDED, attack,
+                                      protocols=("worst_of@3",)))(X, Y, keys)
+    assert stoch["pred_adv"].shape == (N, 3)
 
 
 def _run(batch_size, mesh, store=None, log=None, **kw):
+    kw.setdefault("protocols", ("one_shot", "worst_of@2"))
     return evaluate_robustness(DEFENDED, attack, X, Y, np.arange(100, 100 + N),
                                key=jr.key(5), batch_size=batch_size, mesh=mesh, store=store,
                                progress=False, log=log, **kw)
@@ -113,10 +119,12 @@ def test_record_is_independent_of_batch_size_and_devices():
     ref = _run(4, make_mesh(1))
     for batch_size, devices in [(16, 8)]:
         out = _run(batch_size, make_mesh(devices))
-        for k in ("clean", "adv", "linf", "l2", "index"):
+        for k in ("pred_clean", "pred_adv", "linf", "l2", "index", "adv@one_shot"):
             np.testing.assert_allclose(out["per_example"][k], ref["per_example"][k],
                                        atol=1e-5, err_msg=k)
-    assert ref["adv"]["num_images"] == N and 0 <= ref["adv"]["accuracy"] <= 1
+    adv = ref["adv"]["one_shot"]
+    assert adv["num_images"] == N and 0 <= adv["accuracy"] <= 1
+    assert ref["clean"]["one_shot"]["accuracy"] >= adv["accuracy"] - 0.25
 
 
 def test_killed_run_resumes_without_recounting(tmp_path):
@@ -133,8 +141,9 @@ def test_killed_run_resumes_without_recounting(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     resumed = _run(8, mesh, store=ChunkStore(tmp_path, fingerprint=fp))
     assert resumed["chunks_run"] == 1 and resumed["chunks_total"] == 2
-    for k in ("clean", "adv", "linf", "index"):
+    for k in ("pred_clean", "pred_adv", "linf", "index"):
         np.testing.assert_array_equal(resumed["per_example"][k], full["per_example"][k])
+    assert resumed["adv"] == full["adv"]
     with pytest.raises(ValueError, match="another run"):
         ChunkStore(tmp_path, fingerprint={"attack": "apgd"})
 
@@ -142,7 +151,7 @@ def test_killed_run_resumes_without_recounting(tmp_path):
 def test_bad_input_fails_before_work():
     mesh = make_mesh(8)
     with pytest.raises(ValueError, match="protocol"):
-        _run(8, mesh, protocol="best_of@3")
+        _run(8, mesh, protocols=("best_of@3",))
     with pytest.raises(ValueError, match="randomness"):
         _run(8, mesh, randomness="frozen")
     with pytest.raises(ValueError, match="divide"):
@@ -150,3 +159,15 @@ def test_bad_input_fails_before_work():
     with pytest.raises(ValueError, match=r"\[0.0, 1.0\]"):
         evaluate_robustness(DEFENDED, attack, X * 2, Y, np.arange(N), key=jr.key(0),
                             mesh=make_mesh(1), progress=False)
+
+
+def test_score_predictions_uses_the_first_rows():
+    preds = np.array([[0, 1], [0, 0], [2, 0]])  # (N=3, B=2)
+    y = np.array([0, 0])
+    np.testing.assert_array_equal(score_predictions(preds, y, "one_shot"), [1, 0])
+    np.testing.assert_array_equal(score_predictions(preds, y, "worst_of@2"), [1, 0])
+    np.testing.assert_array_equal(score_predictions(preds, y, "worst_of@3"), [0, 0])
+    np.testing.assert_allclose(score_predictions(preds, y, "average@3"), [2 / 3, 2 / 3])
+    np.testing.assert_array_equal(score_predictions(preds, y, "majority_vote@3"), [1, 1])
+    with pytest.raises(ValueError, match="needs 4"):
+        score_predictions(preds, y, "average@4")
