@@ -9,11 +9,11 @@ from ml_collections import config_dict
 VARIANTS = ("", "smoke")
 
 
-def parse_arg(arg: str | None) -> str:
+def parse_arg(arg: str | None, variants=VARIANTS) -> str:
     """Normalise the ``file.py:arg`` part of ``--config``; raises on an unknown variant."""
     arg = (arg or "").strip()
-    if arg not in VARIANTS:
-        raise ValueError(f"config variant: expected one of {list(VARIANTS)} (e.g. "
+    if arg not in variants:
+        raise ValueError(f"config variant: expected one of {list(variants)} (e.g. "
                          f"--config configs/digits_ddpm.py:smoke), got {arg!r}")
     return arg
 
@@ -152,4 +152,73 @@ def classifier_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.train.update(batch_size=16, num_steps=3, warmup_steps=1, log_every=1,
                    checkpoint_every=2)
     c.eval.update(num_images=32, batch_size=32)
+    return c
+
+
+def robust_base() -> config_dict.ConfigDict:
+    """Defaults of a robust evaluation (``experiments/robust_eval.py``): MNIST models."""
+    c = config_dict.ConfigDict()
+    c.seed = 0
+    c.data = data("mnist", "train", "test[:256]")
+    c.data.num_images = 0  # 0: the whole test_split
+    c.ddpm = config_dict.ConfigDict({
+        "source": "export",  # "export" | "random" | "diffusers"
+        "path": "checkpoints/mnist_ddpm",  # export dir or state-dict file (repo-relative)
+        "seed": 0,  # init seed of source="random"
+        # model + diffusion: used by "random" and "diffusers" (an export carries its own)
+        "model": config_dict.ConfigDict({"name": "unet", "config": "mnist",
+                                         "overrides": unet_overrides(dropout=0.0, ch=16,
+                                                                     num_groups=4)}),
+        "diffusion": config_dict.ConfigDict({"schedule": "linear", "num_steps": 1000,
+                                             "beta_start": 1e-4, "beta_end": 0.02}),
+    })
+    c.classifier = config_dict.ConfigDict({
+        "source": "export",  # "export" (jaxrob export) | "akamaster" (CIFAR ResNets)
+        "path": "checkpoints/mnist_classifier",
+    })
+    c.purifier = config_dict.ConfigDict({
+        "enabled": True,
+        "sampler": "ddpm",  # ddpm | ddim | sde | ode
+        "t_star": 0.1,
+        "num_steps": 10,  # reverse steps (respaced over the first t_star of the chain)
+        "stages": config_dict.placeholder(tuple),  # multi-stage: ((t_star, steps), ...)
+        "gradient": "exact",  # exact | bpda | surrogate
+        "surrogate_steps": config_dict.placeholder(int),
+        "variance": "fixed_small",
+        "eta": 0.0,
+        "remat": True,
+    })
+    c.attack = config_dict.ConfigDict({
+        "name": "pgd",  # none | fgsm | pgd | apgd
+        "norm": "linf",
+        "eps": 0.3,
+        "step_size": config_dict.placeholder(float),  # None: 2.5 eps / num_steps
+        "num_steps": 10,
+        "random_start": False,
+        "num_restarts": 1,
+        "loss": "ce",
+        "eot_samples": 4,
+        "eot_chunk": config_dict.placeholder(int),
+    })
+    c.eval = config_dict.ConfigDict({
+        "protocols": ("one_shot", "worst_of@10"),
+        "randomness": "stochastic",  # stochastic | fixed
+        "batch_size": 32,
+        "vote_chunk": config_dict.placeholder(int),
+    })
+    c.fast_vjp = True  # reverse-mode twins of the models (jaxrob.models._conv)
+    c.mesh = mesh(cpu_no_ynn=True)
+    c.rows = ()  # each a dict {"name": ..., "dotted.field": value}; () = one row "base"
+    return c
+
+
+def robust_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Shrink a robust evaluation to seconds: random tiny UNet, 8 images, 2 steps."""
+    c.ddpm.source = "random"
+    c.ddpm.model.overrides = unet_overrides(dropout=0.0, ch=8, ch_mult=(1,), num_res_blocks=1,
+                                            attn_resolutions=(), num_groups=4)
+    c.purifier.num_steps = 2
+    c.attack.update(num_steps=2, eot_samples=2)
+    c.eval.update(protocols=("one_shot", "worst_of@2"), batch_size=8)
+    c.data.num_images = 8
     return c

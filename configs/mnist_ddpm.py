@@ -16,7 +16,7 @@ def get_config(arg=None):
     c = _common.ddpm_base()
     c.data = _common.data("mnist", "train", "test")
     c.model.config = "mnist"
-    c.train.update(batch_size=64, num_steps=4000, learning_rate=7e-4, lr_schedule="constant",
+    c.train.update(batch_size=64, num_steps=6000, learning_rate=7e-4, lr_schedule="constant",
                    warmup_steps=200, log_every=50, checkpoint_every=250)
     c.sample.update(sampler="ddim", num_steps=100)
     c.eval.update(num_images=2000, batch_size=250)
