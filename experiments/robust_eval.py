@@ -260,6 +260,8 @@ def table(rows, protocols) -> str:
 
 def run(config, workdir) -> dict:
     """Evaluate every row of ``config.rows``; returns (and writes) ``results.json``."""
+    from jaxrob.evaluation import check_randomness, parse_protocol
+
     timer = _common.Timer()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +287,9 @@ def run(config, workdir) -> dict:
     for rc in row_configs:
         make_purifier(rc.purifier, lambda x, s: x, schedule)
         make_attack(rc.attack)
+        for p in rc.eval.protocols:
+            parse_protocol(p)
+        check_randomness(rc.eval.randomness)
     entries = []
     for name, rc in zip(names, row_configs, strict=True):
         logging.info("row %s: purifier %s, attack %s, %s", name,

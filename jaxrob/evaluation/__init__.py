@@ -2,6 +2,7 @@
 
 from jaxrob.evaluation._protocols import PROTOCOLS as PROTOCOLS
 from jaxrob.evaluation._protocols import RANDOMNESS as RANDOMNESS
+from jaxrob.evaluation._protocols import check_randomness as check_randomness
 from jaxrob.evaluation._protocols import mean_interval as mean_interval
 from jaxrob.evaluation._protocols import parse_protocol as parse_protocol
 from jaxrob.evaluation._protocols import predictions as predictions

@@ -1,0 +1,77 @@
+"""experiments/robust_eval.py on its smoke configs (real code path, tiny settings)."""
+
+import json
+
+import numpy as np
+import pytest
+from exp_helpers import REPO, load_config
+
+from experiments import robust_eval
+
+
+def _two_rows(cfg):
+    # the exact-gradient row and the classifier alone keep the smoke test short
+    cfg.rows = tuple(r for r in cfg.rows if r["name"] in ("classifier", "ddpm_exact"))
+    return cfg
+
+
+def test_digits_robust_smoke_and_resume(tmp_path):
+    cfg = _two_rows(load_config("digits_robust", "smoke"))
+    res = robust_eval.run(cfg, tmp_path)
+    rows = {r["name"]: r for r in res["rows"]}
+    assert set(rows) == {"classifier", "ddpm_exact"}
+    clf, pur = rows["classifier"], rows["ddpm_exact"]
+    assert clf["purifier"] is None and clf["adv"]["one_shot"]["num_images"] == 8
+    assert pur["purifier"]["gradient"] == "exact" and pur["purifier"]["nfe_forward"] == 2
+    assert pur["nfe"]["attack_per_image"] == 3 * 2 * (2 + 6)  # (iters+1) * EoT * (fwd+bwd)
+    assert pur["mean_linf"] <= 0.2 + 1e-6
+    for p in ("one_shot", "worst_of@2"):
+        lo, hi = pur["adv"][p]["ci95"]
+        assert lo <= pur["adv"][p]["accuracy"] <= hi
+    assert pur["adv"]["worst_of@2"]["accuracy"] <= pur["adv"]["one_shot"]["accuracy"]
+    m = json.loads((tmp_path / "results.json").read_text())["manifest"]
+    assert m["indices"] == [0, 8] and m["devices"]["count"] == 8 and "commit" in m["git"]
+    per = np.load(tmp_path / "ddpm_exact" / "per_example.npz")
+    assert per["pred_adv"].shape == (8, 2) and per["index"].tolist() == list(range(8))
+    assert (tmp_path / "table.md").read_text().count("\n") == 4
+    # rerunning the same command resumes: nothing is recomputed, the record is the same
+    again = robust_eval.run(cfg, tmp_path)
+    assert [r["chunks_run"] for r in again["rows"]] == [0, 0]
+    assert again["rows"][1]["adv"] == pur["adv"]
+
+
+def test_cifar10_robust_smoke(data_dir, tmp_path):
+    cfg = load_config("cifar10_robust", "smoke")
+    cfg.data.data_dir = str(data_dir)
+    cfg.eval.protocols = ("one_shot",)
+    res = robust_eval.run(cfg, tmp_path)
+    (row,) = res["rows"]
+    assert res["classifier"]["source"] == "akamaster" and res["ddpm"]["source"] == "random"
+    assert row["adv"]["one_shot"]["num_images"] == 8
+    assert row["mean_linf"] <= 8 / 255 + 1e-6
+
+
+def test_bad_rows_and_attack_fail_before_work(tmp_path):
+    cfg = load_config("digits_robust", "smoke")
+    cfg.rows = ({"name": "x", "purifier.t_sttar": 0.1},)
+    with pytest.raises(ValueError, match="unknown config field"):
+        robust_eval.run(cfg, tmp_path)
+    cfg.rows = ({"name": "x", "purifier.sampler": "heun"},)
+    with pytest.raises(ValueError, match="sampler"):
+        robust_eval.run(cfg, tmp_path)
+    cfg.rows = ({"name": "x", "attack.name": "square"},)
+    with pytest.raises(ValueError, match="attack.name"):
+        robust_eval.run(cfg, tmp_path)
+    cfg.rows = ({"name": "x", "eval.protocols": ("best_of@2",)},)
+    with pytest.raises(ValueError, match="protocol"):
+        robust_eval.run(cfg, tmp_path)
+    assert not list(tmp_path.glob("x/chunks/chunk_*"))
+
+
+def test_configs_load():
+    for name in ("mnist_robust", "kmnist_robust", "cifar10_robust", "digits_robust"):
+        for arg in (None, "smoke"):
+            cfg = load_config(name, arg)
+            assert cfg.rows and all("name" in r for r in cfg.rows)
+    assert load_config("mnist_robust", "l2").attack.norm == "l2"
+    assert (REPO / "experiments" / "robust_eval.py").is_file()
