@@ -8,7 +8,8 @@ otherwise trains them with ``train_diffusion.run`` / ``train_classifier.run`` (s
 ``train_ddpm/`` and ``train_classifier/``, resumable) and exports them there. Then writes
 ``samples.png`` (grid of DDPM samples), and ``results.json`` with the denoising MSE at each
 ``eval.t_stars`` on the digits test split, the classifier's test accuracy, the classifier's
-labels for the samples, timings and the manifest.
+labels for the samples, timings and the manifest; and runs ``experiments/robust_eval.py`` on
+the two models (``robust/``: table.md, results.json, per-example records).
 """
 
 from __future__ import annotations
@@ -118,8 +119,19 @@ def run(config, workdir) -> dict:
     logging.info("classifier test accuracy %.4f; labels of the %d samples: %s",
                  clf_test["accuracy"], len(samples), np.bincount(sample_labels, minlength=10))
 
+    from experiments import robust_eval
+
+    robust_config = config.robust.copy_and_resolve_references()
+    with robust_config.unlocked():
+        robust_config.ddpm.update(source="export", path=str(root / "digits_ddpm"))
+        robust_config.classifier.update(source="export", path=str(root / "digits_classifier"))
+    robust = robust_eval.run(robust_config, workdir / "robust")
+
     results = {
         "accuracy": clf_test["accuracy"],
+        "robust": {"table": "robust/table.md", "wall_s": robust["wall_s"],
+                   "rows": [{k: r[k] for k in ("name", "clean", "adv", "randomness")}
+                            for r in robust["rows"]]},
         "classifier": {"test": _train_classifier.public(clf_test), **clf_info},
         "denoising": denoising,
         "ddpm": {**ddpm_info, "step": ddpm_meta.get("step"),

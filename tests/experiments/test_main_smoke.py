@@ -27,6 +27,9 @@ def test_main_trains_exports_and_reports(main_run):
     d = res["denoising"]["t_star=0.1"]
     assert d["num_images"] == 16 and np.isfinite(d["eps_mse"]) and 0 <= d["x0_mse"] <= 1
     assert 0.0 <= res["accuracy"] <= 1.0
+    (row,) = res["robust"]["rows"]
+    assert row["name"] == "classifier" and row["adv"]["one_shot"]["num_images"] == 8
+    assert (wd / "robust" / "table.md").is_file()
     m = res["manifest"]
     assert m["devices"]["count"] == 8 and m["versions"]["jax"] and "commit" in m["git"]
     assert m["config"]["ddpm"]["train"]["num_steps"] == 3 and m["wall_s"] > 0
