@@ -6,7 +6,7 @@ other 2000; results are not comparable to models trained on the official train s
 
     python experiments/train_diffusion.py --config configs/kmnist_ddpm.py --workdir runs/kmnist_ddpm
 
-Same model and cost as ``mnist_ddpm.py`` (~1 h on the 2-core CPU). Smoke variant: ``:smoke``.
+Same model and cost as ``mnist_ddpm.py`` (~25-40 min on the 2-core CPU). Smoke variant: ``:smoke``.
 """
 
 from configs import _common, mnist_ddpm
