@@ -30,7 +30,8 @@ def get_config(arg=None):
     c.purifier.update(t_star=0.1, num_steps=100)
     c.attack.update(eps=8 / 255, num_steps=20, eot_samples=10, step_size=2 / 255)
     c.eval.batch_size = 64
-    c.rows = ({"name": "ddpm_exact"}, {"name": "ddpm_fixed", "eval.randomness": "fixed"})
+    c.rows = ({"name": "ddpm_exact"},
+              {"name": "ddpm_fixed", "eval.randomness": "fixed", "attack.eot_samples": 1})
     if arg == "smoke":
         c.ddpm.source = "random"
         c.ddpm.model.overrides = _common.unet_overrides(

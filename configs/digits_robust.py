@@ -24,7 +24,7 @@ def get_config(arg=None):
     c.rows = ({"name": "classifier", "purifier.enabled": False},
               {"name": "ddpm_exact"},
               {"name": "ddpm_bpda", "purifier.gradient": "bpda"},
-              {"name": "ddpm_fixed", "eval.randomness": "fixed"})
+              {"name": "ddpm_fixed", "eval.randomness": "fixed", "attack.eot_samples": 1})
     if arg == "smoke":
         _common.robust_smoke(c)
         c.data.test_split = "test[:8]"

@@ -27,7 +27,9 @@ def rows(samplers=("ddpm", "ddim"), t_stars=(0.1, 0.3)):
             tag = f"{sampler}_t{t:g}"
             out += [{"name": f"{tag}_exact", **base},
                     {"name": f"{tag}_bpda", **base, "purifier.gradient": "bpda"},
-                    {"name": f"{tag}_fixed", **base, "eval.randomness": "fixed"}]
+                    # one fixed key: every EoT sample would be the same (ADDT's DW-box: EoT 1)
+                    {"name": f"{tag}_fixed", **base, "eval.randomness": "fixed",
+                     "attack.eot_samples": 1}]
     return tuple(out)
 
 
