@@ -295,6 +295,21 @@ def quiet_orbax() -> None:
     absl_logging.get_absl_handler().addFilter(keep)
 
 
+def cli(run_fn, default_config: str | None = None) -> None:
+    """Every entry point's ``__main__``: flags, device set-up, ``run_fn(config, workdir)``."""
+    from absl import app
+
+    config, workdir, distributed = define_flags(default_config)
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        start(distributed.value, config.value)
+        absl_main(run_fn, config, workdir)
+
+    app.run(main)
+
+
 def start(distributed: bool, config=None) -> None:
     """First thing in every ``main``: CPU device set-up (before JAX starts), multi-host init.
 

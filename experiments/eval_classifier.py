@@ -17,7 +17,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, logging
+from absl import logging
 from ml_collections import config_dict
 
 from experiments import _common
@@ -80,13 +80,5 @@ def run(config, workdir) -> dict:
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    _common.start(_DISTRIBUTED.value, _CONFIG.value)
-    _common.absl_main(run, _CONFIG, _WORKDIR)
-
-
 if __name__ == "__main__":
-    _CONFIG, _WORKDIR, _DISTRIBUTED = _common.define_flags()
-    app.run(main)
+    _common.cli(run)

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import _common
 from experiments import train_classifier as _train_classifier
@@ -153,13 +153,5 @@ def run(config, workdir) -> dict:
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    _common.start(_DISTRIBUTED.value, _CONFIG.value)
-    _common.absl_main(run, _CONFIG, _WORKDIR)
-
-
 if __name__ == "__main__":
-    _CONFIG, _WORKDIR, _DISTRIBUTED = _common.define_flags(DEFAULT_CONFIG)
-    app.run(main)
+    _common.cli(run, DEFAULT_CONFIG)

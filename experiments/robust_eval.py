@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import jax.random as jr
 import numpy as np
-from absl import app, logging
+from absl import logging
 from ml_collections import config_dict
 
 from experiments import _common
@@ -312,13 +312,5 @@ def run(config, workdir) -> dict:
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    _common.start(_DISTRIBUTED.value, _CONFIG.value)
-    _common.absl_main(run, _CONFIG, _WORKDIR)
-
-
 if __name__ == "__main__":
-    _CONFIG, _WORKDIR, _DISTRIBUTED = _common.define_flags(DEFAULT_CONFIG)
-    app.run(main)
+    _common.cli(run, DEFAULT_CONFIG)

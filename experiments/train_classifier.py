@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import jax
 import jax.random as jr
-from absl import app, logging
+from absl import logging
 
 from experiments import _common
 from jaxrob.evaluation import wilson_interval
@@ -133,13 +133,5 @@ def run(config, workdir) -> dict:
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    _common.start(_DISTRIBUTED.value, _CONFIG.value)
-    _common.absl_main(run, _CONFIG, _WORKDIR)
-
-
 if __name__ == "__main__":
-    _CONFIG, _WORKDIR, _DISTRIBUTED = _common.define_flags()
-    app.run(main)
+    _common.cli(run)

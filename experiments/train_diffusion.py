@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import jax.random as jr
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import _common
 
@@ -191,13 +191,5 @@ def run(config, workdir, *, evaluate: bool = True) -> dict:
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    _common.start(_DISTRIBUTED.value, _CONFIG.value)
-    _common.absl_main(run, _CONFIG, _WORKDIR)
-
-
 if __name__ == "__main__":
-    _CONFIG, _WORKDIR, _DISTRIBUTED = _common.define_flags()
-    app.run(main)
+    _common.cli(run)
