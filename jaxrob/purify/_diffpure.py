@@ -52,12 +52,13 @@ def _is_key_batch(key) -> bool:
     return jnp.ndim(key) == 1
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Purifier:
     """A DiffPure-style purifier; call it as ``purifier(x, key)``.
 
-    Build it with :func:`diffpure` (one stage) or :func:`multistage`. The object is hashable
-    and immutable, so it can be closed over by jitted functions and used as a static argument.
+    Build it with :func:`diffpure` (one stage) or :func:`multistage`. The object is immutable
+    and hashes by identity, so it can be closed over by jitted functions and used as a static
+    argument: two purifiers over different models never share a compiled function.
 
     Attributes:
       stages: ``((t_star, num_steps), ...)`` applied in order.
@@ -71,8 +72,8 @@ class Purifier:
       unroll: ``lax.scan`` unroll factor.
     """
 
-    eps_fn: jd.EpsFn = dataclasses.field(compare=False, repr=False)
-    schedule: jd.Schedule = dataclasses.field(compare=False, repr=False)
+    eps_fn: jd.EpsFn = dataclasses.field(repr=False)
+    schedule: jd.Schedule = dataclasses.field(repr=False)
     stages: tuple[tuple[float, int], ...]
     sampler: str = "ddpm"
     gradient: str = "exact"

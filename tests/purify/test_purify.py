@@ -17,10 +17,10 @@ SCHED = jd.linear_schedule(1000)
 X = jr.uniform(jr.key(0), (4, 8, 8, 1), minval=0.05, maxval=0.95)
 
 
-def _unet(fast_vjp=False):
+def _unet(fast_vjp=False, seed=1):
     m = unet_from_config("digits", ch=8, ch_mult=(1, 2), num_groups=4, dropout=0.0,
                          attn_resolutions=(), fast_vjp=fast_vjp)
-    v = m.init(jr.key(1), X, jnp.zeros((4,), jnp.int32))
+    v = m.init(jr.key(seed), X, jnp.zeros((4,), jnp.int32))
     return lambda x, s: m.apply(v, x, s)
 
 
@@ -176,3 +176,11 @@ def test_majority_vote_counts_and_chunking():
     np.testing.assert_array_equal(votes, manual)
     with pytest.raises(ValueError, match="divisor"):
         majority_vote(logits_fn, pur, X, key, num_votes=4, chunk=3)
+
+
+def test_purifiers_over_different_models_never_share_a_compilation():
+    a = diffpure(EPS, SCHED, t_star=0.1, num_steps=2)
+    b = diffpure(_unet(seed=2), SCHED, t_star=0.1, num_steps=2)  # same settings, other weights
+    assert a != b and hash(a) != hash(b)
+    f = jax.jit(lambda p, x: p(x, jr.key(0)), static_argnums=0)
+    assert not np.allclose(f(a, X), f(b, X))
