@@ -53,6 +53,23 @@ def check_eps(eps) -> None:
         raise ValueError(f"eps: expected a positive radius, got {eps!r}")
 
 
+def check_ball_study(x, *, num, norm, eps, chunk, indices):
+    """Checks shared by the eps-ball studies; returns ``(num, chunk, eps, indices)``."""
+    from jaxrob._checks import check_images, check_positive_int
+
+    check_images(x, "x")
+    num = check_positive_int(num, "num")
+    check_norm(norm)
+    check_eps(eps)
+    if chunk is not None:
+        chunk = check_positive_int(chunk, "chunk")
+    if indices is None:
+        indices = jnp.arange(x.shape[0], dtype=jnp.uint32)
+    elif jnp.shape(indices) != (x.shape[0],):
+        raise ValueError(f"indices: expected shape ({x.shape[0]},), got {jnp.shape(indices)}")
+    return num, chunk, jnp.asarray(eps, jnp.float32), jnp.asarray(indices, jnp.uint32)
+
+
 def flat_norm(d: jax.Array) -> jax.Array:
     """L2 norm over every axis but the first: (N, ...) -> (N,)."""
     return jnp.sqrt(jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1))

@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-from jaxrob._checks import check_images, check_positive_int
 from jaxrob._types import Array, Images, Key
-from jaxrob.analysis._common import Static, ball_point, check_eps, check_norm, flat_norm
+from jaxrob.analysis._common import Static, ball_point, check_ball_study, flat_norm
 
 
 class EmpiricalCompression(NamedTuple):
@@ -94,18 +93,10 @@ def compression_rate_empirical(purify_fixed: Callable[[Images], Images], x: Imag
     """
     if not callable(purify_fixed):
         raise TypeError(f"purify_fixed: expected a callable f(x), got {type(purify_fixed)}")
-    check_images(x, "x")
-    num = check_positive_int(num, "num")
-    check_norm(norm)
-    check_eps(eps)
-    if chunk is not None:
-        chunk = check_positive_int(chunk, "chunk")
-    if indices is None:
-        indices = jnp.arange(x.shape[0], dtype=jnp.uint32)
-    elif jnp.shape(indices) != (x.shape[0],):
-        raise ValueError(f"indices: expected shape ({x.shape[0]},), got {jnp.shape(indices)}")
-    return _empirical(Static(purify_fixed), x, key, jnp.asarray(eps, jnp.float32),
-                      jnp.asarray(indices, jnp.uint32), num=num, norm=norm, chunk=chunk)
+    num, chunk, eps, indices = check_ball_study(x, num=num, norm=norm, eps=eps, chunk=chunk,
+                                                indices=indices)
+    return _empirical(Static(purify_fixed), x, key, eps, indices, num=num, norm=norm,
+                      chunk=chunk)
 
 
 class SpectralCompression(NamedTuple):

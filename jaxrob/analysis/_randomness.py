@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
-from jaxrob._checks import check_images, check_positive_int
 from jaxrob._types import Array, Images, Key
-from jaxrob.analysis._common import Static, ball_point, check_eps, check_norm, radius
+from jaxrob.analysis._common import Static, ball_point, check_ball_study, radius
 
 
 def displacement_correlations(displacements: Array) -> tuple[Array, Array]:
@@ -177,17 +176,8 @@ def randomness_decomposition(purify: Callable[[Images, Key], Images], x: Images,
     """
     if not callable(purify):
         raise TypeError(f"purify: expected a callable purify(x, key), got {type(purify)}")
-    check_images(x, "x")
-    num = check_positive_int(num, "num")
+    num, chunk, eps, indices = check_ball_study(x, num=num, norm=norm, eps=eps, chunk=chunk,
+                                                indices=indices)
     if num < 2:
         raise ValueError(f"num: expected at least 2 samples for correlations, got {num}")
-    check_norm(norm)
-    check_eps(eps)
-    if chunk is not None:
-        chunk = check_positive_int(chunk, "chunk")
-    if indices is None:
-        indices = jnp.arange(x.shape[0], dtype=jnp.uint32)
-    elif jnp.shape(indices) != (x.shape[0],):
-        raise ValueError(f"indices: expected shape ({x.shape[0]},), got {jnp.shape(indices)}")
-    return _decompose(Static(purify), x, key, jnp.asarray(eps, jnp.float32),
-                      jnp.asarray(indices, jnp.uint32), num=num, norm=norm, chunk=chunk)
+    return _decompose(Static(purify), x, key, eps, indices, num=num, norm=norm, chunk=chunk)
