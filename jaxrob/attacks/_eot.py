@@ -11,10 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrob._types import Images, Key, Labels, PerExample
 from jaxrob.attacks._common import as_per_example, check_eot
 from jaxrob.attacks._losses import LossFn
+from jaxrob.parallel import DATA_AXIS
 
 
 def _value_and_grad_one(loss_fn: LossFn, x: Images, y: Labels, key: Key):
@@ -28,7 +31,8 @@ def _value_and_grad_one(loss_fn: LossFn, x: Images, y: Labels, key: Key):
 
 
 def eot_value_and_grad(loss_fn: LossFn, x: Images, y: Labels, key: Key, *, samples: int = 1,
-                       chunk: int | None = None) -> tuple[PerExample, Images]:
+                       chunk: int | None = None, mesh: jax.sharding.Mesh | None = None
+                       ) -> tuple[PerExample, Images]:
     """Per-example loss and its input gradient, both averaged over ``samples`` keys.
 
     ``mean_i loss_fn(x, y, fold_in(key, i))`` and ``mean_i grad_x sum_b loss_fn(...)_b`` for
@@ -42,23 +46,32 @@ def eot_value_and_grad(loss_fn: LossFn, x: Images, y: Labels, key: Key, *, sampl
       key: base key of the samples.
       samples: number of EoT samples.
       chunk: samples evaluated together by one ``vmap`` (must divide ``samples``); None: all.
+      mesh: split each chunk of samples over the ``data`` axis of this mesh (a sharding
+        constraint on the samples' keys, for use under ``jax.jit``): the EoT samples of one
+        input run on different devices and their sum is a cross-device reduction. The chunk
+        must divide by the mesh size. None: no constraint.
 
     Returns:
       ``(loss (B,), grad (B, H, W, C))``, means over the samples.
 
     Raises:
       ValueError: ``samples`` or ``chunk`` not a positive integer, or ``chunk`` does not divide
-        ``samples``.
+        ``samples``, or the mesh size does not divide ``chunk``.
 
     References:
       Athalye, Engstrom, Ilyas & Kwok, "Synthesizing Robust Adversarial Examples", ICML 2018;
       Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Security", ICML 2018.
     """
     samples, chunk = check_eot(samples, chunk)
+    if mesh is not None and chunk % mesh.shape[DATA_AXIS]:
+        raise ValueError(f"mesh: {mesh.shape[DATA_AXIS]} devices do not divide the EoT chunk of "
+                         f"{chunk} samples; pick a chunk that is a multiple of the device count")
     one = lambda k: _value_and_grad_one(loss_fn, x, y, k)
 
     def body(carry, idx_C):
         loss_sum_B, grad_sum = carry
+        if mesh is not None:
+            idx_C = jax.lax.with_sharding_constraint(idx_C, NamedSharding(mesh, P(DATA_AXIS)))
         keys = jax.vmap(lambda i: jr.fold_in(key, i))(idx_C)
         loss_CB, grad_C = jax.vmap(one)(keys)
         return (loss_sum_B + jnp.sum(loss_CB, axis=0), grad_sum + jnp.sum(grad_C, axis=0)), None
@@ -70,7 +83,7 @@ def eot_value_and_grad(loss_fn: LossFn, x: Images, y: Labels, key: Key, *, sampl
 
 
 def eot_grad(loss_fn: LossFn, x: Images, y: Labels, key: Key, *, samples: int = 1,
-             chunk: int | None = None) -> Images:
+             chunk: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Images:
     """Input gradient of ``sum_b loss_fn(x, y, k)_b`` averaged over ``k = fold_in(key, i)``.
 
     See :func:`eot_value_and_grad` (this returns its gradient only).
@@ -82,8 +95,9 @@ def eot_grad(loss_fn: LossFn, x: Images, y: Labels, key: Key, *, samples: int = 
       key: base key of the samples.
       samples: number of EoT samples.
       chunk: samples per ``vmap`` (must divide ``samples``); None: all at once.
+      mesh: shard the samples over this mesh's ``data`` axis (see :func:`eot_value_and_grad`).
 
     Returns:
       (B, H, W, C) mean gradient.
     """
-    return eot_value_and_grad(loss_fn, x, y, key, samples=samples, chunk=chunk)[1]
+    return eot_value_and_grad(loss_fn, x, y, key, samples=samples, chunk=chunk, mesh=mesh)[1]
