@@ -83,10 +83,10 @@ def _apgd_init(key, x, eps, norm):
 
 
 def _apgd_run(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_start,
-              eot_samples, eot_chunk, return_iterates) -> AttackResult:
+              eot_samples, eot_chunk, eot_mesh, return_iterates) -> AttackResult:
     k_init, k_steps = jr.split(key)
     vg = lambda x_, t: eot_value_and_grad(loss_fn, x_, y, jr.fold_in(k_steps, t),
-                                          samples=eot_samples, chunk=eot_chunk)
+                                          samples=eot_samples, chunk=eot_chunk, mesh=eot_mesh)
     x0 = _apgd_init(k_init, x, eps, norm) if random_start else x
     loss0_B, grad0 = vg(x0, 0)
     batch = x.shape[0]
@@ -146,13 +146,14 @@ def _apgd_run(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_st
     jax.jit,
     static_argnums=0,
     static_argnames=("norm", "num_steps", "rho", "alpha", "random_start", "num_restarts",
-                     "eot_samples", "eot_chunk", "return_iterates"),
+                     "eot_samples", "eot_chunk", "eot_mesh", "return_iterates"),
 )
 def _apgd(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_start, num_restarts,
-          eot_samples, eot_chunk, return_iterates):
+          eot_samples, eot_chunk, eot_mesh, return_iterates):
     run = functools.partial(
         _apgd_run, loss_fn, x, y, eps=eps, norm=norm, num_steps=num_steps, rho=rho, alpha=alpha,
         random_start=random_start, eot_samples=eot_samples, eot_chunk=eot_chunk,
+        eot_mesh=eot_mesh,
         return_iterates=return_iterates)
     return best_over_restarts(run, x, key, num_restarts, return_iterates)
 
@@ -160,7 +161,8 @@ def _apgd(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_start,
 def apgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm: str = "linf",
          num_steps: int = 100, loss: str | None = "ce", random_start: bool = True,
          num_restarts: int = 1, rho: float = 0.75, alpha: float = 0.75, eot_samples: int = 1,
-         eot_chunk: int | None = None, return_iterates: bool = False) -> AttackResult:
+         eot_chunk: int | None = None, eot_mesh=None,
+         return_iterates: bool = False) -> AttackResult:
     """Auto-PGD: PGD with momentum and an adaptive step size, best (highest-loss) point kept.
 
     Per iteration ``k`` (``s`` = sign for Linf, ``g / ||g||_2`` for L2; ``P`` the projection on
@@ -192,6 +194,8 @@ def apgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm
       alpha: momentum weight (0.75).
       eot_samples: EoT samples per gradient (AutoAttack's ``eot_iter``).
       eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
+      eot_mesh: shard each chunk of EoT samples over this mesh's ``data`` axis
+        (:func:`eot_value_and_grad`); None: no constraint.
       return_iterates: also return every evaluated point (restarts * (N + 1), B, H, W, C).
 
     Returns:
@@ -218,4 +222,5 @@ def apgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm
     return _apgd(loss_fn, x, y, key, eps, norm=norm, num_steps=num_steps, rho=float(rho),
                  alpha=float(alpha), random_start=bool(random_start),
                  num_restarts=num_restarts, eot_samples=eot_samples, eot_chunk=eot_chunk,
+                 eot_mesh=eot_mesh,
                  return_iterates=bool(return_iterates))

@@ -32,18 +32,20 @@ from jaxrob.attacks._eot import eot_value_and_grad
 from jaxrob.attacks._losses import LossFn
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("eot_samples", "eot_chunk"))
-def _fgsm(loss_fn, x, y, key, eps, *, eot_samples, eot_chunk):
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("eot_samples", "eot_chunk", "eot_mesh"))
+def _fgsm(loss_fn, x, y, key, eps, *, eot_samples, eot_chunk, eot_mesh):
     k_grad, k_eval = jr.fold_in(key, 0), jr.fold_in(key, 1)
-    _, g = eot_value_and_grad(loss_fn, x, y, k_grad, samples=eot_samples, chunk=eot_chunk)
+    _, g = eot_value_and_grad(loss_fn, x, y, k_grad, samples=eot_samples, chunk=eot_chunk,
+                              mesh=eot_mesh)
     x_adv = project(x + eps * jnp.sign(g), x, eps, "linf")
     loss_B, _ = eot_value_and_grad(loss_fn, x_adv, y, k_eval, samples=eot_samples,
-                                   chunk=eot_chunk)
+                                   chunk=eot_chunk, mesh=eot_mesh)
     return AttackResult(x_adv, loss_B)
 
 
 def fgsm(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float, loss: str | None = None,
-         eot_samples: int = 1, eot_chunk: int | None = None) -> AttackResult:
+         eot_samples: int = 1, eot_chunk: int | None = None, eot_mesh=None) -> AttackResult:
     """Fast Gradient Sign Method (Linf): ``clip(x + eps * sign(grad_x loss), 0, 1)``.
 
     Args:
@@ -55,6 +57,8 @@ def fgsm(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float, loss: str | 
       loss: None, or ``"ce"``/``"cw"``/``"dlr"`` to build the loss from ``fn`` as a logits_fn.
       eot_samples: EoT samples per gradient (:func:`eot_value_and_grad`).
       eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
+      eot_mesh: shard each chunk of EoT samples over this mesh's ``data`` axis
+        (:func:`eot_value_and_grad`); None: no constraint.
 
     Returns:
       :class:`AttackResult` with the single-step ``x_adv`` (not the better of ``x`` and
@@ -67,18 +71,19 @@ def fgsm(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float, loss: str | 
     eps = check_scalar(eps, "eps")
     eot_samples, eot_chunk = check_eot(eot_samples, eot_chunk, "eot_samples", "eot_chunk")
     loss_fn = resolve_loss(fn, loss)
-    return _fgsm(loss_fn, x, y, key, eps, eot_samples=eot_samples, eot_chunk=eot_chunk)
+    return _fgsm(loss_fn, x, y, key, eps, eot_samples=eot_samples, eot_chunk=eot_chunk,
+                 eot_mesh=eot_mesh)
 
 
 def _pgd_run(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_start, eot_samples,
-             eot_chunk, return_iterates) -> AttackResult:
+             eot_chunk, eot_mesh, return_iterates) -> AttackResult:
     k_init, k_steps = jr.split(key)
     x0 = uniform_in_ball(k_init, x, eps, norm) if random_start else x
 
     def body(carry, t):
         x_t, x_best, loss_best_B = carry
         loss_B, g = eot_value_and_grad(loss_fn, x_t, y, jr.fold_in(k_steps, t),
-                                       samples=eot_samples, chunk=eot_chunk)
+                                       samples=eot_samples, chunk=eot_chunk, mesh=eot_mesh)
         better_B = loss_B > loss_best_B
         x_best = jnp.where(expand(better_B), x_t, x_best)
         loss_best_B = jnp.where(better_B, loss_B, loss_best_B)
@@ -95,13 +100,14 @@ def _pgd_run(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_star
     jax.jit,
     static_argnums=0,
     static_argnames=("norm", "num_steps", "random_start", "num_restarts", "eot_samples",
-                     "eot_chunk", "return_iterates"),
+                     "eot_chunk", "eot_mesh", "return_iterates"),
 )
 def _pgd(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_start, num_restarts,
-         eot_samples, eot_chunk, return_iterates):
+         eot_samples, eot_chunk, eot_mesh, return_iterates):
     run = functools.partial(
         _pgd_run, loss_fn, x, y, eps=eps, step_size=step_size, norm=norm, num_steps=num_steps,
         random_start=random_start, eot_samples=eot_samples, eot_chunk=eot_chunk,
+        eot_mesh=eot_mesh,
         return_iterates=return_iterates)
     return best_over_restarts(run, x, key, num_restarts, return_iterates)
 
@@ -109,7 +115,7 @@ def _pgd(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_start, n
 def pgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm: str = "linf",
         step_size: float | Array | None = None, num_steps: int = 10,
         random_start: bool = False, num_restarts: int = 1, loss: str | None = None,
-        eot_samples: int = 1, eot_chunk: int | None = None,
+        eot_samples: int = 1, eot_chunk: int | None = None, eot_mesh=None,
         return_iterates: bool = False) -> AttackResult:
     """Projected gradient ascent on a per-example loss in an Linf or L2 ball, best iterate kept.
 
@@ -139,6 +145,8 @@ def pgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm:
       loss: None, or ``"ce"``/``"cw"``/``"dlr"`` to build the loss from ``fn`` as a logits_fn.
       eot_samples: EoT samples per gradient (:func:`eot_value_and_grad`).
       eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
+      eot_mesh: shard each chunk of EoT samples over this mesh's ``data`` axis
+        (:func:`eot_value_and_grad`); None: no constraint.
       return_iterates: also return every evaluated point,
         (num_restarts * (num_steps + 1), B, H, W, C).
 
@@ -164,5 +172,5 @@ def pgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm:
     loss_fn = resolve_loss(fn, loss)
     return _pgd(loss_fn, x, y, key, eps, step_size, norm=norm, num_steps=num_steps,
                 random_start=bool(random_start), num_restarts=num_restarts,
-                eot_samples=eot_samples, eot_chunk=eot_chunk,
+                eot_samples=eot_samples, eot_chunk=eot_chunk, eot_mesh=eot_mesh,
                 return_iterates=bool(return_iterates))

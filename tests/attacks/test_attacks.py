@@ -207,6 +207,13 @@ def test_eot_sharded_over_8_devices_equals_single_device(model):
     assert "all-reduce" in sharded.lower(x).compile().as_text()
     with pytest.raises(ValueError, match="do not divide the EoT chunk"):
         ja.eot_grad(loss_fn, x, y, key, samples=12, chunk=4, mesh=mesh)
+    kw = dict(eps=0.1, num_steps=2, eot_samples=8)
+    a = ja.pgd(loss_fn, x, y, key, eot_mesh=mesh, **kw)
+    b = ja.pgd(loss_fn, x, y, key, **kw)
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
+    a = ja.apgd(loss_fn, x, y, key, loss=None, eot_mesh=mesh, **kw)
+    b = ja.apgd(loss_fn, x, y, key, loss=None, **kw)
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
 
 
 def test_pgd_with_eot_on_a_randomised_model_stays_in_ball(model):
