@@ -21,12 +21,13 @@ def test_every_config_builds(name):
     for arg in (None, "smoke"):
         cfg = load_config(name, arg)
         assert "mesh" in cfg and "seed" in cfg
-        if "rows" in cfg:  # a robust evaluation: every row's purifier and attack build
+        if "rows" in cfg or "study" in cfg:  # every row's purifier and attack build
             from experiments import robust_eval
 
             schedule = _common.build_schedule(cfg.ddpm.diffusion)
             _common.build_unet(cfg.ddpm.model)
-            for row in cfg.rows:
+            robust_eval.make_purifier(cfg.purifier, lambda x, s: x, schedule)
+            for row in cfg.get("rows", ()):
                 rc = robust_eval.row_config(cfg, row)
                 robust_eval.make_purifier(rc.purifier, lambda x, s: x, schedule)
                 robust_eval.make_attack(rc.attack)
