@@ -27,7 +27,7 @@ from absl import logging
 
 from experiments import _common
 from experiments.eval_classifier import load_classifier
-from experiments.robust_eval import load_ddpm, make_purifier
+from experiments.robust_eval import start_study, write_results
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "mnist_distance.py")
 STARTS = ("clean", "adversarial", "random")
@@ -75,17 +75,8 @@ def run(config, workdir) -> dict:
     from jaxrob.analysis import trajectory_distances
     from jaxrob.attacks import pgd
 
-    timer = _common.Timer()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _common.write_json(workdir / "config.json", config)
-    test = _common.load_split(config.data, config.data.test_split,
-                              num_images=int(config.data.num_images))
-    unet, variables, schedule, ddpm_info = load_ddpm(config.ddpm, tuple(test.image_shape))
-    eps_fn = lambda x, s: unet.apply(variables, x, s, train=False)
-    purifier = make_purifier(config.purifier, eps_fn, schedule)
-    if purifier is None or len(purifier.stages) != 1:
-        raise ValueError("purifier: the distance study needs one single-stage purifier")
+    timer, workdir, test, purifier, ddpm_info = start_study(
+        config, workdir, "distance study", single_stage=True)
     classifier, clf_vars, clf_info = load_classifier(config.classifier, config.data)
     logits_fn = lambda x, key: classifier.apply(clf_vars, x, train=False)
     s = config.study
@@ -121,11 +112,7 @@ def run(config, workdir) -> dict:
                                        "random": acc(x_rand)},
                "purifier": purifier.manifest(), "ddpm": ddpm_info, "classifier": clf_info,
                "num_images": len(test), "wall_s": timer()}
-    results["manifest"] = _common.manifest(
-        config, wall_s=results["wall_s"], seeds={"seed": int(config.seed)},
-        extra={"dataset": test.name, "split": test.split,
-               "indices": [int(test.indices[0]), int(test.indices[-1]) + 1]})
-    _common.write_json(workdir / "results.json", results)
+    write_results(config, workdir, results, test)
     logging.info("l2 to clean, input -> purified: %s",
                  {k: (round(v["l2"]["input"], 3), round(v["l2"]["purified"], 3))
                   for k, v in final.items()})

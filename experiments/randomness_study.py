@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from experiments import _common
-from experiments.robust_eval import load_ddpm, make_purifier
+from experiments.robust_eval import start_study, write_results
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "mnist_randomness.py")
 MODES = ("fixed_noise", "fixed_input", "both")
@@ -59,17 +59,8 @@ def run(config, workdir) -> dict:
     """The study; returns (and writes) ``results.json``'s content."""
     from jaxrob.analysis import randomness_decomposition
 
-    timer = _common.Timer()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _common.write_json(workdir / "config.json", config)
-    test = _common.load_split(config.data, config.data.test_split,
-                              num_images=int(config.data.num_images))
-    unet, variables, schedule, ddpm_info = load_ddpm(config.ddpm, tuple(test.image_shape))
-    eps_fn = lambda x, s: unet.apply(variables, x, s, train=False)
-    purifier = make_purifier(config.purifier, eps_fn, schedule)
-    if purifier is None:
-        raise ValueError("purifier.enabled: the randomness study needs a purifier")
+    timer, workdir, test, purifier, ddpm_info = start_study(
+        config, workdir, "randomness study")
     s = config.study
     res = randomness_decomposition(purifier, test.images, jr.key(int(config.seed)),
                                    eps=float(s.eps), num=int(s.num), norm=s.norm,
@@ -88,11 +79,7 @@ def run(config, workdir) -> dict:
     results = {"summary": summary, "input_radius": input_radius, "paper": PAPER,
                "purifier": purifier.manifest(), "ddpm": ddpm_info,
                "num_images": len(test), "wall_s": timer()}
-    results["manifest"] = _common.manifest(
-        config, wall_s=results["wall_s"], seeds={"seed": int(config.seed)},
-        extra={"dataset": test.name, "split": test.split,
-               "indices": [int(test.indices[0]), int(test.indices[-1]) + 1]})
-    _common.write_json(workdir / "results.json", results)
+    write_results(config, workdir, results, test)
     logging.info("mean correlation: %s; radius / input radius: %s",
                  {m: round(summary[m]["mean_correlation"]["mean"], 4) for m in MODES},
                  {m: round(summary[m]["radius_over_input"], 3) for m in MODES})

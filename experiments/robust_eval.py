@@ -141,6 +141,38 @@ def make_purifier(purifier_config, eps_fn, schedule):
     return diffpure(eps_fn, schedule, t_star=float(p.t_star), num_steps=int(p.num_steps), **kw)
 
 
+def start_study(config, workdir, what: str, *, single_stage: bool = False):
+    """Common start of the purifier studies: workdir, config.json, test split, DDPM, purifier.
+
+    Returns ``(timer, workdir, test, purifier, ddpm_info)``; ``what`` names the study in the
+    error raised when ``config.purifier`` is disabled (or not single-stage when required).
+    """
+    timer = _common.Timer()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _common.write_json(workdir / "config.json", config)
+    test = _common.load_split(config.data, config.data.test_split,
+                              num_images=int(config.data.num_images))
+    unet, variables, schedule, ddpm_info = load_ddpm(config.ddpm, tuple(test.image_shape))
+    eps_fn = lambda x, s: unet.apply(variables, x, s, train=False)
+    purifier = make_purifier(config.purifier, eps_fn, schedule)
+    if purifier is None or (single_stage and len(purifier.stages) != 1):
+        kind = "one single-stage purifier" if single_stage else "a purifier"
+        raise ValueError(f"purifier: the {what} needs {kind}")
+    return timer, workdir, test, purifier, ddpm_info
+
+
+def write_results(config, workdir: pathlib.Path, results: dict, test) -> dict:
+    """Add the manifest (with the images' dataset, split and index range) and write
+    ``results.json``; returns ``results``."""
+    results["manifest"] = _common.manifest(
+        config, wall_s=results["wall_s"], seeds={"seed": int(config.seed)},
+        extra={"num_images": len(test), "dataset": test.name, "split": test.split,
+               "indices": [int(test.indices[0]), int(test.indices[-1]) + 1]})
+    _common.write_json(workdir / "results.json", results)
+    return results
+
+
 def row_config(config, overrides) -> config_dict.ConfigDict:
     """The base config with one row's dotted overrides applied (``{"purifier.t_star": 0.3}``)."""
     c = config.copy_and_resolve_references()
@@ -303,11 +335,7 @@ def run(config, workdir) -> dict:
     (workdir / "table.md").write_text(md)
     results = {"rows": entries, "ddpm": ddpm_info, "classifier": clf_info,
                "fast_vjp": fast, "wall_s": timer()}
-    results["manifest"] = _common.manifest(
-        config, wall_s=results["wall_s"], seeds={"seed": int(config.seed)},
-        extra={"num_images": len(test), "dataset": test.name, "split": test.split,
-               "indices": [int(test.indices[0]), int(test.indices[-1]) + 1]})
-    _common.write_json(workdir / "results.json", results)
+    write_results(config, workdir, results, test)
     logging.info("\n%s", md)
     return results
 
