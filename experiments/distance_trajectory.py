@@ -89,13 +89,14 @@ def run(config, workdir) -> dict:
     x_rand = jnp.clip(x + jr.uniform(jr.fold_in(key, 2), x.shape, minval=-eps, maxval=eps),
                       0.0, 1.0)
     k_pur = jr.fold_in(key, 3)
+    window = int(s.get("ssim_window") or 11)  # SSIM window side (at most the image side)
 
     @jax.jit
     def path(x0):
         fwd = forward_path(purifier, x0, k_pur)
         _, rev = purifier.trajectory(x0, k_pur)
         states = jnp.concatenate([x0[None], fwd, rev])
-        return trajectory_distances(states, x)
+        return trajectory_distances(states, x, ssim_window=window)
 
     curves, final = {}, {}
     for start, x0 in zip(STARTS, (x, x_adv, x_rand), strict=True):

@@ -27,10 +27,11 @@ def test_every_config_builds(name):
             schedule = _common.build_schedule(cfg.ddpm.diffusion)
             _common.build_unet(cfg.ddpm.model)
             robust_eval.make_purifier(cfg.purifier, lambda x, s: x, schedule)
-            for row in cfg.get("rows", ()):
+            for row in (*cfg.get("rows", ()), *cfg.get("settings", ())):
                 rc = robust_eval.row_config(cfg, row)
                 robust_eval.make_purifier(rc.purifier, lambda x, s: x, schedule)
-                robust_eval.make_attack(rc.attack)
+                if "attack" in rc:
+                    robust_eval.make_attack(rc.attack)
             continue
         subs = [cfg.ddpm, cfg.classifier] if name == "main" else [cfg]
         for sub in subs:
