@@ -32,6 +32,8 @@ def test_every_config_builds(name):
                 robust_eval.make_purifier(rc.purifier, lambda x, s: x, schedule)
                 if "attack" in rc:
                     robust_eval.make_attack(rc.attack)
+            if "attack" in cfg:
+                robust_eval.make_attack(cfg.attack)
             continue
         subs = [cfg.ddpm, cfg.classifier] if name == "main" else [cfg]
         for sub in subs:
