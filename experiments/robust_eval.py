@@ -222,13 +222,16 @@ def run_row(config, name: str, workdir: pathlib.Path, models, test, mesh) -> dic
                    "seed": int(config.seed), "data": _common.to_plain(config.data),
                    "ddpm": _common.to_plain(config.ddpm),
                    "classifier": _common.to_plain(config.classifier)}
+    keep_x_adv = bool(config.eval.get("keep_x_adv") or False)
+    if keep_x_adv:  # only when set, so workdirs written before this option still resume
+        fingerprint["keep_x_adv"] = True
     store = ChunkStore(workdir / "chunks", fingerprint=fingerprint)
     timer = _common.Timer()
     res = evaluate_robustness(
         _defended(logits_fn, purifier), attack, test.images, test.labels, test.indices,
         key=jr.key(int(config.seed)), protocols=protocols, randomness=config.eval.randomness,
         batch_size=_common.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size"),
-        store=store, mesh=mesh, vote_chunk=config.eval.get("vote_chunk"),
+        store=store, mesh=mesh, vote_chunk=config.eval.get("vote_chunk"), keep_x_adv=keep_x_adv,
         log=lambda line: logging.info("%s: %s", name, line))
     per = res.pop("per_example")
     _common.save_npz(workdir / "per_example.npz", **per)
