@@ -67,11 +67,12 @@ PAPER = {"dataset": "cifar10", "purifier": "DDPM t*=0.1 (DiffPure), fixed random
          "frac_below_0.25": ">0.90", "frac_above_1.0": 0.013, "figure": "3a"}
 # Tags folded into k_i = fold_in(key(seed), index): 4 is robust_eval's fixed-randomness key
 # (jaxrob.evaluation._robust._FIXED), so both studies see the same deterministic map.
-_FIXED, _LANCZOS, _BALL = 4, 5, 6
+_FIXED, _LANCZOS, _BALL, _CHECK = 4, 5, 6, 7
 _NAME_RE = re.compile(r"[A-Za-z0-9_.+=-]+")
 _SCALARS = ("frac_below", "frac_above", "geometric_mean", "geometric_mean_nonzero", "sigma_max",
             "frobenius", "rms_sv",
-            "frac_zero_sv", "frac_clipped", "topk_max_rel_err", "rate", "rate_over_rms")
+            "frac_zero_sv", "frac_clipped", "topk_max_rel_err", "rate", "rate_over_rms",
+            "jacobian_check")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -208,8 +209,20 @@ def _functions(net, params, schedule, purifier_config, study: dict, mesh, exampl
         return {"frac_clipped": jnp.mean(((y <= 0.0) | (y >= 1.0)).astype(jnp.float32))}
 
     def dense(params, x, k_i):
-        jac = jacobian(fmap(params, k_i), x, method=study["method"],
+        f = fmap(params, k_i)
+        jac = jacobian(f, x, method=study["method"],
                        chunk=study["chunk"] if chunked else None, mesh=mesh if chunked else None)
+        # self-check against one independent JVP (VJP for the reverse-mode model): a silently
+        # wrong column or row (seen with sharded jvp_chunks under XLA:CPU's no-YNN flag) shows
+        kv = jr.fold_in(k_i, _CHECK)
+        if forward:
+            v = jr.normal(kv, x.shape)
+            ref, got = jax.jvp(f, (x,), (v,))[1].reshape(-1), jac @ v.reshape(-1)
+        else:
+            y, vjp = jax.vjp(f, x)
+            u = jr.normal(kv, y.shape)
+            ref, got = vjp(u)[0].reshape(-1), u.reshape(-1) @ jac
+        check = jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)
         s = singular_values(jac)
         sc = spectral_compression(s, low=study["low"], high=study["high"])
         fro = jnp.sqrt(jnp.sum(jnp.square(s)))
@@ -221,7 +234,8 @@ def _functions(net, params, schedule, purifier_config, study: dict, mesh, exampl
                 "geometric_mean_nonzero": jnp.exp(log_nz / jnp.maximum(jnp.sum(nonzero), 1)),
                 "sigma_max": s[0], "frobenius": fro,
                 "rms_sv": fro / jnp.sqrt(jnp.float32(s.shape[0])),
-                "frac_zero_sv": 1.0 - jnp.mean(nonzero.astype(jnp.float32))}
+                "frac_zero_sv": 1.0 - jnp.mean(nonzero.astype(jnp.float32)),
+                "jacobian_check": check}
 
     def topk(params, x, k_i):
         s = top_singular_values(fmap(params, k_i), x, k=study["topk"],
