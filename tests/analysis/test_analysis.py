@@ -319,3 +319,19 @@ def test_jacobian_compiles_once_per_function_and_shape():
     for seed in range(3):
         ja.jacobian(f, jr.uniform(jr.key(seed), (1, 2, 2, 1)), method="jvp_chunks", chunk=2)
     assert _jacobian._jacobian._cache_size() == n0 + 1
+
+
+@pytest.mark.parametrize("method", ["lanczos", "randomized"])
+def test_mixed_ad_takes_jvp_of_f_and_vjp_of_its_reverse_twin(method):
+    """ad="mixed": J from forward mode of f, J^T from reverse mode of the reverse-only twin."""
+    f = lambda x: jnp.tanh(B @ x.reshape(-1)).reshape(x.shape)
+    f_rev = lambda x: _tanh_reverse_only(B @ x.reshape(-1)).reshape(x.shape)
+    ref = np.linalg.svd(np.asarray(ja.jacobian(f, X1, method="jacfwd"), np.float64),
+                        compute_uv=False)[:3]
+    s = ja.top_singular_values(f, X1, k=3, key=jr.key(0), method=method, ad="mixed",
+                               f_reverse=f_rev, return_vectors=True)[0]
+    np.testing.assert_allclose(np.asarray(s), ref, rtol=1e-3)
+    with pytest.raises(ValueError, match="f_reverse"):
+        ja.top_singular_values(f, X1, k=3, key=jr.key(0), ad="mixed")
+    with pytest.raises(ValueError, match="f_reverse"):
+        ja.top_singular_values(f, X1, k=3, key=jr.key(0), ad="jvp", f_reverse=f_rev)
