@@ -194,12 +194,12 @@ def _functions(net, params, schedule, purifier_config, study: dict, mesh, exampl
     forward = study["method"] in FORWARD_METHODS
     chunked = study["method"] in ("jvp_chunks", "vjp_chunks")
 
-    def purifier(params):
+    def purifier(params, model=net):
         return make_purifier(purifier_config,
-                             lambda x, s: net.apply(params, x, s, train=False), schedule)
+                             lambda x, s: model.apply(params, x, s, train=False), schedule)
 
-    def fmap(params, k_i):
-        pur, key = purifier(params), jr.fold_in(k_i, _FIXED)
+    def fmap(params, k_i, model=net):
+        pur, key = purifier(params, model), jr.fold_in(k_i, _FIXED)
         if study["unclipped"]:  # the final reverse state before the purifier's [0, 1] clip
             return lambda x: pur.trajectory(x, key)[1][-1]
         return lambda x: pur(x, key)
@@ -240,8 +240,11 @@ def _functions(net, params, schedule, purifier_config, study: dict, mesh, exampl
     def topk(params, x, k_i):
         s = top_singular_values(fmap(params, k_i), x, k=study["topk"],
                                 key=jr.fold_in(k_i, _LANCZOS), method=study["topk_method"],
-                                num_iters=study["topk_iters"], ad="jvp" if forward else "vjp",
-                                chunk=study["chunk"])
+                                num_iters=study["topk_iters"], ad="mixed" if forward else "vjp",
+                                chunk=study["chunk"],
+                                # J^T from the fast_vjp twin's reverse mode: ~4x faster on CPU
+                                f_reverse=fmap(params, k_i, net.clone(fast_vjp=True))
+                                if forward else None)
         return {"topk": s}
 
     def empirical(params, x, k_i):
@@ -363,7 +366,7 @@ def run_setting(name, overrides, sc, study, workdir, models, test, mesh, key) ->
     times = {k[5:]: _stats(v)["median"] for k, v in res.items() if k.startswith("time_")}
     entry = {"name": name, "overrides": _common.to_plain(overrides),
              "purifier": purifier.manifest(), "study": study,
-             "jacobian_mode": "forward (fast_vjp=False UNet, Lanczos ad=jvp)" if forward
+             "jacobian_mode": "forward (fast_vjp=False UNet, Lanczos ad=mixed)" if forward
              else "reverse (fast_vjp=True UNet, Lanczos ad=vjp)",
              "dim": int(np.prod(test.image_shape)), "num_images": n,
              "summary": summary, "pooled": pooled, "paper": PAPER,
