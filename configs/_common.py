@@ -212,6 +212,18 @@ def robust_base() -> config_dict.ConfigDict:
     return c
 
 
+def use_digits(c: config_dict.ConfigDict, test_split: str) -> config_dict.ConfigDict:
+    """Point a ``robust_base``-style config at the bundled 8x8 digits and the committed digits
+    DDPM and classifier (``checkpoints/digits_*``), in place."""
+    c.data = data("digits", "train", test_split)
+    c.data.num_images = 0
+    c.ddpm.path = "checkpoints/digits_ddpm"
+    c.ddpm.model.config = "digits"
+    if "classifier" in c:
+        c.classifier.path = "checkpoints/digits_classifier"
+    return c
+
+
 def robust_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Shrink a robust evaluation to seconds: random tiny UNet, 8 images, 2 steps."""
     c.ddpm.source = "random"

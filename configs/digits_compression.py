@@ -19,12 +19,7 @@ from configs.mnist_compression import settings, study
 
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
-    c = _common.robust_base()
-    c.data = _common.data("digits", "train", "test[:128]")
-    c.data.num_images = 0
-    c.ddpm.path = "checkpoints/digits_ddpm"
-    c.ddpm.model.config = "digits"
-    c.classifier.path = "checkpoints/digits_classifier"
+    c = _common.use_digits(_common.robust_base(), "test[:128]")
     study(c, eps=0.1)
     c.settings = settings([("ddpm", t) for t in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)]
                           + [("ddim", t) for t in (0.1, 0.3)])

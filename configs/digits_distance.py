@@ -13,14 +13,10 @@ from configs import _common, mnist_distance
 
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
-    c = mnist_distance.get_config(arg)
-    c.data = _common.data("digits", "train", "test[:128]")
-    c.data.num_images = 0
-    c.ddpm.model.config = "digits"
+    # (the smoke variant keeps its random tiny UNet, now of the digits configuration)
+    c = _common.use_digits(mnist_distance.get_config(arg), "test[:128]")
     c.study.eps = 0.2
     c.study.ssim_window = 7  # 8x8 images
-    c.ddpm.path = "checkpoints/digits_ddpm"  # the smoke variant uses a random tiny UNet
-    c.classifier.path = "checkpoints/digits_classifier"
     if arg == "smoke":
         c.data.test_split = "test[:4]"
     return c

@@ -18,11 +18,7 @@ from configs import _common, mnist_jacobian
 
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
-    c = mnist_jacobian.base()
-    c.data = _common.data("digits", "train", "test[:32]")
-    c.data.num_images = 0
-    c.ddpm.path = "checkpoints/digits_ddpm"
-    c.ddpm.model.config = "digits"
+    c = _common.use_digits(mnist_jacobian.base(), "test[:32]")
     c.study.update(topk=5, eps=0.5, images_per_chunk=8, chunk=64)
     if arg == "smoke":
         mnist_jacobian.smoke(c)

@@ -14,12 +14,9 @@ from configs import _common, mnist_randomness
 
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
-    c = mnist_randomness.get_config(arg)
-    c.data = _common.data("digits", "train", "test[:64]")
-    c.data.num_images = 0
-    c.ddpm.model.config = "digits"
+    # (the smoke variant keeps its random tiny UNet, now of the digits configuration)
+    c = _common.use_digits(mnist_randomness.get_config(arg), "test[:64]")
     c.study.eps = 0.5
-    c.ddpm.path = "checkpoints/digits_ddpm"  # the smoke variant uses a random tiny UNet
     if arg == "smoke":
         c.data.test_split = "test[:2]"
     return c

@@ -14,12 +14,7 @@ from configs import _common
 
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
-    c = _common.robust_base()
-    c.data = _common.data("digits", "train", "test[:64]")
-    c.data.num_images = 0
-    c.ddpm.path = "checkpoints/digits_ddpm"
-    c.ddpm.model.config = "digits"
-    c.classifier.path = "checkpoints/digits_classifier"
+    c = _common.use_digits(_common.robust_base(), "test[:64]")
     c.attack.eps = 0.2
     c.rows = ({"name": "classifier", "purifier.enabled": False},
               {"name": "ddpm_exact"},

@@ -18,12 +18,7 @@ from configs.mnist_threshold import study
 
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
-    c = _common.robust_base()
-    c.data = _common.data("digits", "train", "test[:64]")
-    c.data.num_images = 0
-    c.ddpm.path = "checkpoints/digits_ddpm"
-    c.ddpm.model.config = "digits"
-    c.classifier.path = "checkpoints/digits_classifier"
+    c = _common.use_digits(_common.robust_base(), "test[:64]")
     c.attack.update(norm="l2", eps=1.5)
     c.study = study(random_directions=2, max_step=4.0, num_keys=24, fuzzy_keys=64,
                     batch_size=16, step_chunk=5)
