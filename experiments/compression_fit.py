@@ -55,11 +55,10 @@ from experiments.robust_eval import (
 )
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "mnist_compression.py")
-# jaxrob.evaluation (fixed randomness): example i's purifier key is fold_in(k_i, 4) with
-# k_i = fold_in(key(seed), index_i), shared by every attack step and the scoring. The rates
-# are measured under the same key; "key_check" in results.json confirms it (the predictions
-# of f(x) must equal run_row's clean predictions).
-FIXED_TAG = 4
+# jaxrob.evaluation (fixed randomness): example i's purifier key is
+# jaxrob.evaluation.fixed_purifier_keys(key(seed), indices)[i], shared by every attack step and
+# the scoring. The rates are measured under the same key; "key_check" in results.json
+# confirms it (the predictions of f(x) must equal run_row's clean predictions).
 # the paper's statements about Fig. 3b/3c (CIFAR-10, WRN-28-10, DiffPure-style DDPM/DDIM,
 # PGD-EoT Linf 8/255; the fitted values are not given in the text) and its fixed-randomness
 # robust accuracies (ANCHORS.md section 4)
@@ -138,8 +137,9 @@ def _pad_take(a: np.ndarray, s: int, e: int, size: int) -> np.ndarray:
 
 
 def _fixed_keys(seed: int, idx):
-    run_key = jr.key(seed)
-    return jax.vmap(lambda i: jr.fold_in(jr.fold_in(run_key, i), FIXED_TAG))(idx)
+    from jaxrob.evaluation import fixed_purifier_keys
+
+    return fixed_purifier_keys(jr.key(seed), idx)
 
 
 def _rates_fn(purifier, logits_fn, *, seed, ball_seed, eps, norm, num, mesh):

@@ -13,6 +13,7 @@ from jaxrob.evaluation._protocols import summarize as summarize
 from jaxrob.evaluation._protocols import wilson_interval as wilson_interval
 from jaxrob.evaluation._robust import attack_manifest as attack_manifest
 from jaxrob.evaluation._robust import evaluate_robustness as evaluate_robustness
+from jaxrob.evaluation._robust import fixed_purifier_keys as fixed_purifier_keys
 from jaxrob.evaluation._robust import robust_scores as robust_scores
 from jaxrob.evaluation._robust import score_record as score_record
 from jaxrob.evaluation._store import ChunkStore as ChunkStore

@@ -47,6 +47,27 @@ Attack = Callable[[Model, Images, Labels, Key], Images]
 _ATTACK, _CLEAN, _ADV, _FIXED = 1, 2, 3, 4
 
 
+def fixed_purifier_keys(key: Key, indices) -> Key:
+    """The purifier keys of ``randomness="fixed"``: ``fold_in(fold_in(key, index_i), 4)``.
+
+    With these keys :func:`evaluate_robustness` attacks and scores example ``i`` (same
+    ``key`` and global ``indices``), so a study of the same deterministic map (its Jacobian,
+    its compression rate) can use exactly the function that was attacked.
+
+    Args:
+      key: the evaluation's key.
+      indices: (B,) global example indices.
+
+    Returns:
+      (B,) keys.
+    """
+    idx = jnp.asarray(indices)
+    if idx.ndim != 1 or not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise ValueError(f"indices: expected a 1-D integer array of example indices, got "
+                         f"{idx.dtype} of shape {idx.shape}")
+    return jax.vmap(lambda i: jr.fold_in(jr.fold_in(key, i), _FIXED))(idx)
+
+
 def _fold_all(keys_B: Key, data) -> Key:
     return jax.vmap(lambda k: jr.fold_in(k, data))(keys_B)
 

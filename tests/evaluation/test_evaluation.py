@@ -171,3 +171,13 @@ def test_score_predictions_uses_the_first_rows():
     np.testing.assert_array_equal(score_predictions(preds, y, "majority_vote@3"), [1, 1])
     with pytest.raises(ValueError, match="needs 4"):
         score_predictions(preds, y, "average@4")
+
+
+def test_fixed_purifier_keys_are_the_fixed_modes_keys_and_check_indices():
+    from jaxrob.evaluation import fixed_purifier_keys
+
+    keys = fixed_purifier_keys(jr.key(5), jnp.array([3, 9]))
+    want = jr.fold_in(jr.fold_in(jr.key(5), 9), 4)
+    assert jr.key_data(keys[1]).tolist() == jr.key_data(want).tolist()
+    with pytest.raises(ValueError, match="1-D integer array"):
+        fixed_purifier_keys(jr.key(5), jnp.array([0.5]))

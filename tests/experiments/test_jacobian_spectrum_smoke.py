@@ -8,6 +8,7 @@ resume and rerun tests compile nothing.
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from exp_helpers import load_config
@@ -105,9 +106,13 @@ def test_outputs(full):
 
 
 def test_purifier_key_is_robust_evals_fixed_key():
-    from jaxrob.evaluation._robust import _FIXED
+    import jax.random as jr
 
-    assert js._FIXED == _FIXED
+    from jaxrob.evaluation import fixed_purifier_keys
+
+    k_i = jr.fold_in(jr.key(3), 7)
+    assert jr.key_data(jr.fold_in(k_i, js._FIXED)).tolist() == jr.key_data(
+        fixed_purifier_keys(jr.key(3), jnp.array([7]))[0]).tolist()
 
 
 def test_killed_run_resumes_without_recomputing(full, tmp_path, monkeypatch):
