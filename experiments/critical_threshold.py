@@ -64,7 +64,7 @@ from absl import logging
 
 from experiments import _common
 from experiments.eval_classifier import load_classifier
-from experiments.robust_eval import load_ddpm, make_attack, make_purifier, write_results
+from experiments.robust_eval import make_attack, start_study, write_results
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "mnist_threshold.py")
 FLIP_REFERENCES = ("label", "clean")
@@ -490,7 +490,6 @@ def run(config, workdir) -> dict:
     """The study; returns (and writes) ``results.json``'s content."""
     from jaxrob.evaluation import ChunkStore
 
-    timer = _common.Timer()
     s = check_study(config.study)
     attack = make_attack(config.attack)
     if attack is None:
@@ -498,20 +497,10 @@ def run(config, workdir) -> dict:
                          "adversarial direction, got 'none'")
     mesh = _common.get_mesh(config.mesh)
     _common.check_batch_size(s["batch_size"], mesh, "study.batch_size")
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _common.write_json(workdir / "config.json", config)
-    test = _common.load_split(config.data, config.data.test_split,
-                              num_images=int(config.data.num_images))
-    unet, ddpm_vars, schedule, ddpm_info = load_ddpm(config.ddpm, tuple(test.image_shape))
     # reverse-mode twins (same parameters): fast input gradients for the attack
     fast = bool(config.fast_vjp)
-    unet_fast = unet.clone(fast_vjp=fast)
-    eps_fn = lambda x, t: unet_fast.apply(ddpm_vars, x, t, train=False)
-    purifier = make_purifier(config.purifier, eps_fn, schedule)
-    if purifier is None:
-        raise ValueError("purifier: the critical-threshold study needs a purifier "
-                         "(purifier.enabled = True)")
+    timer, workdir, test, purifier, ddpm_info = start_study(
+        config, workdir, "critical-threshold study", fast_vjp=fast)
     classifier, clf_vars, clf_info = load_classifier(config.classifier, config.data)
     classifier_fast = classifier.clone(fast_vjp=fast)
     logits_fn = lambda x: classifier_fast.apply(clf_vars, x, train=False)

@@ -141,11 +141,14 @@ def make_purifier(purifier_config, eps_fn, schedule):
     return diffpure(eps_fn, schedule, t_star=float(p.t_star), num_steps=int(p.num_steps), **kw)
 
 
-def start_study(config, workdir, what: str, *, single_stage: bool = False):
+def start_study(config, workdir, what: str, *, single_stage: bool = False,
+                fast_vjp: bool = False):
     """Common start of the purifier studies: workdir, config.json, test split, DDPM, purifier.
 
     Returns ``(timer, workdir, test, purifier, ddpm_info)``; ``what`` names the study in the
     error raised when ``config.purifier`` is disabled (or not single-stage when required).
+    ``fast_vjp``: build the purifier over the UNet's reverse-mode twin (same parameters; for
+    studies that differentiate through it in reverse mode only).
     """
     timer = _common.Timer()
     workdir = pathlib.Path(workdir)
@@ -154,6 +157,7 @@ def start_study(config, workdir, what: str, *, single_stage: bool = False):
     test = _common.load_split(config.data, config.data.test_split,
                               num_images=int(config.data.num_images))
     unet, variables, schedule, ddpm_info = load_ddpm(config.ddpm, tuple(test.image_shape))
+    unet = unet.clone(fast_vjp=True) if fast_vjp else unet
     eps_fn = lambda x, s: unet.apply(variables, x, s, train=False)
     purifier = make_purifier(config.purifier, eps_fn, schedule)
     if purifier is None or (single_stage and len(purifier.stages) != 1):
