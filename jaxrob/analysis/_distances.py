@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrob._types import Array, Images, PerExample
+from jaxrob.analysis._common import flat_norm
 
 
 def _check_pair(x, y, names=("x", "y")) -> None:
@@ -40,8 +41,7 @@ def l2_distance(x: Images, y: Images) -> PerExample:
       (B,) distances.
     """
     _check_pair(x, y)
-    d = (x - y).reshape(x.shape[0], -1)
-    return jnp.sqrt(jnp.sum(jnp.square(d), axis=1))
+    return flat_norm(x - y)
 
 
 def linf_distance(x: Images, y: Images) -> PerExample:
