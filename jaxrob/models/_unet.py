@@ -32,6 +32,12 @@ from jaxtyping import Float
 from jaxrob._checks import check_images
 from jaxrob._types import Array, Latents, Steps
 from jaxrob.models._conv import conv_general_dilated_fast_vjp
+from jaxrob.models._fast_vjp_ops import (
+    GroupNorm,
+    UpsampleConv,
+    upsample_nearest2x,
+    upsample_nearest2x_plain,
+)
 from jaxrob.models._torch_import import StateDict, fill_from_state_dict
 
 __all__ = [
@@ -95,6 +101,13 @@ def _conv_impl(fast_vjp: bool):
     return conv_general_dilated_fast_vjp if fast_vjp else None
 
 
+def _group_norm(num_groups: int, eps: float, fast_vjp: bool, name: str) -> nn.Module:
+    """``nn.GroupNorm`` (centred variance), or its closed-form-VJP twin (same parameters)."""
+    if fast_vjp:
+        return GroupNorm(num_groups=num_groups, epsilon=eps, name=name)
+    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, use_fast_variance=False, name=name)
+
+
 def _conv3(features: int, name: str, init=_default_init, fast_vjp: bool = False) -> nn.Conv:
     return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, name=name,
                    conv_general_dilated=_conv_impl(fast_vjp))
@@ -112,9 +125,7 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BHWC, temb_BD, train: bool):
-        gn = lambda name: nn.GroupNorm(
-            num_groups=self.num_groups, epsilon=self.eps, use_fast_variance=False, name=name
-        )
+        gn = lambda name: _group_norm(self.num_groups, self.eps, self.fast_vjp, name)
         h = _conv3(self.out_ch, "conv1", fast_vjp=self.fast_vjp)(nn.silu(gn("norm1")(x_BHWC)))
         t_BC = nn.Dense(self.out_ch, kernel_init=_default_init, name="temb_proj")(nn.silu(temb_BD))
         h = h + t_BC[:, None, None, :]
@@ -137,6 +148,7 @@ class AttnBlock(nn.Module):
     eps: float = 1e-6
     head_dim: int | None = None
     zero_init: bool = False
+    fast_vjp: bool = False
 
     @nn.compact
     def __call__(self, x_BHWC):
@@ -145,9 +157,8 @@ class AttnBlock(nn.Module):
         if C % d:
             raise ValueError(f"AttnBlock: channels {C} not divisible by attn_head_dim {d}")
         n_heads = C // d
-        h_BLC = nn.GroupNorm(
-            num_groups=self.num_groups, epsilon=self.eps, use_fast_variance=False, name="norm"
-        )(x_BHWC).reshape(B, H * W, C)
+        h_BLC = _group_norm(self.num_groups, self.eps, self.fast_vjp, "norm")(x_BHWC)
+        h_BLC = h_BLC.reshape(B, H * W, C)
         dense = lambda name, init=_default_init: nn.Dense(C, kernel_init=init, name=name)
         q_BLND = dense("q")(h_BLC).reshape(B, H * W, n_heads, d)
         k_BLND = dense("k")(h_BLC).reshape(B, H * W, n_heads, d)
@@ -260,7 +271,8 @@ class UNet(nn.Module):
             name=name,
         )
         attn = lambda name: AttnBlock(
-            self.num_groups, self.norm_eps, self.attn_head_dim, self.zero_init, name=name
+            self.num_groups, self.norm_eps, self.attn_head_dim, self.zero_init, self.fast_vjp,
+            name=name,
         )
 
         temb_BD = timestep_embedding(
@@ -296,12 +308,7 @@ class UNet(nn.Module):
                 h = self._upsample(h, f"up_{level}_upsample")
         assert not hs
 
-        h = nn.GroupNorm(
-            num_groups=self.num_groups,
-            epsilon=self.norm_eps,
-            use_fast_variance=False,
-            name="norm_out",
-        )(h)
+        h = _group_norm(self.num_groups, self.norm_eps, self.fast_vjp, "norm_out")(h)
         return _conv3(out_ch, "conv_out", _tiny_init if self.zero_init else _default_init,
                       self.fast_vjp)(nn.silu(h))
 
@@ -320,11 +327,11 @@ class UNet(nn.Module):
         return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
 
     def _upsample(self, x_BHWC, name):
-        B, H, W, C = x_BHWC.shape
-        up = jnp.broadcast_to(x_BHWC[:, :, None, :, None, :], (B, H, 2, W, 2, C))
-        up = up.reshape(B, 2 * H, 2 * W, C)
+        if self.resamp_with_conv and self.fast_vjp:
+            return UpsampleConv(x_BHWC.shape[-1], _default_init, name=name)(x_BHWC)
+        up = (upsample_nearest2x if self.fast_vjp else upsample_nearest2x_plain)(x_BHWC)
         if self.resamp_with_conv:
-            up = _conv3(C, name, fast_vjp=self.fast_vjp)(up)
+            up = _conv3(x_BHWC.shape[-1], name, fast_vjp=self.fast_vjp)(up)
         return up
 
 
