@@ -24,11 +24,15 @@ def mesh(cpu_no_ynn: bool | None = None) -> config_dict.ConfigDict:
     ``num_devices``: None = every device (on CPU: ``JAXROB_CPU_DEVICES``, default 2 host
     devices). ``cpu_no_ynn``: turn off XLA:CPU's YNNPACK conv fusions (None: the
     ``JAXROB_CPU_NO_YNN`` environment default); 1.3-1.7x faster training of the small UNets on
-    the 2-core CPU (PERF_NOTES §2, §7), no effect on accelerators.
+    the 2-core CPU (PERF_NOTES §2, §7), no effect on accelerators. ``cpu_ynn``: the finer
+    choice of ``jaxrob.parallel.YNN_MODES`` (``"all"``, ``"no_conv"``, ``"off"``; None: from
+    ``cpu_no_ynn`` / the environment); ``"no_conv"`` is the fastest for reverse-mode Jacobians
+    and spectra of the fast-VJP UNets (``benchmarks/README.md``).
     """
     return config_dict.ConfigDict({"num_devices": config_dict.placeholder(int),
                                    "cpu_no_ynn": config_dict.placeholder(bool)
-                                   if cpu_no_ynn is None else cpu_no_ynn})
+                                   if cpu_no_ynn is None else cpu_no_ynn,
+                                   "cpu_ynn": config_dict.placeholder(str)})
 
 
 def data(name: str, train_split: str, test_split: str) -> config_dict.ConfigDict:

@@ -313,13 +313,14 @@ def cli(run_fn, default_config: str | None = None) -> None:
 def start(distributed: bool, config=None) -> None:
     """First thing in every ``main``: CPU device set-up (before JAX starts), multi-host init.
 
-    ``config.mesh.cpu_no_ynn`` (when set) chooses the XLA:CPU YNNPACK setting.
+    ``config.mesh.cpu_ynn`` / ``cpu_no_ynn`` (when set) choose the XLA:CPU YNNPACK setting.
     """
     from jaxrob.parallel import configure_cpu
 
     mesh_config = config.get("mesh") if config is not None else None
     no_ynn = mesh_config.get("cpu_no_ynn") if mesh_config is not None else None
-    configure_cpu(disable_ynn=no_ynn)
+    ynn = mesh_config.get("cpu_ynn") if mesh_config is not None else None
+    configure_cpu(disable_ynn=None if ynn is not None else no_ynn, ynn=ynn)
     quiet_orbax()
     if distributed:
         jax.distributed.initialize()

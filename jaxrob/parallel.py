@@ -20,9 +20,15 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
-# XLA:CPU flag that turns off YNNPACK conv fusions (jaxlib 0.10.2; experimental). Measured in
-# benchmarks/README.md; kept here so experiments, tests and benchmarks agree on one setting.
-NO_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+# XLA:CPU's YNNPACK fusions (jaxlib 0.10.2; experimental flag), set through one of three modes
+# measured in benchmarks/README.md; kept here so experiments, tests and benchmarks agree.
+#   "all":     XLA's default (convolutions, dots, elementwise and reductions through YNNPACK)
+#   "no_conv": YNNPACK for dots, elementwise fusions and reductions, convolutions by XLA's own
+#              (Eigen) kernels: 1.5x faster convolutions on the 2-core CPU
+#   "off":     no YNNPACK fusions
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+YNN_MODES = {"all": None, "no_conv": _YNN_FLAG + "dot,eltwise,reduce", "off": _YNN_FLAG}
+NO_YNN_FLAG = YNN_MODES["off"]
 
 
 def _backend_initialized() -> bool:
@@ -34,27 +40,37 @@ def _backend_initialized() -> bool:
         return False
 
 
-def configure_cpu(device_count: int | None = None, *, disable_ynn: bool | None = None) -> None:
+def configure_cpu(device_count: int | None = None, *, disable_ynn: bool | None = None,
+                  ynn: str | None = None) -> None:
     """Choose jaxrob's CPU defaults; a no-op once JAX's backend is running or on accelerators.
 
     Args:
       device_count: number of XLA host devices to split the CPU into (default: the
         ``JAXROB_CPU_DEVICES`` environment variable, else 2). Ignored when
         ``XLA_FLAGS`` already sets ``--xla_force_host_platform_device_count``.
-      disable_ynn: add ``NO_YNN_FLAG`` to ``XLA_FLAGS`` (default: ``JAXROB_CPU_NO_YNN``, else
-        False).
+      disable_ynn: shorthand for ``ynn="off"`` (default: ``JAXROB_CPU_NO_YNN=1``).
+      ynn: XLA:CPU YNNPACK fusion mode, one of ``YNN_MODES`` (``"all"``, ``"no_conv"``,
+        ``"off"``; default: ``JAXROB_CPU_YNN``, else ``disable_ynn``, else ``"all"``). Ignored
+        when ``XLA_FLAGS`` already sets ``--xla_cpu_experimental_ynn_fusion_type``.
     """
+    if ynn is not None and disable_ynn is not None and (ynn == "off") != bool(disable_ynn):
+        raise ValueError(f"configure_cpu: disable_ynn={disable_ynn} contradicts ynn={ynn!r}")
+    if ynn is None and disable_ynn is None:
+        ynn = os.environ.get("JAXROB_CPU_YNN")
+        disable_ynn = os.environ.get("JAXROB_CPU_NO_YNN", "0") == "1"
+    if ynn is None:
+        ynn = "off" if disable_ynn else "all"
+    if ynn not in YNN_MODES:
+        raise ValueError(f"ynn: expected one of {list(YNN_MODES)}, got {ynn!r}")
     if _backend_initialized():
         warnings.warn("configure_cpu: JAX backend already initialised; CPU settings unchanged",
                       stacklevel=2)
         return
     if device_count is None:
         device_count = int(os.environ.get("JAXROB_CPU_DEVICES", "2"))
-    if disable_ynn is None:
-        disable_ynn = os.environ.get("JAXROB_CPU_NO_YNN", "0") == "1"
     flags = os.environ.get("XLA_FLAGS", "")
-    if disable_ynn and "ynn_fusion_type" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " " + NO_YNN_FLAG).strip()
+    if YNN_MODES[ynn] is not None and "ynn_fusion_type" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + YNN_MODES[ynn]).strip()
     if "xla_force_host_platform_device_count" not in flags and device_count > 1:
         jax.config.update("jax_num_cpu_devices", int(device_count))
 

@@ -1,0 +1,38 @@
+"""CPU set-up: the YNN modes reach XLA_FLAGS before JAX starts; bad settings are refused."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxrob import parallel
+
+
+def _flags_after(call: str, env_extra=None) -> str:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAXROB_CPU_YNN", "JAXROB_CPU_NO_YNN")}
+    env.update(env_extra or {})
+    code = ("import os; from jaxrob.parallel import configure_cpu; "
+            f"{call}; print(os.environ.get('XLA_FLAGS', ''))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
+def test_ynn_modes_set_the_xla_flag():
+    assert _flags_after("configure_cpu(ynn='all')") == ""
+    assert _flags_after("configure_cpu(ynn='no_conv')") == parallel.YNN_MODES["no_conv"]
+    assert _flags_after("configure_cpu(disable_ynn=True)") == parallel.NO_YNN_FLAG
+    assert _flags_after("configure_cpu()", {"JAXROB_CPU_YNN": "no_conv"}) == \
+        parallel.YNN_MODES["no_conv"]
+    # a flag the user set wins
+    mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
+    assert _flags_after("configure_cpu(ynn='off')", {"XLA_FLAGS": mine}) == mine
+
+
+def test_bad_ynn_settings_are_refused():
+    with pytest.raises(ValueError, match="expected one of"):
+        parallel.configure_cpu(ynn="fast")
+    with pytest.raises(ValueError, match="contradicts"):
+        parallel.configure_cpu(ynn="no_conv", disable_ynn=True)
