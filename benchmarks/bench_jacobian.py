@@ -97,9 +97,10 @@ sys.path.insert(0, HERE)
 import bench_attack as ba  # noqa: E402  (peak-RSS helpers, NCHW/NHWC converters)
 import bench_unet as bu  # noqa: E402  (worker protocol, timers, malloc settings)
 
-# name -> (XLA host devices, disable YNN fusions); the same names as bench_attack.py
-SETTINGS = {"1dev": (1, False), "2dev": (2, False), "1dev_noynn": (1, True),
-            "2dev_noynn": (2, True)}
+# name -> (XLA host devices, jaxrob.parallel YNN mode); the first four as in bench_attack.py;
+# "noconv": YNN fusions for dots / elementwise / reductions, convolutions by XLA's own kernels
+SETTINGS = {"1dev": (1, "all"), "2dev": (2, "all"), "1dev_noynn": (1, "off"),
+            "2dev_noynn": (2, "off"), "1dev_noconv": (1, "no_conv"), "2dev_noconv": (2, "no_conv")}
 JAX_METHODS = ("jacfwd", "jacrev", "jvp_chunks", "vjp_chunks")
 TORCH_METHODS = ("jacrev", "autograd_vec", "jacfwd")
 # Part 1 routes, "setting:method[/chunk]"; "torch:..." for PyTorch.
@@ -109,7 +110,8 @@ TORCH_METHODS = ("jacrev", "autograd_vec", "jacfwd")
 # is timed but left out of the ratio.
 FULL_ROUTES = ("1dev_noynn:jvp_chunks/112", "1dev_noynn:jvp_chunks/392", "1dev_noynn:jacfwd",
                "1dev_noynn:vjp_chunks/112", "1dev_noynn:jacrev",
-               "2dev:jvp_chunks/112", "2dev:vjp_chunks/112",
+               "2dev:jvp_chunks/112", "2dev:vjp_chunks/112", "2dev_noconv:vjp_chunks/112",
+               "2dev_noconv:vjp_chunks/196", "2dev_noconv:jvp_chunks/112",
                "torch:jacrev/112", "torch:autograd_vec", "torch:jacfwd")
 QUICK_ROUTES = ("1dev_noynn:jvp_chunks/112", "1dev_noynn:vjp_chunks/112",
                 "2dev:jvp_chunks/112", "torch:jacrev/112", "torch:autograd_vec")
@@ -196,8 +198,8 @@ class JaxWorker:
     def __init__(self, setting):
         from jaxrob import parallel
 
-        n_dev, no_ynn = SETTINGS[setting]
-        parallel.configure_cpu(device_count=n_dev, disable_ynn=no_ynn)
+        n_dev, ynn = SETTINGS[setting]
+        parallel.configure_cpu(device_count=n_dev, ynn=ynn)
         import jax
 
         if len(jax.devices()) != n_dev:
@@ -644,7 +646,8 @@ class TorchWorker:
 # ----------------------------------------------------------------------------------------------
 def _start(settings, with_torch, tmp):
     base = {k: v for k, v in os.environ.items()
-            if k not in ("XLA_FLAGS", "JAXROB_CPU_DEVICES", "JAXROB_CPU_NO_YNN", *bu.MALLOC_ENV)}
+            if k not in ("XLA_FLAGS", "JAXROB_CPU_DEVICES", "JAXROB_CPU_NO_YNN", "JAXROB_CPU_YNN",
+                         *bu.MALLOC_ENV)}
     me = [sys.executable, os.path.abspath(__file__)]
     procs = {s: bu.Proc(s, [*me, "--jax-setting", s], dict(base),
                         os.path.join(tmp, f"worker_{s}.log")) for s in settings}

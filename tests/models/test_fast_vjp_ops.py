@@ -39,7 +39,8 @@ def _assert_same_vjp(fast, plain, args, atol=1e-5, rtol=1e-5):
         np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("groups,shape", [(1, (2, 5, 5, 4)), (4, (3, 6, 4, 8)), (8, (1, 7, 7, 8))])
+@pytest.mark.parametrize("groups,shape", [(1, (2, 5, 5, 4)), (4, (3, 6, 4, 8)), (8, (1, 7, 7, 8)),
+                                          (16, (1, 3, 3, 32))])  # one image, few / many groups
 def test_group_norm_value_and_vjp_match_flax(groups, shape):
     k = jr.split(jr.key(groups), 3)
     x = jr.normal(k[0], shape) * 3 + 1
