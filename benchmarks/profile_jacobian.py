@@ -83,11 +83,10 @@ def main():
         _unet._group_norm = lambda g, eps, fast, name: nn.GroupNorm(  # noqa: SLF001
             num_groups=g, epsilon=eps, use_fast_variance=False, name=name)
 
-        def plain_upsample(self, x, name):
-            up = _unet.upsample_nearest2x_plain(x)
-            return _unet._conv3(x.shape[-1], name, fast_vjp=self.fast_vjp)(up)  # noqa: SLF001
-
-        _unet.UNet._upsample = plain_upsample  # noqa: SLF001
+        class UNet(UNet):  # a subclass, so that Flax scopes the method like the original
+            def _upsample(self, x, name):
+                up = _unet.upsample_nearest2x_plain(x)
+                return _unet._conv3(x.shape[-1], name, fast_vjp=self.fast_vjp)(up)  # noqa: SLF001
     variables, meta = load_params(os.path.join(REPO, "checkpoints", "mnist_ddpm"))
     over = {k: v for k, v in (meta["model"].get("overrides") or {}).items() if v is not None}
     unet = UNet(**{**UNET_CONFIGS[meta["model"]["config"]], **over, "dropout": 0.0},
