@@ -110,10 +110,6 @@ def shard_batch(tree, mesh: jax.sharding.Mesh):
     return jax.tree.map(put, tree)
 
 
-def replicate(tree, mesh: jax.sharding.Mesh):
-    return jax.device_put(tree, replicated(mesh))
-
-
 def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
     """Pad the leading axis by repeating the last row; returns (padded, original_length)."""
     n = x.shape[0]

@@ -1,9 +1,12 @@
 """Attacks on (possibly randomised) classifiers: losses, FGSM, PGD, APGD, C&W-L2, DeepFool, EoT.
 
-Attacks are pure functions of ``(fn, x, y, key)`` with keyword-only hyper-parameters, jitted with
-their loops inside (``lax.scan`` / ``fori_loop``). ``fn`` is a ``loss_fn(x, y, key) -> (B,)``
-maximised by the attacker, or a ``logits_fn(x, key) -> (B, K)`` together with ``loss="ce"`` /
-``"cw"`` / ``"dlr"``; deterministic models ignore the key.
+Every attack is a pure function ``attack(model, x, y, key, **options) -> AttackResult`` with
+keyword-only hyper-parameters, jitted with its loops inside (``lax.scan`` / ``fori_loop``).
+``model`` is what the attack attacks, ``logits_fn(x, key) -> (B, K)`` (a
+:class:`jaxrob.purify.DefendedModel`, a :class:`jaxrob.models.Classifier`, or any function;
+deterministic models ignore the key); the loss maximised is named by ``loss=`` (``"ce"``,
+``"cw"``, ``"dlr"``) or given as ``loss(logits, y) -> (B,)``. Pytree models are traced, not
+baked in: attacking new parameters of the same shapes reuses the compilation.
 """
 
 from jaxrob.attacks._apgd import APGD_LOSSES as APGD_LOSSES
@@ -11,7 +14,6 @@ from jaxrob.attacks._apgd import apgd as apgd
 from jaxrob.attacks._apgd import apgd_checkpoints as apgd_checkpoints
 from jaxrob.attacks._common import NORMS as NORMS
 from jaxrob.attacks._common import AttackResult as AttackResult
-from jaxrob.attacks._common import MinimumNormResult as MinimumNormResult
 from jaxrob.attacks._common import project as project
 from jaxrob.attacks._cw import cw_l2 as cw_l2
 from jaxrob.attacks._deepfool import deepfool as deepfool

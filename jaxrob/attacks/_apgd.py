@@ -10,6 +10,7 @@ with the loss at the starting point (AutoAttack compares it with a zero it has n
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import jax.random as jr
 import numpy as np
 
 from jaxrob._checks import check_positive_int
+from jaxrob._jit import filter_jit
 from jaxrob._types import Array, Images, Key, Labels
 from jaxrob.attacks._common import (
     AttackResult,
@@ -31,7 +33,7 @@ from jaxrob.attacks._common import (
     steepest_direction,
 )
 from jaxrob.attacks._eot import eot_value_and_grad
-from jaxrob.attacks._losses import LossFn
+from jaxrob.attacks._losses import LogitsFn
 
 APGD_LOSSES = ("ce", "cw", "dlr")
 
@@ -142,12 +144,7 @@ def _apgd_run(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_st
     return AttackResult(final["x_best"], final["loss_best"], its)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=0,
-    static_argnames=("norm", "num_steps", "rho", "alpha", "random_start", "num_restarts",
-                     "eot_samples", "eot_chunk", "eot_mesh", "return_iterates"),
-)
+@filter_jit
 def _apgd(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_start, num_restarts,
           eot_samples, eot_chunk, eot_mesh, return_iterates):
     run = functools.partial(
@@ -158,11 +155,11 @@ def _apgd(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_start,
     return best_over_restarts(run, x, key, num_restarts, return_iterates)
 
 
-def apgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm: str = "linf",
-         num_steps: int = 100, loss: str | None = "ce", random_start: bool = True,
-         num_restarts: int = 1, rho: float = 0.75, alpha: float = 0.75, eot_samples: int = 1,
-         eot_chunk: int | None = None, eot_mesh=None,
-         return_iterates: bool = False) -> AttackResult:
+def apgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
+         norm: str = "linf", num_steps: int = 100, loss: str | Callable = "ce",
+         random_start: bool = True, num_restarts: int = 1, rho: float = 0.75,
+         alpha: float = 0.75, eot_samples: int = 1, eot_chunk: int | None = None,
+         eot_mesh=None, return_iterates: bool = False) -> AttackResult:
     """Auto-PGD: PGD with momentum and an adaptive step size, best (highest-loss) point kept.
 
     Per iteration ``k`` (``s`` = sign for Linf, ``g / ||g||_2`` for L2; ``P`` the projection on
@@ -179,15 +176,15 @@ def apgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm
     different paths. All iterates are projected, so they lie in the ball and in [0, 1].
 
     Args:
-      fn: ``logits_fn(x, key)`` when ``loss`` names a loss (default ``"ce"``; ``"dlr"`` for
-        APGD-DLR, ``"cw"``), or ``loss_fn(x, y, key) -> (B,)`` when ``loss`` is None.
+      model: ``logits_fn(x, key) -> (B, K)`` (deterministic models ignore the key).
       x: (B, H, W, C) float32 images in [0, 1].
       y: (B,) int labels.
       key: randomness of the start and of every iteration (see :mod:`jaxrob.attacks._common`).
       eps: radius of the ball (>= 0).
       norm: ``"linf"`` or ``"l2"``.
       num_steps: iterations N (the loss is evaluated N + 1 times per restart).
-      loss: ``"ce"``, ``"dlr"``, ``"cw"`` or None (see ``fn``).
+      loss: ``"ce"`` (default), ``"dlr"`` (APGD-DLR), ``"cw"`` or a callable
+        ``loss(logits, y) -> (B,)``.
       random_start: AutoAttack's start ``x + eps t / ||t||`` (t uniform / normal), else ``x``.
       num_restarts: independent runs (restart ``r`` uses ``fold_in(key, r)``); best kept.
       rho: oscillation threshold (0.75).
@@ -218,7 +215,7 @@ def apgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm
         if not 0.0 < float(v) <= 1.0:
             raise ValueError(f"{name}: expected a number in (0, 1], got {v!r}")
     eot_samples, eot_chunk = check_eot(eot_samples, eot_chunk, "eot_samples", "eot_chunk")
-    loss_fn = resolve_loss(fn, loss)
+    loss_fn = resolve_loss(model, loss, x=x, y=y, key=key)
     return _apgd(loss_fn, x, y, key, eps, norm=norm, num_steps=num_steps, rho=float(rho),
                  alpha=float(alpha), random_start=bool(random_start),
                  num_restarts=num_restarts, eot_samples=eot_samples, eot_chunk=eot_chunk,

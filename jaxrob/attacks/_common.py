@@ -24,34 +24,29 @@ _TINY = 1e-12
 
 
 class AttackResult(NamedTuple):
-    """What a norm-bounded attack (FGSM, PGD, APGD) returns.
+    """What every attack returns.
 
     Attributes:
-      x_adv: (B, H, W, C) the best iterate per example: the one with the highest loss (ties keep
-        the earliest), inside the eps-ball around ``x`` and in [0, 1].
-      loss: (B,) the loss at ``x_adv`` as measured when it was chosen (the EoT mean over that
-        iteration's keys for randomised losses).
+      x_adv: (B, H, W, C) adversarial images in [0, 1]. Norm-bounded attacks (FGSM, PGD, APGD):
+        the best iterate per example, the one with the highest loss (ties keep the earliest),
+        inside the eps-ball around ``x``. Minimum-norm attacks (C&W, DeepFool): the closest
+        successful point found (C&W: ``x`` where it failed; DeepFool: its last iterate).
+      loss: (B,) the attack loss at ``x_adv`` as measured when it was chosen (the EoT mean over
+        that iteration's keys for randomised losses); minimum-norm attacks report the C&W
+        margin ``max_{j != y} z_j - z_y`` there (positive = misclassified).
       iterates: every evaluated point, (num_restarts * (num_steps + 1), B, H, W, C), when the
         attack was asked for them; otherwise None.
+      norm: (B,) ``||x_adv - x||`` in the attack's norm (minimum-norm attacks; C&W: inf where
+        it failed); None for norm-bounded attacks.
+      success: (B,) bool, whether ``x_adv`` was misclassified when last evaluated
+        (minimum-norm attacks); None for norm-bounded attacks.
     """
 
     x_adv: Array
     loss: Array
     iterates: Array | None = None
-
-
-class MinimumNormResult(NamedTuple):
-    """What a minimum-norm attack (C&W, DeepFool) returns.
-
-    Attributes:
-      x_adv: (B, H, W, C) adversarial images in [0, 1]; C&W returns ``x`` where it failed.
-      norm: (B,) distance ``||x_adv - x||`` in the attack's norm (C&W: inf where it failed).
-      success: (B,) bool, whether ``x_adv`` was misclassified when last evaluated.
-    """
-
-    x_adv: Array
-    norm: Array
-    success: Array
+    norm: Array | None = None
+    success: Array | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,17 +93,48 @@ def check_attack_inputs(x, y, *, norm: str | None = None) -> Array:
     return check_labels(y, x)
 
 
-def resolve_loss(fn, loss: str | None, kappa: float | None = None) -> LossFn:
-    """``fn`` itself (a loss_fn) when ``loss`` is None, else ``loss_from_logits(fn, loss)``."""
-    if not callable(fn):
-        raise TypeError(f"expected a callable loss_fn(x, y, key) or logits_fn(x, key), got "
-                        f"{type(fn).__name__}")
+def resolve_loss(model, loss, kappa: float | None = None, *, x=None, y=None,
+                 key=None) -> LossFn:
+    """The loss an attack maximises: ``loss_from_logits(model, loss, kappa=kappa)``.
+
+    Every attack takes the model as ``logits_fn(x, key) -> logits`` and a ``loss`` (a name of
+    :data:`LOSSES` or a callable ``loss(logits, y) -> (B,)``). With concrete labels ``y`` and
+    inputs ``x`` the labels are checked against the model's number of classes (one abstract
+    evaluation, no compute).
+    """
+    if not callable(model):
+        raise TypeError(f"model: expected a callable logits_fn(x, key) -> logits, got "
+                        f"{type(model).__name__}")
     if loss is None:
-        if kappa is not None:
-            raise ValueError("kappa: only used with loss='cw' (fn is then a logits_fn)")
-        return fn
-    check_choice(loss, LOSSES, "loss")
-    return loss_from_logits(fn, loss, kappa=kappa)
+        raise TypeError("loss: expected 'ce', 'cw', 'dlr' or a callable loss(logits, y) -> (B,); "
+                        "attacks take the model as logits_fn(x, key), not a loss function")
+    if not callable(loss):
+        check_choice(loss, LOSSES, "loss")
+    loss_fn = loss_from_logits(model, loss, kappa=kappa)
+    if x is not None and y is not None and not isinstance(y, jax.core.Tracer):
+        check_num_classes(model, x, y, key)
+    return loss_fn
+
+
+def check_num_classes(model, x, y, key=None) -> int:
+    """Raise unless every label is below the model's number of classes (returns it)."""
+    key = jr.key(0) if key is None else key
+    try:
+        out = jax.eval_shape(model, x[:1], key if jnp.ndim(key) == 0 else key[:1])
+    except TypeError as e:
+        if "positional argument" in str(e):
+            raise TypeError(f"model: expected logits_fn(x, key) -> logits (one callable "
+                            f"convention for everything an attack attacks), calling it failed: "
+                            f"{e}") from e
+        raise
+    if len(out.shape) != 2:
+        raise ValueError(f"model: expected logits of shape (batch, classes), got {out.shape}")
+    k = int(out.shape[-1])
+    y_np = np.asarray(y)
+    if y_np.size and int(y_np.max()) >= k:
+        raise ValueError(f"y: expected labels in [0, {k}) for a model with {k} classes, got "
+                         f"max {int(y_np.max())}")
+    return k
 
 
 def check_eot(samples, chunk, samples_name: str = "samples",

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
 
 from jaxrob._checks import check_positive_int
+from jaxrob._jit import filter_jit
 from jaxrob._types import Images, Key, Labels
 from jaxrob.attacks._common import (
-    MinimumNormResult,
+    AttackResult,
     check_attack_inputs,
     check_scalar,
     expand,
+    resolve_loss,
 )
 from jaxrob.attacks._losses import LogitsFn, cw_loss
 
 _C_UPPER = 1e10  # "no upper bound found yet" in the binary search
 
 
-@functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("num_steps", "binary_search_steps"))
+@filter_jit
 def _cw_l2(logits_fn, x, y, key, c, kappa, learning_rate, *, num_steps, binary_search_steps):
     batch = x.shape[0]
     # x = (tanh(w) + 1) / 2; shrink so that pixels at exactly 0 or 1 have a finite w.
@@ -69,12 +68,13 @@ def _cw_l2(logits_fn, x, y, key, c, kappa, learning_rate, *, num_steps, binary_s
     (_, _, _, best_l2sq_B, best_x), _ = jax.lax.scan(search, init,
                                                      jnp.arange(binary_search_steps))
     success_B = jnp.isfinite(best_l2sq_B)
-    return MinimumNormResult(best_x, jnp.sqrt(best_l2sq_B), success_B)
+    margin_B = cw_loss(logits_fn(best_x, jr.fold_in(key, binary_search_steps)), y)
+    return AttackResult(best_x, margin_B, norm=jnp.sqrt(best_l2sq_B), success=success_B)
 
 
 def cw_l2(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, c: float = 1.0,
           kappa: float = 0.0, num_steps: int = 100, learning_rate: float = 0.01,
-          binary_search_steps: int = 1) -> MinimumNormResult:
+          binary_search_steps: int = 1) -> AttackResult:
     """Carlini-Wagner L2 attack (untargeted) with Adam on ``w``, ``x' = (tanh(w) + 1) / 2``.
 
     Minimises ``||x' - x||_2^2 + c * max(z_y - max_{j != y} z_j, -kappa)`` over ``w`` with Adam
@@ -98,8 +98,9 @@ def cw_l2(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, c: float = 1.0
       binary_search_steps: number of values of ``c`` tried (1: fixed ``c``).
 
     Returns:
-      :class:`MinimumNormResult`: ``x_adv`` (``x`` where no iterate succeeded), ``norm`` the
-      L2 distance (inf where it failed), ``success``.
+      :class:`AttackResult`: ``x_adv`` (``x`` where no iterate succeeded), ``norm`` the L2
+      distance (inf where it failed), ``success``, ``loss`` the C&W margin at ``x_adv``
+      (evaluated with ``fold_in(key, binary_search_steps)``).
 
     References:
       Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks", IEEE S&P 2017.
@@ -110,8 +111,7 @@ def cw_l2(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, c: float = 1.0
     learning_rate = check_scalar(learning_rate, "learning_rate", positive=True)
     num_steps = check_positive_int(num_steps, "num_steps")
     binary_search_steps = check_positive_int(binary_search_steps, "binary_search_steps")
-    if not callable(logits_fn):
-        raise TypeError(f"logits_fn: expected a callable, got {type(logits_fn).__name__}")
+    resolve_loss(logits_fn, "cw", x=x, y=y, key=key)  # checks the model and the labels
     return _cw_l2(logits_fn, x, y, key, c, kappa, learning_rate, num_steps=num_steps,
                   binary_search_steps=binary_search_steps)
 

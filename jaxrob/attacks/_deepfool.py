@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 
 from jaxrob._checks import check_positive_int
+from jaxrob._jit import filter_jit
 from jaxrob._types import Images, Key, Labels
 from jaxrob.attacks._common import (
-    MinimumNormResult,
+    AttackResult,
     check_attack_inputs,
     check_scalar,
     expand,
     per_example_norm,
+    resolve_loss,
 )
-from jaxrob.attacks._losses import LogitsFn
+from jaxrob.attacks._losses import LogitsFn, cw_loss
 
 _DUAL = {"l2": "l2", "linf": "l1"}
 
 
-@functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("norm", "num_steps", "num_candidates"))
+@filter_jit
 def _deepfool(logits_fn, x, y, key, overshoot, *, norm, num_steps, num_candidates):
     batch = x.shape[0]
     z0_BK = logits_fn(x, jr.fold_in(key, 0))
@@ -70,12 +69,13 @@ def _deepfool(logits_fn, x, y, key, overshoot, *, norm, num_steps, num_candidate
     _, x_adv, _ = jax.lax.fori_loop(0, num_steps, body, init)
     z_BK = logits_fn(x_adv, jr.fold_in(key, num_steps))
     success_B = jnp.argmax(z_BK, axis=1) != y
-    return MinimumNormResult(x_adv, per_example_norm(x_adv - x, norm), success_B)
+    return AttackResult(x_adv, cw_loss(z_BK, y), norm=per_example_norm(x_adv - x, norm),
+                        success=success_B)
 
 
 def deepfool(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, norm: str = "l2",
              overshoot: float = 0.02, num_steps: int = 50,
-             num_candidates: int | None = None) -> MinimumNormResult:
+             num_candidates: int | None = None) -> AttackResult:
     """DeepFool: step to the nearest linearised decision boundary until misclassified.
 
     At ``x_i`` with logits ``z``, for each candidate class ``k != y``: ``f_k = z_k - z_y``,
@@ -104,8 +104,9 @@ def deepfool(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, norm: str =
         candidates; None: all K - 1 other classes.
 
     Returns:
-      :class:`MinimumNormResult` with the final ``x_adv``, its distance to ``x`` in ``norm``
-      and whether it is misclassified (evaluated with ``fold_in(key, num_steps)``).
+      :class:`AttackResult` with the final ``x_adv``, its distance to ``x`` in ``norm``,
+      whether it is misclassified and its C&W margin ``loss`` (evaluated with
+      ``fold_in(key, num_steps)``).
 
     References:
       Moosavi-Dezfooli, Fawzi & Frossard, "DeepFool: a simple and accurate method to fool deep
@@ -116,7 +117,6 @@ def deepfool(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, norm: str =
     num_steps = check_positive_int(num_steps, "num_steps")
     if num_candidates is not None:
         num_candidates = check_positive_int(num_candidates, "num_candidates")
-    if not callable(logits_fn):
-        raise TypeError(f"logits_fn: expected a callable, got {type(logits_fn).__name__}")
+    resolve_loss(logits_fn, "cw", x=x, y=y, key=key)  # checks the model and the labels
     return _deepfool(logits_fn, x, y, key, overshoot, norm=norm, num_steps=num_steps,
                      num_candidates=num_candidates)

@@ -7,13 +7,13 @@ attack in :mod:`jaxrob.attacks` takes.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxrob._checks import check_choice
+from jaxrob._pytree import pytree_dataclass, static_field
 from jaxrob._types import Array, Images, Key, Labels, Logits, PerExample
 
 LogitsFn = Callable[[Array, Array], Array]
@@ -106,40 +106,44 @@ def dlr_loss(logits: Logits, y: Labels) -> PerExample:
 LOSSES: dict[str, Callable[..., Array]] = {"ce": ce_loss, "cw": cw_loss, "dlr": dlr_loss}
 
 
-@dataclasses.dataclass(frozen=True)
+@pytree_dataclass
 class LogitsLoss:
-    """``loss_fn(x, y, key)`` built from ``logits_fn(x, key)`` and a loss name.
+    """``loss_fn(x, y, key)`` built from a model ``logits_fn(x, key)`` and a loss.
 
-    A frozen dataclass (equal when its fields are) rather than a closure, so the jitted attacks,
-    which take the loss function as a static argument, reuse their compilation when
-    :func:`loss_from_logits` is called again with the same ``logits_fn``.
+    A pytree: the model's parameters are leaves (traced by the jitted attacks), the loss name
+    (or callable) and ``kappa`` are static, so attacking new parameters of the same shapes
+    reuses the compilation.
     """
 
     logits_fn: LogitsFn
-    name: str = "ce"
-    kappa: float | None = None
+    name: str | Callable = static_field(default="ce")
+    kappa: float | None = static_field(default=None)
 
     def __call__(self, x: Images, y: Labels, key: Key) -> PerExample:
         logits = self.logits_fn(x, key)
+        if callable(self.name):
+            return self.name(logits, y)
         if self.name == "cw":
             return cw_loss(logits, y, kappa=self.kappa)
         return LOSSES[self.name](logits, y)
 
 
-def loss_from_logits(logits_fn: LogitsFn, name: str = "ce", *,
+def loss_from_logits(logits_fn: LogitsFn, name: str | Callable = "ce", *,
                      kappa: float | None = None) -> LossFn:
-    """Build ``loss_fn(x, y, key) -> (B,)`` from a classifier and a loss name.
+    """Build ``loss_fn(x, y, key) -> (B,)`` from a model and a loss.
 
     Args:
       logits_fn: ``logits_fn(x, key) -> (B, K)`` logits (deterministic models ignore ``key``).
-      name: ``"ce"`` (:func:`ce_loss`), ``"cw"`` (:func:`cw_loss`) or ``"dlr"``
-        (:func:`dlr_loss`).
+      name: ``"ce"`` (:func:`ce_loss`), ``"cw"`` (:func:`cw_loss`), ``"dlr"``
+        (:func:`dlr_loss`), or a callable ``loss(logits, y) -> (B,)`` maximised by the attacker
+        (static: pass the same function object to reuse compilations).
       kappa: confidence cap of the ``"cw"`` loss (None: uncapped); only valid with ``"cw"``.
 
     Returns:
-      A hashable callable ``loss_fn(x, y, key)``.
+      A :class:`LogitsLoss`.
     """
-    check_choice(name, LOSSES, "loss")
+    if not callable(name):
+        check_choice(name, LOSSES, "loss")
     if not callable(logits_fn):
         raise TypeError(f"logits_fn: expected a callable logits_fn(x, key), got "
                         f"{type(logits_fn).__name__}")

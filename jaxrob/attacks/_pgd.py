@@ -9,12 +9,14 @@ same points first and its best loss is never lower for the same key.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 
 from jaxrob._checks import check_positive_int
+from jaxrob._jit import filter_jit
 from jaxrob._types import Array, Images, Key, Labels
 from jaxrob.attacks._common import (
     AttackResult,
@@ -29,11 +31,10 @@ from jaxrob.attacks._common import (
     uniform_in_ball,
 )
 from jaxrob.attacks._eot import eot_value_and_grad
-from jaxrob.attacks._losses import LossFn
+from jaxrob.attacks._losses import LogitsFn
 
 
-@functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("eot_samples", "eot_chunk", "eot_mesh"))
+@filter_jit
 def _fgsm(loss_fn, x, y, key, eps, *, eot_samples, eot_chunk, eot_mesh):
     k_grad, k_eval = jr.fold_in(key, 0), jr.fold_in(key, 1)
     _, g = eot_value_and_grad(loss_fn, x, y, k_grad, samples=eot_samples, chunk=eot_chunk,
@@ -44,17 +45,19 @@ def _fgsm(loss_fn, x, y, key, eps, *, eot_samples, eot_chunk, eot_mesh):
     return AttackResult(x_adv, loss_B)
 
 
-def fgsm(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float, loss: str | None = None,
-         eot_samples: int = 1, eot_chunk: int | None = None, eot_mesh=None) -> AttackResult:
+def fgsm(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float,
+         loss: str | Callable = "ce", eot_samples: int = 1, eot_chunk: int | None = None,
+         eot_mesh=None) -> AttackResult:
     """Fast Gradient Sign Method (Linf): ``clip(x + eps * sign(grad_x loss), 0, 1)``.
 
     Args:
-      fn: ``loss_fn(x, y, key) -> (B,)`` when ``loss`` is None, else ``logits_fn(x, key)``.
+      model: ``logits_fn(x, key) -> (B, K)`` (e.g. a :class:`jaxrob.purify.DefendedModel` or a
+        :class:`jaxrob.models.Classifier`; deterministic models ignore the key).
       x: (B, H, W, C) float32 images in [0, 1].
       y: (B,) int labels.
       key: the gradient uses ``fold_in(key, 0)``, the reported loss ``fold_in(key, 1)``.
       eps: Linf radius (>= 0).
-      loss: None, or ``"ce"``/``"cw"``/``"dlr"`` to build the loss from ``fn`` as a logits_fn.
+      loss: ``"ce"`` (default), ``"cw"``, ``"dlr"`` or a callable ``loss(logits, y) -> (B,)``.
       eot_samples: EoT samples per gradient (:func:`eot_value_and_grad`).
       eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
       eot_mesh: shard each chunk of EoT samples over this mesh's ``data`` axis
@@ -70,7 +73,7 @@ def fgsm(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float, loss: str | 
     y = check_attack_inputs(x, y)
     eps = check_scalar(eps, "eps")
     eot_samples, eot_chunk = check_eot(eot_samples, eot_chunk, "eot_samples", "eot_chunk")
-    loss_fn = resolve_loss(fn, loss)
+    loss_fn = resolve_loss(model, loss, x=x, y=y, key=key)
     return _fgsm(loss_fn, x, y, key, eps, eot_samples=eot_samples, eot_chunk=eot_chunk,
                  eot_mesh=eot_mesh)
 
@@ -96,12 +99,7 @@ def _pgd_run(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_star
     return AttackResult(x_best, loss_best_B, its)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=0,
-    static_argnames=("norm", "num_steps", "random_start", "num_restarts", "eot_samples",
-                     "eot_chunk", "eot_mesh", "return_iterates"),
-)
+@filter_jit
 def _pgd(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_start, num_restarts,
          eot_samples, eot_chunk, eot_mesh, return_iterates):
     run = functools.partial(
@@ -112,9 +110,9 @@ def _pgd(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_start, n
     return best_over_restarts(run, x, key, num_restarts, return_iterates)
 
 
-def pgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm: str = "linf",
-        step_size: float | Array | None = None, num_steps: int = 10,
-        random_start: bool = False, num_restarts: int = 1, loss: str | None = None,
+def pgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
+        norm: str = "linf", step_size: float | Array | None = None, num_steps: int = 10,
+        random_start: bool = False, num_restarts: int = 1, loss: str | Callable = "ce",
         eot_samples: int = 1, eot_chunk: int | None = None, eot_mesh=None,
         return_iterates: bool = False) -> AttackResult:
     """Projected gradient ascent on a per-example loss in an Linf or L2 ball, best iterate kept.
@@ -127,11 +125,12 @@ def pgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm:
     means misclassified, so the two agree on success).
 
     The loop is a ``lax.scan`` inside ``jax.jit``; ``eps`` and ``step_size`` are traced, so
-    sweeping them does not recompile, while ``fn`` and the integer/bool options are static
-    (pass the same ``fn`` object to reuse the compilation).
+    sweeping them does not recompile; the model's parameters are traced too (a pytree model
+    such as :class:`jaxrob.purify.DefendedModel`), so new parameters of the same shapes reuse
+    the compilation, while the integer/bool options are static.
 
     Args:
-      fn: ``loss_fn(x, y, key) -> (B,)`` when ``loss`` is None, else ``logits_fn(x, key)``.
+      model: ``logits_fn(x, key) -> (B, K)`` (deterministic models ignore the key).
       x: (B, H, W, C) float32 images in [0, 1].
       y: (B,) int labels.
       key: randomness of the random start and of every iteration (module docstring).
@@ -142,7 +141,8 @@ def pgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm:
       random_start: start uniformly at random in the ball (Linf: per-pixel uniform; L2: uniform
         in the ball) instead of at ``x``.
       num_restarts: independent runs (restart ``r`` uses ``fold_in(key, r)``); the best is kept.
-      loss: None, or ``"ce"``/``"cw"``/``"dlr"`` to build the loss from ``fn`` as a logits_fn.
+      loss: ``"ce"`` (default), ``"cw"``, ``"dlr"`` or a callable ``loss(logits, y) -> (B,)``
+        maximised by the attacker.
       eot_samples: EoT samples per gradient (:func:`eot_value_and_grad`).
       eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
       eot_mesh: shard each chunk of EoT samples over this mesh's ``data`` axis
@@ -154,9 +154,10 @@ def pgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm:
       :class:`AttackResult` ``(x_adv, loss, iterates)``.
 
     Raises:
-      ValueError: bad images or labels, ``eps < 0``, ``step_size <= 0``, unknown ``norm`` or
-        ``loss``, non-positive ``num_steps``/``num_restarts``/``eot_samples``, or ``eot_chunk``
-        not dividing ``eot_samples``.
+      ValueError: bad images or labels (labels outside the model's classes), ``eps < 0``,
+        ``step_size <= 0``, unknown ``norm`` or ``loss``, non-positive
+        ``num_steps``/``num_restarts``/``eot_samples``, or ``eot_chunk`` not dividing
+        ``eot_samples``.
 
     References:
       Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards Deep Learning Models Resistant to
@@ -169,7 +170,7 @@ def pgd(fn: LossFn, x: Images, y: Labels, key: Key, *, eps: float | Array, norm:
     step_size = (2.5 * eps / num_steps if step_size is None
                  else check_scalar(step_size, "step_size", positive=True))
     eot_samples, eot_chunk = check_eot(eot_samples, eot_chunk, "eot_samples", "eot_chunk")
-    loss_fn = resolve_loss(fn, loss)
+    loss_fn = resolve_loss(model, loss, x=x, y=y, key=key)
     return _pgd(loss_fn, x, y, key, eps, step_size, norm=norm, num_steps=num_steps,
                 random_start=bool(random_start), num_restarts=num_restarts,
                 eot_samples=eot_samples, eot_chunk=eot_chunk, eot_mesh=eot_mesh,

@@ -1,9 +1,7 @@
 """Diffusion core: schedules, the forward process, reverse steps, samplers (pure functions)."""
 
-from jaxrob.diffusion._forward import broadcast_steps as broadcast_steps
 from jaxrob.diffusion._forward import eps_to_score as eps_to_score
 from jaxrob.diffusion._forward import from_model_space as from_model_space
-from jaxrob.diffusion._forward import gather as gather
 from jaxrob.diffusion._forward import predict_eps as predict_eps
 from jaxrob.diffusion._forward import predict_x0 as predict_x0
 from jaxrob.diffusion._forward import q_mean_std as q_mean_std

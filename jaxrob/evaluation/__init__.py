@@ -1,4 +1,11 @@
-"""Robust accuracy of purifier + classifier under a named protocol; resumable sharded runs."""
+"""Robust accuracy of a defended model under a named protocol; the resumable chunk runner.
+
+Public: :func:`evaluate_robustness` (attack + scoring over a dataset, resumable and sharded),
+:func:`robust_scores` (one batch, jit-able), the protocols (:func:`score_predictions`,
+:func:`predictions`, :func:`parse_protocol`, intervals), :func:`fixed_purifier_keys` (the keys
+of ``randomness="fixed"``), and :func:`run_chunks` / :class:`ChunkStore`, the one chunk runner
+that every per-example computation of the library and the experiments goes through.
+"""
 
 from jaxrob.evaluation._protocols import PROTOCOLS as PROTOCOLS
 from jaxrob.evaluation._protocols import RANDOMNESS as RANDOMNESS
@@ -7,13 +14,13 @@ from jaxrob.evaluation._protocols import mean_interval as mean_interval
 from jaxrob.evaluation._protocols import parse_protocol as parse_protocol
 from jaxrob.evaluation._protocols import predictions as predictions
 from jaxrob.evaluation._protocols import protocol_scores as protocol_scores
-from jaxrob.evaluation._protocols import sample_keys as sample_keys
 from jaxrob.evaluation._protocols import score_predictions as score_predictions
 from jaxrob.evaluation._protocols import summarize as summarize
 from jaxrob.evaluation._protocols import wilson_interval as wilson_interval
-from jaxrob.evaluation._robust import attack_manifest as attack_manifest
 from jaxrob.evaluation._robust import evaluate_robustness as evaluate_robustness
 from jaxrob.evaluation._robust import fixed_purifier_keys as fixed_purifier_keys
 from jaxrob.evaluation._robust import robust_scores as robust_scores
 from jaxrob.evaluation._robust import score_record as score_record
+from jaxrob.evaluation._runner import ChunkRun as ChunkRun
+from jaxrob.evaluation._runner import run_chunks as run_chunks
 from jaxrob.evaluation._store import ChunkStore as ChunkStore

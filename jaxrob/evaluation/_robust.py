@@ -10,9 +10,9 @@ Randomness, per example ``i`` with ``k_i = fold_in(key, index_i)``:
   deterministic function that the attacker knows exactly. Every protocol then reduces to
   ``one_shot`` (all N purifications are the same).
 
-An attack is any ``attack(model, x, y, key) -> x_adv`` with ``model(x, key) -> logits``, e.g.
-``functools.partial(jaxrob.attacks.pgd, loss="ce", eps=0.3, ...)`` wrapped to return
-``.x_adv``. It is ``vmap``-ed over examples: example ``i`` is attacked alone (as a batch of one)
+An attack is any ``attack(model, x, y, key) -> AttackResult`` with ``model(x, key) -> logits``,
+e.g. ``functools.partial(jaxrob.attacks.pgd, eps=0.3, num_steps=10)``. It is ``vmap``-ed over
+examples: example ``i`` is attacked alone (as a batch of one)
 with key ``fold_in(k_i, 1)``, and the keys the attack hands to ``model`` become that example's
 purifier keys. The attack's random start, EoT noise and purifier noise of an example therefore
 never depend on which other examples share its batch (vmap keeps the computation batched).
@@ -20,8 +20,6 @@ never depend on which other examples share its batch (vmap keeps the computation
 
 from __future__ import annotations
 
-import functools
-import time
 from collections.abc import Callable, Mapping
 
 import jax
@@ -29,8 +27,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from jaxrob._checks import check_images, check_positive_int
+import jaxrob._keys as tags
+from jaxrob._checks import check_images
+from jaxrob._keys import example_keys
 from jaxrob._types import Images, Key, Labels
+from jaxrob.attacks._common import AttackResult, check_num_classes
 from jaxrob.evaluation._protocols import (
     check_randomness,
     parse_protocol,
@@ -38,13 +39,13 @@ from jaxrob.evaluation._protocols import (
     score_predictions,
     summarize,
 )
+from jaxrob.evaluation._runner import run_chunks
 from jaxrob.evaluation._store import ChunkStore
-from jaxrob.parallel import data_sharding, make_mesh, replicated
 
 Model = Callable[[Images, Key], jax.Array]
-Attack = Callable[[Model, Images, Labels, Key], Images]
+Attack = Callable[[Model, Images, Labels, Key], AttackResult]
 
-_ATTACK, _CLEAN, _ADV, _FIXED = 1, 2, 3, 4
+_ATTACK, _CLEAN, _ADV, _FIXED = tags.ATTACK, tags.CLEAN, tags.ADV, tags.FIXED
 
 
 def fixed_purifier_keys(key: Key, indices) -> Key:
@@ -91,7 +92,7 @@ def robust_scores(defended: Model, attack: Attack | None, x: Images, y: Labels,
       defended: ``defended(x, keys) -> logits`` with one purifier key per example, e.g.
         ``jaxrob.purify.purified_logits(logits_fn, purifier)``; an undefended classifier is
         ``lambda x, keys: logits_fn(x)``.
-      attack: ``attack(model, x, y, key) -> x_adv`` (None: clean evaluation only).
+      attack: ``attack(model, x, y, key) -> AttackResult`` (None: clean evaluation only).
       x: images in [0, 1]; y: labels; example_keys: (B,) keys ``fold_in(key, index)``.
       protocols: the protocols to be scored (``one_shot``, ``majority_vote@N``,
         ``worst_of@N``, ``average@N``): enough purifications are made for all of them.
@@ -117,7 +118,10 @@ def robust_scores(defended: Model, attack: Attack | None, x: Images, y: Labels,
                 model_i = lambda xx, _key: defended(xx, k_fixed)
             else:
                 model_i = lambda xx, key: defended(xx, key[None])
-            return attack(model_i, x_i[None], y_i[None], jr.fold_in(k_i, _ATTACK))[0]
+            res = attack(model_i, x_i[None], y_i[None], jr.fold_in(k_i, _ATTACK))
+            if not hasattr(res, "x_adv"):
+                raise TypeError(f"attack: expected an AttackResult, got {type(res).__name__}")
+            return res.x_adv[0]
 
         x_adv = jax.vmap(attack_one)(x, y, example_keys)
         d = (x_adv - x).reshape(x.shape[0], -1)
@@ -146,17 +150,10 @@ def score_record(per_example: Mapping, protocols, randomness: str) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _chunk_fn(defended, attack, protocols, randomness, vote_chunk, mesh):
-    """The jitted chunk computation, cached so repeated runs and sweeps compile once."""
-    def chunk_fn(x, y, idx, key):
-        keys = jax.vmap(lambda i: jr.fold_in(key, i))(idx)
-        return robust_scores(defended, attack, x, y, keys, protocols=protocols,
-                             randomness=randomness, vote_chunk=vote_chunk)
-
-    shard = data_sharding(mesh)
-    return jax.jit(chunk_fn, in_shardings=(shard, shard, shard, replicated(mesh)),
-                   out_shardings=shard)
+def _robust_chunk(defended, attack, protocols, randomness, vote_chunk, batch, keys):
+    out = robust_scores(defended, attack, batch["x"], batch["y"], keys, protocols=protocols,
+                        randomness=randomness, vote_chunk=vote_chunk)
+    return out
 
 
 def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, labels: Labels,
@@ -168,10 +165,12 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
                         ) -> dict:
     """Robust accuracy over a dataset, in resumable, sharded chunks of ``batch_size`` examples.
 
-    The chunk function (attack + scoring) is jitted once; each chunk is padded to
-    ``batch_size`` and split over the ``data`` axis of ``mesh``. Finished chunks go to ``store``
-    (if given) and are skipped on rerun. Examples are keyed by their global ``indices``, so the
-    per-example record does not depend on ``batch_size``, the number of devices or restarts.
+    The chunk function (attack + scoring) goes through :func:`run_chunks`: jitted once per
+    defence architecture and attack, each chunk padded to ``batch_size`` and split over the
+    ``data`` axis of ``mesh``, finished chunks written to ``store`` and skipped on rerun.
+    Examples are keyed by their global ``indices``, so the per-example record does not depend
+    on ``batch_size`` (a rerun with another one finishes the missing examples), the number of
+    devices or restarts.
 
     Args:
       defended, attack, protocols, randomness, vote_chunk: as :func:`robust_scores`.
@@ -187,9 +186,11 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
 
     Returns:
       ``{"clean": {protocol: summary}, "adv": {protocol: summary}, "per_example": {...},
-      "wall_s", "chunks_run", "chunks_total"}``; a summary holds accuracy, 95% interval and
-      count; ``per_example`` the arrays ``index``, ``label``, ``pred_clean``/``pred_adv``
-      (B, N), ``linf``, ``l2``, the per-protocol scores ``clean@P``/``adv@P`` [and ``x_adv``].
+      "wall_s", "total_s", "chunks_run", "chunks_total"}``; a summary holds accuracy, 95%
+      interval and count; ``per_example`` the arrays ``index``, ``label``,
+      ``pred_clean``/``pred_adv`` (B, N), ``linf``, ``l2``, ``seconds``, the per-protocol
+      scores ``clean@P``/``adv@P`` [and ``x_adv``]; ``total_s`` the compute seconds of the
+      whole record (resumed chunks included), ``wall_s`` those of this call.
     """
     check_images(images, "images")
     labels = np.asarray(labels)
@@ -198,62 +199,35 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
     if labels.shape != (n,) or indices.shape != (n,):
         raise ValueError(f"labels and indices: expected shape ({n},), got {labels.shape} and "
                          f"{indices.shape}")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    mesh = mesh or make_mesh()
-    if batch_size % mesh.size:
-        raise ValueError(f"batch_size={batch_size} does not divide over the {mesh.size} "
-                         f"devices; use a multiple of {mesh.size}")
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+        raise ValueError("labels: expected non-negative integer class labels")
     protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
     _num_samples(protocols, randomness)
+    if not callable(defended):
+        raise TypeError(f"defended: expected a callable defended(x, keys) -> logits, got "
+                        f"{type(defended).__name__}")
+    if attack is not None and not callable(attack):
+        raise TypeError(f"attack: expected attack(model, x, y, key) -> AttackResult or None, "
+                        f"got {type(attack).__name__}")
+    check_num_classes(defended, jnp.asarray(images[:1]), labels,
+                      example_keys(key, indices[:1]))
 
-    shard = data_sharding(mesh)
-    jitted = _chunk_fn(defended, attack, protocols, randomness, vote_chunk, mesh)
-    starts = list(range(0, n, batch_size))
-    todo = [s for s in starts if store is None or not store.is_done(s, min(s + batch_size, n))]
-    t0 = time.perf_counter()
-    results: dict[int, dict] = {}
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
+    def log_chunk(s, e, out):
+        if log is None:
+            return
+        acc = lambda p: float((p[:, 0] == labels[s:e]).mean())
+        log(f"chunk [{s}, {e}): one-shot clean {acc(out['pred_clean']):.3f}"
+            + (f", adv {acc(out['pred_adv']):.3f}" if "pred_adv" in out else ""))
 
-        bar = tqdm(total=len(todo), desc=f"robust eval ({randomness})",
-                   unit="chunk")
-    for s in todo:
-        e = min(s + batch_size, n)
-        pad = batch_size - (e - s)
-        take = lambda a, s=s, e=e, pad=pad: np.concatenate(
-            [a[s:e], np.repeat(a[e - 1:e], pad, axis=0)]) if pad else a[s:e]
-        x = jax.device_put(np.asarray(take(np.asarray(images)), np.float32), shard)
-        out = jitted(x, jax.device_put(take(labels).astype(np.int32), shard),
-                     jax.device_put(take(indices).astype(np.uint32), shard), key)
-        out = {k: np.asarray(v)[: e - s] for k, v in out.items()}
-        arrays = {"index": indices[s:e], "label": labels[s:e], **out}
-        if not keep_x_adv:
-            arrays.pop("x_adv", None)
-        if store is not None:
-            store.save(s, e, **arrays)
-        results[s] = arrays
-        if bar is not None:
-            bar.update(1)
-        if log is not None:
-            acc = lambda p: float((p[:, 0] == labels[s:e]).mean())
-            log(f"chunk [{s}, {e}): one-shot clean {acc(out['pred_clean']):.3f}"
-                + (f", adv {acc(out['pred_adv']):.3f}" if "pred_adv" in out else ""))
-    if bar is not None:
-        bar.close()
-    wall_s = time.perf_counter() - t0
-    if store is not None:
-        per = store.load()
-        if sorted(per["position"].tolist()) != list(range(n)):
-            raise RuntimeError(f"{store.directory}: finished chunks do not cover the {n} "
-                               "examples exactly")
-    else:
-        per = {k: np.concatenate([results[s][k] for s in starts]) for k in results[starts[0]]}
-    return {**score_record(per, protocols, randomness), "per_example": per, "wall_s": wall_s,
-            "chunks_run": len(todo), "chunks_total": len(starts)}
-
-
-def attack_manifest(name: str, **options) -> Mapping:
-    """A JSON-able record of an attack's settings for results manifests."""
-    return {"name": name, **{k: (float(v) if isinstance(v, float | np.floating) else v)
-                             for k, v in options.items()}}
+    run = run_chunks(
+        _robust_chunk, {"x": np.asarray(images, np.float32), "y": labels.astype(np.int32),
+                        "index": indices},
+        key=key, args=(defended, attack, protocols, randomness, vote_chunk),
+        batch_size=batch_size, store=store, mesh=mesh, progress=progress,
+        desc=f"robust eval ({randomness})",
+        keep=lambda k: keep_x_adv or k != "x_adv", log=log_chunk)
+    per = run.records
+    per["label"] = labels
+    return {**score_record(per, protocols, randomness), "per_example": per,
+            "wall_s": run.wall_s, "total_s": run.total_s, "chunks_run": run.chunks_run,
+            "chunks_total": run.chunks_total}

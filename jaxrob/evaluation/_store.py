@@ -24,6 +24,7 @@ from jaxrob.checkpoint import fingerprint_diff, normalize_fingerprint
 
 _CHUNK_RE = re.compile(r"chunk_(\d+)_(\d+)\.npz")
 FINGERPRINT_FILE = "fingerprint.json"
+_OPTIONAL = ("seconds",)
 
 
 class ChunkStore:
@@ -97,14 +98,25 @@ class ChunkStore:
     def load(self) -> dict[str, np.ndarray]:
         """All finished chunks concatenated in example order (plus ``"position"``: the row
         offsets of every example in the run)."""
-        parts: dict[str, list[np.ndarray]] = {}
+        chunks = []
         positions = []
         for start, stop in self.finished():
             with np.load(self.directory / f"chunk_{start}_{stop}.npz") as z:
-                for k in z.files:
-                    parts.setdefault(k, []).append(z[k])
+                chunks.append({k: z[k] for k in z.files})
             positions.append(np.arange(start, stop))
-        out = {k: np.concatenate(v) for k, v in parts.items()}
+        names = sorted({k for c in chunks for k in c})
+        out = {}
+        for k in names:
+            parts = []
+            for c, pos in zip(chunks, positions, strict=True):
+                if k in c:
+                    parts.append(c[k])
+                elif k in _OPTIONAL:  # chunks written before the field existed
+                    parts.append(np.full((pos.size,), np.nan))
+                else:
+                    raise ValueError(f"{self.directory}: chunk [{pos[0]}, {pos[-1] + 1}) has "
+                                     f"no {k!r}; it was written by another run")
+            out[k] = np.concatenate(parts)
         out["position"] = (np.concatenate(positions) if positions
                            else np.zeros((0,), np.int64))
         return out

@@ -1,4 +1,10 @@
-"""Flax linen networks (diffusion UNet, classifiers) and weight import from PyTorch."""
+"""Models: :func:`load` a trained export as a ready pytree model, the Flax networks, weight import.
+
+``jaxrob.models.load(path)`` returns a :class:`DiffusionModel` (``eps_fn(x_t, step)``, with its
+schedule) or a :class:`Classifier` (``logits_fn(x, key)``); both are pytrees whose parameters
+are leaves. The networks (:class:`UNet`, :class:`SmallCNN`, :class:`CifarResNet`,
+:class:`WideResNet`) and PyTorch / diffusers weight import are here too.
+"""
 
 from jaxrob.models._classifiers import AKAMASTER_MEAN as AKAMASTER_MEAN
 from jaxrob.models._classifiers import AKAMASTER_STD as AKAMASTER_STD
@@ -9,6 +15,12 @@ from jaxrob.models._classifiers import WideResNet as WideResNet
 from jaxrob.models._classifiers import cifar_resnet_from_state_dict as cifar_resnet_from_state_dict
 from jaxrob.models._classifiers import load_akamaster_resnet as load_akamaster_resnet
 from jaxrob.models._classifiers import wide_resnet_from_state_dict as wide_resnet_from_state_dict
+from jaxrob.models._loaded import Classifier as Classifier
+from jaxrob.models._loaded import DiffusionModel as DiffusionModel
+from jaxrob.models._loaded import classifier_from_metadata as classifier_from_metadata
+from jaxrob.models._loaded import load as load
+from jaxrob.models._loaded import schedule_from_metadata as schedule_from_metadata
+from jaxrob.models._loaded import unet_from_metadata as unet_from_metadata
 from jaxrob.models._torch_import import load_state_dict_file as load_state_dict_file
 from jaxrob.models._unet import UNET_CONFIGS as UNET_CONFIGS
 from jaxrob.models._unet import UNet as UNet

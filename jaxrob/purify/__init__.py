@@ -1,7 +1,14 @@
-"""Purifiers built on :mod:`jaxrob.diffusion`: DiffPure-style, multi-stage, majority vote."""
+"""Purifiers built on :mod:`jaxrob.diffusion`: DiffPure-style, multi-stage, majority vote.
+
+Public: :func:`diffpure` / :func:`multistage` build a :class:`Purifier` (``purify(x, key)``),
+:class:`DefendedModel` (or :func:`purified_logits`) puts a classifier behind it -- the
+``logits_fn(x, key)`` that attacks and evaluations take -- :func:`majority_vote`, and
+:func:`example_keys` (per-example keys from global indices).
+"""
 
 from jaxrob.purify._diffpure import GRADIENTS as GRADIENTS
 from jaxrob.purify._diffpure import SAMPLERS as SAMPLERS
+from jaxrob.purify._diffpure import DefendedModel as DefendedModel
 from jaxrob.purify._diffpure import Purifier as Purifier
 from jaxrob.purify._diffpure import PurifyFn as PurifyFn
 from jaxrob.purify._diffpure import diffpure as diffpure

@@ -33,74 +33,116 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+import jaxrob._keys as tags
 import jaxrob.diffusion as jd
 from jaxrob._checks import check_choice, check_images, check_positive_int, check_t_star
+from jaxrob._keys import CLASSIFIER, fold
+from jaxrob._keys import example_keys as example_keys
+from jaxrob._pytree import pytree_dataclass, static_field
 from jaxrob._types import Images, Key
 
 SAMPLERS = ("ddpm", "ddim", "sde", "ode")
 GRADIENTS = ("exact", "bpda", "surrogate")
 
 PurifyFn = Callable[[Images, Key], Images]
-
-
-def example_keys(key: Key, indices) -> Key:
-    """Per-example keys ``fold_in(key, index)`` for global example indices (shape (B,))."""
-    return jax.vmap(lambda i: jr.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+_OPTIONS = ("sampler", "gradient", "surrogate_steps", "variance", "eta", "remat", "unroll")
 
 
 def _is_key_batch(key) -> bool:
     return jnp.ndim(key) == 1
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@pytree_dataclass
 class Purifier:
     """A DiffPure-style purifier; call it as ``purifier(x, key)``.
 
-    Build it with :func:`diffpure` (one stage) or :func:`multistage`. The object is immutable
-    and hashes by identity, so it can be closed over by jitted functions and used as a static
-    argument: two purifiers over different models never share a compiled function.
+    Build it with :func:`diffpure` (one stage) or :func:`multistage`. It is a pytree: the
+    eps-model (a :class:`jaxrob.models.DiffusionModel` or any ``eps_fn``), its schedule and the
+    reverse chains derived from it are leaves, the options are static. Jitted through
+    :func:`jaxrob._jit.filter_jit` (every attack and evaluation does), a purifier over new
+    parameters of the same shapes (``purifier.replace(eps_fn=other_model)``) reuses the
+    compilation; a plain-function ``eps_fn`` is static (hashed by identity).
 
     Attributes:
+      eps_fn: ``eps_fn(x_t, model_step) -> eps``.
+      schedule: the model's training schedule.
+      chains: per stage, the truncated, respaced chain its reverse process runs (derived).
+      surrogate_chains: the same for the surrogate chain (``gradient="surrogate"``; derived).
       stages: ``((t_star, num_steps), ...)`` applied in order.
       sampler: ``"ddpm"``, ``"ddim"``, ``"sde"`` (VP-SDE Euler-Maruyama) or ``"ode"``
         (probability-flow ODE, Euler).
       gradient: ``"exact"``, ``"bpda"`` or ``"surrogate"``.
       surrogate_steps: reverse steps per stage of the surrogate chain (``"surrogate"`` only).
       variance: DDPM variance, ``"fixed_small"`` or ``"fixed_large"``.
-      eta: DDIM eta (0: deterministic reverse process).
+      eta: DDIM eta.
       remat: ``jax.checkpoint`` each step (bounded memory under reverse-mode).
       unroll: ``lax.scan`` unroll factor.
     """
 
-    eps_fn: jd.EpsFn = dataclasses.field(repr=False)
-    schedule: jd.Schedule = dataclasses.field(repr=False)
-    stages: tuple[tuple[float, int], ...]
-    sampler: str = "ddpm"
-    gradient: str = "exact"
-    surrogate_steps: int | None = None
-    variance: str = "fixed_small"
-    eta: float = 0.0
-    remat: bool = True
-    unroll: int = 1
+    eps_fn: jd.EpsFn
+    schedule: jd.Schedule
+    chains: tuple
+    surrogate_chains: tuple
+    stages: tuple[tuple[float, int], ...] = static_field()
+    sampler: str = static_field(default="ddpm")
+    gradient: str = static_field(default="exact")
+    surrogate_steps: int | None = static_field(default=None)
+    variance: str = static_field(default="fixed_small")
+    eta: float = static_field(default=0.0)
+    remat: bool = static_field(default=True)
+    unroll: int = static_field(default=1)
 
-    def __post_init__(self):
-        check_choice(self.sampler, SAMPLERS, "sampler")
-        check_choice(self.gradient, GRADIENTS, "gradient")
-        check_choice(self.variance, jd.VARIANCES, "variance")
-        if self.eta < 0:
-            raise ValueError(f"eta: expected >= 0, got {self.eta}")
-        if not self.stages:
+    @classmethod
+    def create(cls, eps_fn: jd.EpsFn, schedule: jd.Schedule,
+               stages: Sequence[tuple[float, int]], **options) -> Purifier:
+        """Validate the options and derive the reverse chains (host-side, once)."""
+        opts = dict(sampler="ddpm", gradient="exact", surrogate_steps=None,
+                    variance="fixed_small", eta=0.0, remat=True, unroll=1)
+        unknown = set(options) - set(opts)
+        if unknown:
+            raise TypeError(f"Purifier: unknown option(s) {sorted(unknown)}; expected "
+                            f"{sorted(opts)}")
+        opts.update(options)
+        if not callable(eps_fn):
+            raise TypeError(f"eps_fn: expected a callable eps_fn(x_t, model_step), got "
+                            f"{type(eps_fn).__name__}")
+        if not isinstance(schedule, jd.Schedule):
+            raise TypeError(f"schedule: expected a jaxrob.diffusion.Schedule, got "
+                            f"{type(schedule).__name__}")
+        check_choice(opts["sampler"], SAMPLERS, "sampler")
+        check_choice(opts["gradient"], GRADIENTS, "gradient")
+        check_choice(opts["variance"], jd.VARIANCES, "variance")
+        opts["eta"] = float(opts["eta"])
+        if opts["eta"] < 0:
+            raise ValueError(f"eta: expected >= 0, got {opts['eta']}")
+        stages = tuple((check_t_star(t), check_positive_int(s, "num_steps"))
+                       for t, s in stages)
+        if not stages:
             raise ValueError("stages: expected at least one (t_star, num_steps) stage")
-        for t_star, steps in self.stages:
-            check_t_star(t_star)
-            check_positive_int(steps, "num_steps")
-            if self.sampler in ("ddpm", "ddim"):
-                jd.truncated(self.schedule, t_star, steps)  # raises on too many steps
-        if self.gradient == "surrogate":
-            check_positive_int(self.surrogate_steps, "surrogate_steps")
-        elif self.surrogate_steps is not None:
+        if opts["gradient"] == "surrogate":
+            check_positive_int(opts["surrogate_steps"], "surrogate_steps")
+        elif opts["surrogate_steps"] is not None:
             raise ValueError("surrogate_steps: only used with gradient='surrogate', got "
-                             f"gradient={self.gradient!r}")
+                             f"gradient={opts['gradient']!r}")
+        discrete = opts["sampler"] in ("ddpm", "ddim")
+        chains = tuple(jd.truncated(schedule, t, s) if discrete else None for t, s in stages)
+        surrogate = tuple(
+            jd.truncated(schedule, t, opts["surrogate_steps"]) if discrete else None
+            for t, _ in stages) if opts["gradient"] == "surrogate" else ()
+        return cls(eps_fn, schedule, chains, surrogate, stages, **opts)
+
+    def replace(self, **changes) -> Purifier:
+        """A copy with other fields. Changing an option re-derives the chains; changing only
+        ``eps_fn`` (e.g. fine-tuned parameters of the same shapes) keeps them."""
+        if set(changes) <= {"eps_fn"}:
+            return dataclasses.replace(self, **changes)
+        if {"chains", "surrogate_chains"} & set(changes):
+            raise ValueError("chains and surrogate_chains are derived; change stages, "
+                             "sampler or surrogate_steps instead")
+        fields = {f: getattr(self, f) for f in ("eps_fn", "schedule", "stages", *_OPTIONS)}
+        fields.update(changes)
+        return Purifier.create(fields.pop("eps_fn"), fields.pop("schedule"),
+                               fields.pop("stages"), **fields)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -131,9 +173,6 @@ class Purifier:
                 "schedule_steps": int(self.schedule.num_steps),
                 "nfe_forward": int(self.nfe), "nfe_backward": int(self.nfe_backward)}
 
-    def replace(self, **changes) -> Purifier:
-        return dataclasses.replace(self, **changes)
-
     # ------------------------------------------------------------------ the function
     def __call__(self, x: Images, key: Key) -> Images:
         """Purify ``x`` (float32 NHWC in [0, 1]) with randomness ``key``.
@@ -156,29 +195,28 @@ class Purifier:
 
     def _purify(self, x, key):
         if self.gradient == "bpda":
-            out = self._chain(jax.lax.stop_gradient(x), key, None)
+            out = self._chain(jax.lax.stop_gradient(x), key, self.chains)
             return x + jax.lax.stop_gradient(out - x)
         if self.gradient == "surrogate":
-            full = self._chain(jax.lax.stop_gradient(x), key, None)
-            surr = self._chain(x, key, self.surrogate_steps)
+            full = self._chain(jax.lax.stop_gradient(x), key, self.chains)
+            surr = self._chain(x, key, self.surrogate_chains, self.surrogate_steps)
             return surr + jax.lax.stop_gradient(full - surr)
-        return self._chain(x, key, None)
+        return self._chain(x, key, self.chains)
 
-    def _chain(self, x, key, steps_override):
+    def _chain(self, x, key, chains, steps_override=None):
         h = x
-        for i, (t_star, steps) in enumerate(self.stages):
+        for i, ((t_star, steps), chain) in enumerate(zip(self.stages, chains, strict=True)):
             k = jr.fold_in(key, i) if len(self.stages) > 1 else key
-            h = self._stage(h, k, t_star, steps_override or steps)
+            h = self._stage(h, k, t_star, steps_override or steps, chain)
         return h
 
-    def _stage(self, x01, key, t_star, steps, *, trajectory: bool = False):
+    def _stage(self, x01, key, t_star, steps, chain, *, trajectory: bool = False):
         x = jd.to_model_space(x01)
-        k_fwd, k_rev = jr.fold_in(key, 0), jr.fold_in(key, 1)
+        k_fwd, k_rev = jr.fold_in(key, tags.PURIFY_FORWARD), jr.fold_in(key, tags.PURIFY_REVERSE)
         noise = jr.normal(k_fwd, x.shape, x.dtype)
         kw = dict(remat=self.remat and not trajectory, unroll=self.unroll,
                   return_trajectory=trajectory)
         if self.sampler in ("ddpm", "ddim"):
-            chain = jd.truncated(self.schedule, t_star, steps)
             x_t = jd.q_sample(x, chain.num_steps - 1, noise, chain)
             if self.sampler == "ddpm":
                 out = jd.ddpm_sample(self.eps_fn, x_t, k_rev, chain, variance=self.variance,
@@ -211,18 +249,29 @@ class Purifier:
             raise ValueError("trajectory: expected a single-stage purifier")
         check_images(x, "x")
         (t_star, steps), = self.stages
-        return self._stage(x, key, t_star, steps, trajectory=True)
+        return self._stage(x, key, t_star, steps, self.chains[0], trajectory=True)
 
 
-def diffpure(eps_fn: jd.EpsFn, schedule: jd.Schedule, *, t_star: float,
+def _model_and_schedule(model, schedule):
+    if schedule is None:
+        schedule = getattr(model, "schedule", None)
+        if schedule is None:
+            raise TypeError("schedule: expected a jaxrob.diffusion.Schedule (or a model with a "
+                            ".schedule, e.g. jaxrob.models.load of a DDPM export), got None")
+    return model, schedule
+
+
+def diffpure(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, t_star: float,
              num_steps: int | None = None, sampler: str = "ddpm", gradient: str = "exact",
              surrogate_steps: int | None = None, variance: str = "fixed_small",
              eta: float = 0.0, remat: bool = True, unroll: int = 1) -> Purifier:
     """A DiffPure-style purifier: diffuse to ``t_star`` in closed form, reverse in ``num_steps``.
 
     Args:
-      eps_fn: ``eps_fn(x_t, model_step) -> eps`` of the trained diffusion model.
-      schedule: the model's training schedule (e.g. ``linear_schedule(1000)``).
+      model: the trained diffusion model, ``model(x_t, model_step) -> eps``: a
+        :class:`jaxrob.models.DiffusionModel` (``jaxrob.models.load``; carries its schedule) or
+        any ``eps_fn``.
+      schedule: the model's training schedule (None: ``model.schedule``).
       t_star: fraction of the forward process in (0, 1] (DiffPure's t=100 of 1000 is 0.1).
       num_steps: reverse steps (respaced evenly over the first ``t_star`` of the chain; None:
         every step of the chain, i.e. ``round(t_star * N)``). For ``"sde"``/``"ode"`` the number
@@ -237,35 +286,80 @@ def diffpure(eps_fn: jd.EpsFn, schedule: jd.Schedule, *, t_star: float,
 
     Returns:
       A :class:`Purifier`.
+
+    Example::
+
+      ddpm = jaxrob.models.load("checkpoints/mnist_ddpm", fast_vjp=True)
+      purify = jaxrob.purify.diffpure(ddpm, t_star=0.1, num_steps=10)
+      x_pur = purify(x, jax.random.key(0))
     """
+    model, schedule = _model_and_schedule(model, schedule)
     t_star = check_t_star(t_star)
     if num_steps is None:
         num_steps = schedule.step_for_t_star(t_star) + 1
-    return Purifier(eps_fn, schedule, ((t_star, int(num_steps)),), sampler=sampler,
-                    gradient=gradient, surrogate_steps=surrogate_steps, variance=variance,
-                    eta=eta, remat=remat, unroll=unroll)
+    return Purifier.create(model, schedule, ((t_star, num_steps),), sampler=sampler,
+                           gradient=gradient, surrogate_steps=surrogate_steps,
+                           variance=variance, eta=eta, remat=remat, unroll=unroll)
 
 
-def multistage(eps_fn: jd.EpsFn, schedule: jd.Schedule,
-               stages: Sequence[tuple[float, int]], **kwargs) -> Purifier:
+def multistage(model: jd.EpsFn, schedule: jd.Schedule | None = None,
+               stages: Sequence[tuple[float, int]] = (), **kwargs) -> Purifier:
     """Sequential purification stages ``[(t_star, num_steps), ...]`` (Lee & Kim's gradual
     noise schedule, e.g. ``[(0.03, 3)] * 4 + [(0.05, 5)] * 2 + [(0.125, 12)] * 2``).
 
-    Stage ``i`` uses ``fold_in(key, i)``. Other keyword arguments as :func:`diffpure`.
+    Stage ``i`` uses ``fold_in(key, i)``. Other arguments as :func:`diffpure`.
     """
-    stages = tuple((check_t_star(t), check_positive_int(s, "num_steps")) for t, s in stages)
-    return Purifier(eps_fn, schedule, stages, **kwargs)
+    model, schedule = _model_and_schedule(model, schedule)
+    return Purifier.create(model, schedule, stages, **kwargs)
 
 
-def purified_logits(logits_fn: Callable[[Images], jax.Array], purify: PurifyFn
-                    ) -> Callable[[Images, Key], jax.Array]:
-    """The defended model ``(x, key) -> logits_fn(purify(x, key))``."""
-    return lambda x, key: logits_fn(purify(x, key))
+@pytree_dataclass
+class DefendedModel:
+    """A classifier behind a purifier: ``defended(x, key) -> classifier(purifier(x, key))``.
+
+    The thing an attack attacks (``logits_fn(x, key) -> logits``). A pytree: both models'
+    parameters are leaves, so an attack jitted over it compiles once per architecture and
+    configuration. ``purifier=None`` is the undefended classifier.
+
+    Attributes:
+      classifier: ``classifier(x, key) -> logits`` (a :class:`jaxrob.models.Classifier` ignores
+        the key; a randomised one gets ``fold_in(key, CLASSIFIER)``).
+      purifier: ``purifier(x, key) -> x_purified`` (a :class:`Purifier`), or None.
+    """
+
+    classifier: Callable
+    purifier: PurifyFn | None = None
+
+    def __call__(self, x: Images, key: Key) -> jax.Array:
+        if self.purifier is not None:
+            x = self.purifier(x, key)
+        return self.classifier(x, fold(key, CLASSIFIER))
+
+    def manifest(self) -> dict:
+        """What an evaluation records about this defence."""
+        return {"purifier": (self.purifier.manifest() if hasattr(self.purifier, "manifest")
+                             else None if self.purifier is None else repr(self.purifier)),
+                "classifier": type(getattr(self.classifier, "module", self.classifier)).__name__}
 
 
-def majority_vote(logits_fn: Callable[[Images], jax.Array], purify: PurifyFn, x: Images,
-                  key: Key, *, num_votes: int, chunk: int | None = None) -> jax.Array:
+def purified_logits(logits_fn: Callable, purify: PurifyFn | None) -> DefendedModel:
+    """The defended model ``(x, key) -> logits_fn(purify(x, key), key')`` (:class:`DefendedModel`).
+
+    Args:
+      logits_fn: the classifier, ``logits_fn(x, key) -> logits``.
+      purify: the purifier, or None for the undefended classifier.
+    """
+    if not callable(logits_fn):
+        raise TypeError(f"logits_fn: expected a callable logits_fn(x, key), got "
+                        f"{type(logits_fn).__name__}")
+    return DefendedModel(logits_fn, purify)
+
+
+def majority_vote(defended: Callable, x: Images, key: Key, *, num_votes: int,
+                  chunk: int | None = None) -> jax.Array:
     """Vote counts of ``num_votes`` independent purifications (Lee & Kim's ensemble defence).
+
+    ``defended(x, key) -> logits`` is the purified classifier (:class:`DefendedModel`).
 
     Purification ``v`` uses ``fold_in(key, v)`` (per-example keys are folded alike), computed as
     a ``vmap`` over votes in chunks of ``chunk`` (default: all at once).
@@ -281,7 +375,7 @@ def majority_vote(logits_fn: Callable[[Images], jax.Array], purify: PurifyFn, x:
     def one(v):
         k = (jax.vmap(lambda kk: jr.fold_in(kk, v))(key) if _is_key_batch(key)
              else jr.fold_in(key, v))
-        logits = logits_fn(purify(x, k))
+        logits = defended(x, k)
         return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.int32)
 
     votes = jax.lax.map(one, jnp.arange(num_votes), batch_size=chunk)

@@ -23,6 +23,7 @@ import optax
 import jaxrob.diffusion as jd
 from jaxrob._checks import check_images, check_t_star
 from jaxrob._types import Array, Images, Key
+from jaxrob.diffusion._forward import gather
 from jaxrob.training._state import (
     TrainState,
     batched_apply,
@@ -172,7 +173,7 @@ def denoising_mse(eps_fn: jd.EpsFn, images01: Images, key: Key, schedule: jd.Sch
         axes = tuple(range(1, x01.ndim))
 
         def at_level(n_B):
-            abar = jd.gather(schedule.alphas_cumprod, n_B, x01)
+            abar = gather(schedule.alphas_cumprod, n_B, x01)
             x_t = jd.q_sample(x0, n_B, noise, schedule)
             eps = eps_fn(x_t, schedule.model_steps[n_B])
             x0_hat = jd.from_model_space(jd.predict_x0(x_t, n_B, eps, schedule), clip=True)

@@ -1,0 +1,37 @@
+"""Every ``fold_in`` tag of the library, in one place.
+
+A result never depends on batch size, chunking or device count because every random draw is a
+``fold_in`` chain from the run's key: example ``i`` gets ``k_i = fold_in(key, index_i)``, and each
+use of ``k_i`` folds in one of the tags below. Two studies that say "the fixed purifier key" use
+``fold(k_i, FIXED)`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+# purification: the forward noise and the reverse steps' noise of one stage
+PURIFY_FORWARD = 0
+PURIFY_REVERSE = 1
+
+# evaluation (per example ``k_i``)
+ATTACK = 1  # the attack's own randomness, and in stochastic mode its purifier keys
+CLEAN = 2  # the purifications that score the clean input
+ADV = 3  # the purifications that score the adversarial input
+FIXED = 4  # the one purifier key of randomness="fixed" (attack and scoring alike)
+CLASSIFIER = 5  # a randomised classifier's key inside a defended model
+STUDY = 6  # a study's own randomness (directions, probes) beside the purifier's
+
+
+def fold(key, data):
+    """``fold_in(key, data)`` for one key or a (B,) batch of keys."""
+    if jnp.ndim(key) == 1:
+        return jax.vmap(lambda k: jr.fold_in(k, data))(key)
+    return jr.fold_in(key, data)
+
+
+def example_keys(key, indices):
+    """Per-example keys ``fold_in(key, index)`` for global example indices (shape (B,))."""
+    return jax.vmap(lambda i: jr.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
