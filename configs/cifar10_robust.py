@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.attack.update(eps=8 / 255, num_steps=20, eot_samples=10, step_size=2 / 255)
     c.eval.batch_size = 64
     c.rows = ({"name": "ddpm_exact"},
-              {"name": "ddpm_fixed", "eval.randomness": "fixed", "attack.eot_samples": 1})
+              {"name": "ddpm_fixed", "eval": {"randomness": "fixed"}, "attack": {"eot_samples": 1}})
     if arg == "smoke":
         c.ddpm.source = "random"
         c.ddpm.model.overrides = _common.unet_overrides(

@@ -16,10 +16,10 @@ def get_config(arg=None):
     arg = _common.parse_arg(arg)
     c = _common.use_digits(_common.robust_base(), "test[:64]")
     c.attack.eps = 0.2
-    c.rows = ({"name": "classifier", "purifier.enabled": False},
+    c.rows = ({"name": "classifier", "purifier": {"enabled": False}},
               {"name": "ddpm_exact"},
-              {"name": "ddpm_bpda", "purifier.gradient": "bpda"},
-              {"name": "ddpm_fixed", "eval.randomness": "fixed", "attack.eot_samples": 1})
+              {"name": "ddpm_bpda", "purifier": {"gradient": "bpda"}},
+              {"name": "ddpm_fixed", "eval": {"randomness": "fixed"}, "attack": {"eot_samples": 1}})
     if arg == "smoke":
         _common.robust_smoke(c)
         c.data.test_split = "test[:8]"

@@ -48,15 +48,14 @@ def settings(t_stars=(0.02, 0.05, 0.1, 0.2, 0.3), steps=10, more_steps=False, un
     """DDPM at several t*, DDIM at t* = 0.1, DDPM t* = 0.1 without the final [0, 1] clip of
     the output (``study.unclipped``: clipped output pixels have zero Jacobian rows) and, with
     ``more_steps``, DDPM t* = 0.1 with twice the reverse steps."""
-    out = [{"name": f"ddpm_t{t:g}", "purifier.sampler": "ddpm", "purifier.t_star": t,
-            "purifier.num_steps": steps} for t in t_stars]
-    out += [{"name": "ddim_t0.1", "purifier.sampler": "ddim", "purifier.t_star": 0.1,
-             "purifier.num_steps": steps},
-            {"name": "ddpm_t0.1_unclipped", "purifier.sampler": "ddpm", "purifier.t_star": 0.1,
-             "purifier.num_steps": steps, "study.unclipped": True}][:None if unclipped else 1]
+    pur = lambda sampler, t, n=steps: {"sampler": sampler, "t_star": t, "num_steps": n}
+    out = [{"name": f"ddpm_t{t:g}", "purifier": pur("ddpm", t)} for t in t_stars]
+    out += [{"name": "ddim_t0.1", "purifier": pur("ddim", 0.1)},
+            {"name": "ddpm_t0.1_unclipped", "purifier": pur("ddpm", 0.1),
+             "study": {"unclipped": True}}][:None if unclipped else 1]
     if more_steps:
-        out.append({"name": f"ddpm_t0.1_{2 * steps}steps", "purifier.sampler": "ddpm",
-                    "purifier.t_star": 0.1, "purifier.num_steps": 2 * steps})
+        out.append({"name": f"ddpm_t0.1_{2 * steps}steps",
+                    "purifier": pur("ddpm", 0.1, 2 * steps)})
     return tuple(out)
 
 
@@ -78,9 +77,9 @@ def smoke(c: config_dict.ConfigDict, test_split: str = "test[:2]") -> config_dic
     c.data.test_split = test_split
     c.data.num_images = 0
     c.study.update(topk=3, num=4, images_per_chunk=1, chunk=16)
-    c.settings = ({"name": "ddpm_t0.1", "purifier.t_star": 0.1},
-                  {"name": "ddim_t0.2_unclipped", "purifier.sampler": "ddim",
-                   "purifier.t_star": 0.2, "study.unclipped": True})
+    c.settings = ({"name": "ddpm_t0.1", "purifier": {"t_star": 0.1}},
+                  {"name": "ddim_t0.2_unclipped", "purifier": {"sampler": "ddim", "t_star": 0.2},
+                   "study": {"unclipped": True}})
     return c
 
 

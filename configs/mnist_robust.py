@@ -20,16 +20,16 @@ VARIANTS = ("", "smoke", "eps01", "l2")
 
 
 def rows(samplers=("ddpm", "ddim"), t_stars=(0.1, 0.3)):
-    out = [{"name": "classifier", "purifier.enabled": False}]
+    out = [{"name": "classifier", "purifier": {"enabled": False}}]
     for sampler in samplers:
         for t in t_stars:
-            base = {"purifier.sampler": sampler, "purifier.t_star": t}
+            pur = {"sampler": sampler, "t_star": t}
             tag = f"{sampler}_t{t:g}"
-            out += [{"name": f"{tag}_exact", **base},
-                    {"name": f"{tag}_bpda", **base, "purifier.gradient": "bpda"},
+            out += [{"name": f"{tag}_exact", "purifier": pur},
+                    {"name": f"{tag}_bpda", "purifier": {**pur, "gradient": "bpda"}},
                     # one fixed key: every EoT sample would be the same (ADDT's DW-box: EoT 1)
-                    {"name": f"{tag}_fixed", **base, "eval.randomness": "fixed",
-                     "attack.eot_samples": 1}]
+                    {"name": f"{tag}_fixed", "purifier": pur, "eval": {"randomness": "fixed"},
+                     "attack": {"eot_samples": 1}}]
     return tuple(out)
 
 

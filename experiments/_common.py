@@ -102,44 +102,6 @@ def load_split(data_config, split: str, *, name: str | None = None, num_images: 
     return ds
 
 
-def build_schedule(diffusion_config):
-    import jaxrob.diffusion as jd
-
-    kind = diffusion_config.schedule
-    if kind == "linear":
-        return jd.linear_schedule(int(diffusion_config.num_steps),
-                                  beta_start=float(diffusion_config.beta_start),
-                                  beta_end=float(diffusion_config.beta_end))
-    if kind == "cosine":
-        return jd.cosine_schedule(int(diffusion_config.num_steps))
-    raise ValueError(f"diffusion.schedule: expected 'linear' or 'cosine', got {kind!r}")
-
-
-def build_unet(model_config):
-    from jaxrob.models import unet_from_config
-
-    if model_config.name != "unet":
-        raise ValueError(f"model.name: expected 'unet' for a diffusion model, got "
-                         f"{model_config.name!r}")
-    overrides = {k: v for k, v in to_plain(model_config.get("overrides") or {}).items()
-                 if v is not None}
-    return unet_from_config(model_config.config, **overrides)
-
-
-def build_classifier(model_config, num_classes: int):
-    from jaxrob.models import MODELS
-
-    name = model_config.name
-    if name not in MODELS or name == "unet":
-        raise ValueError(f"model.name: expected a classifier of jaxrob.models.MODELS "
-                         f"{sorted(k for k in MODELS if k != 'unet')}, got {name!r}")
-    kwargs = to_plain(model_config.get("kwargs") or {})
-    for k, v in kwargs.items():
-        if isinstance(v, list):
-            kwargs[k] = tuple(v)
-    return MODELS[name](num_classes=num_classes, **kwargs)
-
-
 def resolve_path(path: str, *, base: pathlib.Path) -> pathlib.Path:
     p = pathlib.Path(os.path.expanduser(path))
     return p if p.is_absolute() else base / p
@@ -324,3 +286,200 @@ def start(distributed: bool, config=None) -> None:
     quiet_orbax()
     if distributed:
         jax.distributed.initialize()
+
+
+# ----------------------------------------------------------------------------- models, studies
+# What several entry points share (no entry point imports another): config -> model objects,
+# purifier and attack from config, the sweep rows, the common start and end of a study.
+
+DDPM_SOURCES = ("export", "random", "diffusers")
+CLASSIFIER_SOURCES = ("akamaster", "export")
+ATTACKS = ("none", "fgsm", "pgd", "apgd")
+
+
+def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
+    """``(model, description)`` for ``config.ddpm``: a :class:`jaxrob.models.DiffusionModel`.
+
+    Sources: ``export`` (a jaxrob export, ``jaxrob.models.load``), ``random`` (``ddpm.model``
+    randomly initialised: smoke tests, timing), ``diffusers`` (a diffusers ``UNet2DModel``
+    state dict file, e.g. google/ddpm-cifar10-32, ``ddpm.model.config`` naming the UNet).
+    """
+    import jax.random as jr
+
+    from jaxrob.models import (
+        DiffusionModel,
+        load,
+        load_state_dict_file,
+        schedule_from_metadata,
+        unet_from_diffusers_state_dict,
+        unet_from_metadata,
+    )
+
+    source = ddpm_config.source
+    if source == "export":
+        path = resolve_path(ddpm_config.path, base=REPO_ROOT)
+        from jaxrob.checkpoint import read_metadata
+
+        meta = read_metadata(path)
+        model = load(path, kind="ddpm", fast_vjp=fast_vjp)
+        return model, {"source": source, "path": str(path), "step": meta.get("step"),
+                       "num_params": meta.get("num_params")}
+    if source not in DDPM_SOURCES:
+        raise ValueError(f"ddpm.source: expected one of {list(DDPM_SOURCES)}, got {source!r}")
+    unet = unet_from_metadata(to_plain(ddpm_config.model))
+    schedule = schedule_from_metadata(to_plain(ddpm_config.diffusion))
+    if source == "random":
+        x = jax.ShapeDtypeStruct((1, *image_shape), np.float32)
+        variables = jax.jit(unet.init)(jr.key(int(ddpm_config.seed)), x,
+                                       jax.ShapeDtypeStruct((1,), np.int32))
+        info = {"source": source, "seed": int(ddpm_config.seed)}
+    else:
+        path = resolve_path(ddpm_config.path, base=REPO_ROOT)
+        variables = unet_from_diffusers_state_dict(load_state_dict_file(path), unet)
+        info = {"source": source, "path": str(path)}
+    model = DiffusionModel(unet, variables, schedule)
+    return (model.with_fast_vjp(True) if fast_vjp else model), info
+
+
+def load_classifier(model_config, data_config, *, fast_vjp: bool = False):
+    """``(classifier, description)`` for ``config.classifier`` / ``config.model``: a
+    :class:`jaxrob.models.Classifier` from a jaxrob export or akamaster's CIFAR ResNet file."""
+    from jaxrob.models import Classifier, load
+
+    source = model_config.source
+    if source == "akamaster":
+        from jaxrob.data import resolve_data_dir
+        from jaxrob.models import load_akamaster_resnet
+
+        path = resolve_path(model_config.path, base=resolve_data_dir(data_dir(data_config)))
+        if not path.is_file():
+            raise FileNotFoundError(f"model.path: no pretrained weights at {path}")
+        module, variables = load_akamaster_resnet(path)
+        model = Classifier(module, variables)
+        info = {"source": source, "path": str(path)}
+    elif source == "export":
+        from jaxrob.checkpoint import read_metadata
+
+        path = resolve_path(model_config.path, base=REPO_ROOT)
+        model = load(path, kind="classifier")
+        info = {"source": source, "path": str(path),
+                "export_step": read_metadata(path).get("step")}
+    else:
+        raise ValueError(f"model.source: expected one of {list(CLASSIFIER_SOURCES)}, got "
+                         f"{source!r}")
+    return (model.with_fast_vjp(True) if fast_vjp else model), info
+
+
+def make_purifier(purifier_config, model):
+    """A :class:`jaxrob.purify.Purifier` over ``model`` from ``config.purifier`` (None when
+    disabled)."""
+    from jaxrob.purify import diffpure, multistage
+
+    p = purifier_config
+    if not p.enabled:
+        return None
+    kw = dict(sampler=p.sampler, gradient=p.gradient, surrogate_steps=p.get("surrogate_steps"),
+              variance=p.variance, eta=float(p.eta), remat=bool(p.remat))
+    stages = p.get("stages")
+    if stages:
+        return multistage(model, stages=[tuple(s) for s in stages], **kw)
+    return diffpure(model, t_star=float(p.t_star), num_steps=int(p.num_steps), **kw)
+
+
+def make_attack(attack_config):
+    """``attack(model, x, y, key) -> AttackResult`` from ``config.attack`` (None for "none")."""
+    import functools
+
+    from jaxrob import attacks
+
+    a = attack_config
+    name = a.name
+    if name not in ATTACKS:
+        raise ValueError(f"attack.name: expected one of {list(ATTACKS)}, got {name!r}")
+    if name == "none":
+        return None
+    eps = float(a.eps)
+    if eps < 0:
+        raise ValueError(f"attack.eps: expected >= 0, got {eps}")
+    eot_samples, eot_chunk = int(a.eot_samples), a.get("eot_chunk")
+    if eot_samples < 1 or (eot_chunk is not None and (eot_chunk < 1 or eot_samples % eot_chunk)):
+        raise ValueError(f"attack.eot_chunk: expected a positive divisor of attack.eot_samples="
+                         f"{eot_samples}, got {eot_chunk}")
+    common = dict(eps=eps, loss=a.loss, eot_samples=eot_samples, eot_chunk=eot_chunk)
+    if name == "fgsm":
+        return functools.partial(attacks.fgsm, **common)
+    if name == "pgd":
+        return functools.partial(attacks.pgd, norm=a.norm, num_steps=int(a.num_steps),
+                                 step_size=a.get("step_size"),
+                                 random_start=bool(a.random_start),
+                                 num_restarts=int(a.num_restarts), **common)
+    return functools.partial(attacks.apgd, norm=a.norm, num_steps=int(a.num_steps),
+                             random_start=bool(a.random_start),
+                             num_restarts=int(a.num_restarts), **common)
+
+
+def row_config(config, row):
+    """The base config with one sweep row merged in.
+
+    A row is a nested dict mirroring the config (``{"name": "ddim_t0.3", "purifier":
+    {"sampler": "ddim", "t_star": 0.3}, "eval": {"randomness": "fixed"}}``); every field must
+    exist in the base config with a compatible type (the merge goes through a locked
+    ``ConfigDict``), so a mistyped row fails before any work.
+    """
+    from ml_collections import config_dict
+
+    c = config.copy_and_resolve_references()
+    c.lock()
+    row = dict(to_plain(row))
+    row.pop("name", None)
+
+    def merge(node, updates, where):
+        for k, v in updates.items():
+            path = f"{where}{k}"
+            if k not in node:
+                raise ValueError(f"rows: unknown config field {path!r}")
+            if isinstance(v, Mapping) and isinstance(node[k], config_dict.ConfigDict):
+                merge(node[k], v, f"{path}.")
+            else:
+                try:
+                    node[k] = tuple(v) if isinstance(v, list) else v
+                except TypeError as e:
+                    raise ValueError(f"rows: {path}: {e}") from None
+
+    merge(c, row, "")
+    c.unlock()
+    return c
+
+
+def start_study(config, workdir, what: str, *, single_stage: bool = False,
+                fast_vjp: bool = False):
+    """Common start of the purifier studies: workdir, config.json, test split, DDPM, purifier.
+
+    Returns ``(timer, workdir, test, purifier, ddpm_info)``; ``what`` names the study in the
+    error raised when ``config.purifier`` is disabled (or not single-stage when required).
+    ``fast_vjp``: build the purifier over the UNet's reverse-mode twin (same parameters; for
+    studies that differentiate through it in reverse mode only).
+    """
+    timer = Timer()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workdir / "config.json", config)
+    test = load_split(config.data, config.data.test_split,
+                      num_images=int(config.data.num_images))
+    ddpm, ddpm_info = load_ddpm(config.ddpm, tuple(test.image_shape), fast_vjp=fast_vjp)
+    purifier = make_purifier(config.purifier, ddpm)
+    if purifier is None or (single_stage and len(purifier.stages) != 1):
+        kind = "one single-stage purifier" if single_stage else "a purifier"
+        raise ValueError(f"purifier: the {what} needs {kind}")
+    return timer, workdir, test, purifier, ddpm_info
+
+
+def write_results(config, workdir: pathlib.Path, results: dict, test) -> dict:
+    """Add the manifest (with the images' dataset, split and index range) and write
+    ``results.json``; returns ``results``."""
+    results["manifest"] = manifest(
+        config, wall_s=results["wall_s"], seeds={"seed": int(config.seed)},
+        extra={"num_images": len(test), "dataset": test.name, "split": test.split,
+               "indices": [int(test.indices[0]), int(test.indices[-1]) + 1]})
+    write_json(workdir / "results.json", results)
+    return results

@@ -26,8 +26,6 @@ import numpy as np
 from absl import logging
 
 from experiments import _common
-from experiments.eval_classifier import load_classifier
-from experiments.robust_eval import start_study, write_results
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "mnist_distance.py")
 STARTS = ("clean", "adversarial", "random")
@@ -38,11 +36,11 @@ def forward_path(purifier, x01, key):
     """(steps, B, ...) states of the forward phase in [0, 1] space, ending at the purifier's
     ``x_t`` (same noise ``normal(fold_in(key, 0))``)."""
     import jaxrob.diffusion as jd
+    from jaxrob._keys import PURIFY_FORWARD
 
-    (t_star, steps), = purifier.stages
-    chain = jd.truncated(purifier.schedule, t_star, steps)
+    chain, = purifier.chains
     x = jd.to_model_space(x01)
-    noise = jr.normal(jr.fold_in(key, 0), x.shape, x.dtype)
+    noise = jr.normal(jr.fold_in(key, PURIFY_FORWARD), x.shape, x.dtype)
     states = jax.vmap(lambda n: jd.q_sample(x, n, noise, chain))(jnp.arange(chain.num_steps))
     return jd.from_model_space(states, clip=False)
 
@@ -75,17 +73,16 @@ def run(config, workdir) -> dict:
     from jaxrob.analysis import trajectory_distances
     from jaxrob.attacks import pgd
 
-    timer, workdir, test, purifier, ddpm_info = start_study(
+    timer, workdir, test, purifier, ddpm_info = _common.start_study(
         config, workdir, "distance study", single_stage=True)
-    classifier, clf_vars, clf_info = load_classifier(config.classifier, config.data)
-    logits_fn = lambda x, key: classifier.apply(clf_vars, x, train=False)
+    logits_fn, clf_info = _common.load_classifier(config.classifier, config.data)
     s = config.study
     eps = float(s.eps)
     key = jr.key(int(config.seed))
     x = jnp.asarray(test.images)
     y = jnp.asarray(test.labels)
-    x_adv = pgd(logits_fn, x, y, jr.fold_in(key, 1), eps=eps, num_steps=int(s.pgd_steps),
-                loss="ce").x_adv
+    x_adv = pgd(logits_fn, x, y, jr.fold_in(key, 1), eps=eps,
+                num_steps=int(s.pgd_steps)).x_adv
     x_rand = jnp.clip(x + jr.uniform(jr.fold_in(key, 2), x.shape, minval=-eps, maxval=eps),
                       0.0, 1.0)
     k_pur = jr.fold_in(key, 3)
@@ -113,7 +110,7 @@ def run(config, workdir) -> dict:
                                        "random": acc(x_rand)},
                "purifier": purifier.manifest(), "ddpm": ddpm_info, "classifier": clf_info,
                "num_images": len(test), "wall_s": timer()}
-    write_results(config, workdir, results, test)
+    _common.write_results(config, workdir, results, test)
     logging.info("l2 to clean, input -> purified: %s",
                  {k: (round(v["l2"]["input"], 3), round(v["l2"]["purified"], 3))
                   for k, v in final.items()})

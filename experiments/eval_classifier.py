@@ -18,56 +18,23 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import logging
-from ml_collections import config_dict
 
 from experiments import _common
-from experiments import train_classifier as _tc
-
-SOURCES = ("akamaster", "export")
-
-
-def load_classifier(model_config, data_config):
-    """``(model, variables, description)`` for ``config.model`` (see the module docstring)."""
-    source = model_config.source
-    if source == "akamaster":
-        from jaxrob.data import resolve_data_dir
-        from jaxrob.models import load_akamaster_resnet
-
-        path = _common.resolve_path(model_config.path,
-                                    base=resolve_data_dir(_common.data_dir(data_config)))
-        if not path.is_file():
-            raise FileNotFoundError(f"model.path: no pretrained weights at {path}")
-        model, variables = load_akamaster_resnet(path)
-        return model, variables, {"source": source, "path": str(path)}
-    if source == "export":
-        from jaxrob.checkpoint import load_params
-
-        path = _common.resolve_path(model_config.path, base=_common.REPO_ROOT)
-        variables, meta = load_params(path)
-        if meta.get("kind") != "classifier":
-            raise ValueError(f"model.path: {path} holds a {meta.get('kind')!r} export, "
-                             "expected a classifier")
-        model = _common.build_classifier(config_dict.ConfigDict(meta["model"]),
-                                         int(meta["num_classes"]))
-        return model, variables, {"source": source, "path": str(path),
-                                  "export_step": meta.get("step")}
-    raise ValueError(f"model.source: expected one of {list(SOURCES)}, got {source!r}")
+from experiments import _train_classifier as _tc
 
 
 def run(config, workdir) -> dict:
     """Evaluate; returns (and writes) ``results.json``'s content."""
-    from jaxrob.training import make_logits_fn
-
     timer = _common.Timer()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _common.write_json(workdir / "config.json", config)
     mesh = _common.get_mesh(config.mesh)
     batch_size = _common.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-    model, variables, source = load_classifier(config.model, config.data)
+    model, source = _common.load_classifier(config.model, config.data)
     ds = _common.load_split(config.data, config.data.test_split,
                             num_images=int(config.eval.num_images))
-    ev = _tc.evaluate(make_logits_fn(model.apply, variables), ds, batch_size=batch_size,
+    ev = _tc.evaluate(model, ds, batch_size=batch_size,
                       mesh=mesh)
     logging.info("accuracy %.4f (%d/%d) on %s %s", ev["accuracy"], ev["correct"],
                  ev["num_images"], ds.name, ds.split)

@@ -23,9 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 from absl import logging
 
-from experiments import _common
-from experiments import train_classifier as _train_classifier
-from experiments import train_diffusion as _train_diffusion
+from experiments import _common, _robust_eval, _train_classifier, _train_diffusion
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "main.py")
 
@@ -73,7 +71,14 @@ def obtain(kind: str, sub_config, export_dir: pathlib.Path, train_workdir: pathl
 
 def run(config, workdir) -> dict:
     """The main job; returns (and writes) ``results.json``'s content."""
-    from jaxrob.training import classifier_predictions, make_logits_fn
+    from jaxrob.models import (
+        Classifier,
+        DiffusionModel,
+        classifier_from_metadata,
+        schedule_from_metadata,
+        unet_from_metadata,
+    )
+    from jaxrob.training import classifier_predictions
 
     timer = _common.Timer()
     workdir = pathlib.Path(workdir)
@@ -89,21 +94,20 @@ def run(config, workdir) -> dict:
 
     _common.write_json(workdir / "config.json", config)
     mesh = _common.get_mesh(config.mesh)
-    unet = _common.build_unet(config.ddpm.model)
-    schedule = _common.build_schedule(config.ddpm.diffusion)
-    classifier = _common.build_classifier(config.classifier.model, int(clf_meta["num_classes"]))
-    logits_fn = make_logits_fn(classifier.apply, clf_vars)
+    ddpm = DiffusionModel(unet_from_metadata(_common.to_plain(config.ddpm.model)), ddpm_vars,
+                          schedule_from_metadata(_common.to_plain(config.ddpm.diffusion)))
+    logits_fn = Classifier(classifier_from_metadata(_common.to_plain(config.classifier.model),
+                                                    int(clf_meta["num_classes"])), clf_vars)
     test = _common.load_split(config.ddpm.data, config.ddpm.data.test_split,
                               num_images=int(config.eval.num_images))
 
     t_eval = _common.Timer()
-    denoising = _train_diffusion.evaluate_denoising(unet.apply, ddpm_vars, schedule,
-                                                    test.images, config.eval, mesh)
+    denoising = _train_diffusion.evaluate_denoising(ddpm, test.images, config.eval, mesh)
     clf_test = _train_classifier.evaluate(logits_fn, test,
                                           batch_size=int(config.eval.batch_size), mesh=mesh)
     eval_s = t_eval()
     samples, sample_s = _train_diffusion.generate_samples(
-        unet.apply, ddpm_vars, schedule, config.sample, tuple(test.image_shape), mesh)
+        ddpm, config.sample, tuple(test.image_shape), mesh)
     _common.save_image_grid(workdir / "samples.png", samples, grid=int(config.sample.grid))
     _common.save_npz(workdir / "samples.npz", samples=samples)
     sample_labels = classifier_predictions(logits_fn, samples, mesh=mesh)
@@ -119,13 +123,11 @@ def run(config, workdir) -> dict:
     logging.info("classifier test accuracy %.4f; labels of the %d samples: %s",
                  clf_test["accuracy"], len(samples), np.bincount(sample_labels, minlength=10))
 
-    from experiments import robust_eval
-
     robust_config = config.robust.copy_and_resolve_references()
     with robust_config.unlocked():
         robust_config.ddpm.update(source="export", path=str(root / "digits_ddpm"))
         robust_config.classifier.update(source="export", path=str(root / "digits_classifier"))
-    robust = robust_eval.run(robust_config, workdir / "robust")
+    robust = _robust_eval.run(robust_config, workdir / "robust")
 
     results = {
         "accuracy": clf_test["accuracy"],

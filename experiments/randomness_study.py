@@ -23,7 +23,6 @@ import numpy as np
 from absl import logging
 
 from experiments import _common
-from experiments.robust_eval import start_study, write_results
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "mnist_randomness.py")
 MODES = ("fixed_noise", "fixed_input", "both")
@@ -59,7 +58,7 @@ def run(config, workdir) -> dict:
     """The study; returns (and writes) ``results.json``'s content."""
     from jaxrob.analysis import randomness_decomposition
 
-    timer, workdir, test, purifier, ddpm_info = start_study(
+    timer, workdir, test, purifier, ddpm_info = _common.start_study(
         config, workdir, "randomness study")
     s = config.study
     res = randomness_decomposition(purifier, test.images, jr.key(int(config.seed)),
@@ -79,7 +78,7 @@ def run(config, workdir) -> dict:
     results = {"summary": summary, "input_radius": input_radius, "paper": PAPER,
                "purifier": purifier.manifest(), "ddpm": ddpm_info,
                "num_images": len(test), "wall_s": timer()}
-    write_results(config, workdir, results, test)
+    _common.write_results(config, workdir, results, test)
     logging.info("mean correlation: %s; radius / input radius: %s",
                  {m: round(summary[m]["mean_correlation"]["mean"], 4) for m in MODES},
                  {m: round(summary[m]["radius_over_input"], 3) for m in MODES})

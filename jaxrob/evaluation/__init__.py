@@ -17,6 +17,7 @@ from jaxrob.evaluation._protocols import protocol_scores as protocol_scores
 from jaxrob.evaluation._protocols import score_predictions as score_predictions
 from jaxrob.evaluation._protocols import summarize as summarize
 from jaxrob.evaluation._protocols import wilson_interval as wilson_interval
+from jaxrob.evaluation._robust import attack_nfe as attack_nfe
 from jaxrob.evaluation._robust import evaluate_robustness as evaluate_robustness
 from jaxrob.evaluation._robust import fixed_purifier_keys as fixed_purifier_keys
 from jaxrob.evaluation._robust import robust_scores as robust_scores

@@ -209,8 +209,12 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
     if attack is not None and not callable(attack):
         raise TypeError(f"attack: expected attack(model, x, y, key) -> AttackResult or None, "
                         f"got {type(attack).__name__}")
-    check_num_classes(defended, jnp.asarray(images[:1]), labels,
-                      example_keys(key, indices[:1]))
+    # the number of classes, abstractly (one example; the labels are checked here)
+    k = check_num_classes(defended, jnp.asarray(images[:1]), labels[:1] * 0,
+                          example_keys(key, indices[:1]))
+    if labels.size and labels.max() >= k:
+        raise ValueError(f"labels: expected labels in [0, {k}) for a model with {k} classes, "
+                         f"got max {int(labels.max())}")
 
     def log_chunk(s, e, out):
         if log is None:
@@ -231,3 +235,17 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
     return {**score_record(per, protocols, randomness), "per_example": per,
             "wall_s": run.wall_s, "total_s": run.total_s, "chunks_run": run.chunks_run,
             "chunks_total": run.chunks_total}
+
+
+def attack_nfe(purifier, *, iterations: int, restarts: int = 1, eot_samples: int = 1) -> int:
+    """Network-function evaluations per image of a gradient attack through ``purifier``.
+
+    Every iteration (and the final evaluation: ``iterations + 1``) of every restart runs
+    ``eot_samples`` purifications forward and, for the gradient, the purifier's backward
+    (``purifier.nfe_backward``: recomputation + VJP, 0 for BPDA). 0 without a purifier or
+    without iterations.
+    """
+    if purifier is None or not iterations:
+        return 0
+    return ((int(iterations) + 1) * int(restarts) * int(eot_samples)
+            * (int(purifier.nfe) + int(purifier.nfe_backward)))

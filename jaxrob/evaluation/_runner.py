@@ -66,33 +66,18 @@ def _todo_ranges(done: np.ndarray, n: int, batch_size: int) -> list[tuple[int, i
     return out
 
 
-def _chunk_program(fn: Callable, constrain_out: bool):
-    @filter_jit
-    def program(args, batch, key, sharding):
-        keys = example_keys(key, batch["index"])
-        out = fn(*args, batch, keys)
-        if not isinstance(out, Mapping):
-            raise TypeError(f"run_chunks: fn must return a dict of per-example arrays, got "
-                            f"{type(out).__name__}")
-        if constrain_out:
-            out = jax.lax.with_sharding_constraint(dict(out), sharding)
-        return out
-
-    return program
-
-
-_PROGRAMS: dict[int, tuple[Callable, Callable]] = {}
-
-
-def _program_for(fn: Callable, constrain_out: bool) -> Callable:
-    # One jitted program per function object (kept alive with it), so a second run of the same
-    # fn reuses the compilation; parameters are arguments, never part of this cache's key.
-    key = (id(fn), constrain_out)
-    hit = _PROGRAMS.get(key)
-    if hit is None or hit[0] is not fn:
-        hit = (fn, _chunk_program(fn, constrain_out))
-        _PROGRAMS[key] = hit
-    return hit[1]
+@filter_jit
+def _program(fn, args, batch, key, sharding):
+    # ``fn`` is static (the compile cache's key, by identity), ``args`` are traced: a second run
+    # of the same fn over new parameters of the same shapes reuses the compilation.
+    keys = example_keys(key, batch["index"])
+    out = fn(*args, batch, keys)
+    if not isinstance(out, Mapping):
+        raise TypeError(f"run_chunks: fn must return a dict of per-example arrays, got "
+                        f"{type(out).__name__}")
+    if sharding is not None:
+        out = jax.lax.with_sharding_constraint(dict(out), sharding)
+    return out
 
 
 def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *, key,
@@ -149,7 +134,6 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
         raise ValueError(f"batch_size={batch_size} does not divide over the {ndev} devices; "
                          f"use a multiple of {ndev}")
     shard = data_sharding(mesh)
-    program = _program_for(fn, constrain_out)
 
     done = np.zeros(n, bool)
     if store is not None:
@@ -176,7 +160,7 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
                      else v[s:e]) for k, v in data.items()}
         batch["index"] = batch["index"].astype(np.uint32)
         placed = jax.device_put(batch, shard)
-        out = program(tuple(args), placed, key, shard)
+        out = _program(fn, tuple(args), placed, key, shard if constrain_out else None)
         out = {k: np.asarray(v)[: e - s] for k, v in out.items()
                if keep is None or keep(k)}
         out[SECONDS] = np.full((e - s,), (time.perf_counter() - t0) / (e - s), np.float64)
@@ -206,5 +190,5 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
     if not np.array_equal(records["index"], data["index"]):
         raise RuntimeError("run_chunks: the stored record is of other examples than data "
                            "(the store's fingerprint should say which run wrote it)")
-    total_s = float(np.sum(records.get(SECONDS, 0.0)))
+    total_s = float(np.nansum(records.get(SECONDS, 0.0)))  # NaN: chunks of older runs
     return ChunkRun(records, wall_s, total_s, len(todo), chunks_total)

@@ -9,6 +9,7 @@ Public: :func:`diffpure` / :func:`multistage` build a :class:`Purifier` (``purif
 from jaxrob.purify._diffpure import GRADIENTS as GRADIENTS
 from jaxrob.purify._diffpure import SAMPLERS as SAMPLERS
 from jaxrob.purify._diffpure import DefendedModel as DefendedModel
+from jaxrob.purify._diffpure import FixedRandomness as FixedRandomness
 from jaxrob.purify._diffpure import Purifier as Purifier
 from jaxrob.purify._diffpure import PurifyFn as PurifyFn
 from jaxrob.purify._diffpure import diffpure as diffpure

@@ -342,6 +342,24 @@ class DefendedModel:
                 "classifier": type(getattr(self.classifier, "module", self.classifier)).__name__}
 
 
+@pytree_dataclass
+class FixedRandomness:
+    """A randomised model with its randomness fixed: ``fixed(x, key) = model(x, keys)``.
+
+    The deterministic white-box ("DW-box") defence: the attacker knows and reuses the
+    purifier's noise. ``keys`` is one key or one per example (e.g.
+    ``jaxrob.evaluation.fixed_purifier_keys``, the keys ``randomness="fixed"`` evaluations
+    use); the key an attack passes is ignored.
+    """
+
+    model: Callable
+    keys: Key
+
+    def __call__(self, x: Images, key: Key | None = None) -> jax.Array:
+        del key
+        return self.model(x, self.keys)
+
+
 def purified_logits(logits_fn: Callable, purify: PurifyFn | None) -> DefendedModel:
     """The defended model ``(x, key) -> logits_fn(purify(x, key), key')`` (:class:`DefendedModel`).
 

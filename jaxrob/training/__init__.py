@@ -10,12 +10,10 @@ from jaxrob.training._classifier import classifier_predictions as classifier_pre
 from jaxrob.training._classifier import cross_entropy as cross_entropy
 from jaxrob.training._classifier import init_classifier_state as init_classifier_state
 from jaxrob.training._classifier import make_classifier_train_step as make_classifier_train_step
-from jaxrob.training._classifier import make_logits_fn as make_logits_fn
 from jaxrob.training._ddpm import ddpm_loss as ddpm_loss
 from jaxrob.training._ddpm import denoising_mse as denoising_mse
 from jaxrob.training._ddpm import init_ddpm_state as init_ddpm_state
 from jaxrob.training._ddpm import make_ddpm_train_step as make_ddpm_train_step
-from jaxrob.training._ddpm import make_eps_fn as make_eps_fn
 from jaxrob.training._loop import METRICS_FILE as METRICS_FILE
 from jaxrob.training._loop import MetricsWriter as MetricsWriter
 from jaxrob.training._loop import read_metrics as read_metrics

@@ -15,7 +15,6 @@ from jaxrob._checks import check_images
 from jaxrob._types import Array, Images, Key, Labels
 from jaxrob.training._state import (
     TrainState,
-    batched_apply,
     check_ema_decay,
     create_train_state,
     ema_update,
@@ -123,18 +122,30 @@ def make_classifier_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformati
     return jit_train_step(train_step, mesh) if jit else train_step
 
 
-def make_logits_fn(apply_fn: ApplyFn, variables: dict) -> LogitsFn:
-    """``logits_fn(x01) -> logits`` for a trained classifier in eval mode."""
-    return lambda x: apply_fn(variables, x, train=False)
+def _predict_chunk(logits_fn, batch, keys):
+    return {"pred": jnp.argmax(logits_fn(batch["x"], keys), -1).astype(jnp.int32)}
 
 
 def classifier_predictions(logits_fn: LogitsFn, images01: Images, *, batch_size: int = 500,
                            mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
-    """Predicted labels (int32, host) for every image, computed in sharded chunks."""
+    """Predicted labels (int32, host) for every image, computed in sharded chunks.
+
+    ``logits_fn(x, keys)`` gets one key per example (``fold_in(key(0), index)``); a
+    :class:`jaxrob.models.Classifier` ignores them. Runs through
+    :func:`jaxrob.evaluation.run_chunks` (compiled once per model architecture).
+    """
+    from jaxrob.evaluation import run_chunks
+    from jaxrob.parallel import make_mesh
+
     check_images(images01, "images01")
-    preds = batched_apply(lambda x, idx: jnp.argmax(logits_fn(x), -1).astype(jnp.int32),
-                          images01, batch_size=batch_size, mesh=mesh)
-    return np.asarray(preds)
+    mesh = make_mesh() if mesh is None else mesh
+    n = int(images01.shape[0])
+    ndev = mesh.shape["data"]
+    bs = -(-min(int(batch_size), n) // ndev) * ndev
+    run = run_chunks(_predict_chunk, {"x": np.asarray(images01), "index": np.arange(n)},
+                     key=jr.key(0), args=(logits_fn,), batch_size=bs, mesh=mesh,
+                     progress=False)
+    return run.records["pred"]
 
 
 def classifier_accuracy(logits_fn: LogitsFn, images01: Images, labels: Labels, *,
@@ -142,7 +153,7 @@ def classifier_accuracy(logits_fn: LogitsFn, images01: Images, labels: Labels, *
     """Top-1 accuracy of ``logits_fn`` on ``(images01, labels)``.
 
     Args:
-      logits_fn: ``logits_fn(x01) -> logits`` (e.g. :func:`make_logits_fn`).
+      logits_fn: ``logits_fn(x01, key) -> logits`` (e.g. a :class:`jaxrob.models.Classifier`).
       images01: float32 NHWC in [0, 1].
       labels: int labels.
       batch_size: images per call (compiled once; padded).

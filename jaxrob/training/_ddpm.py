@@ -126,11 +126,6 @@ def make_ddpm_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
     return jit_train_step(train_step, mesh) if jit else train_step
 
 
-def make_eps_fn(apply_fn: ApplyFn, variables: dict) -> jd.EpsFn:
-    """``eps_fn(x_t, model_step) -> eps`` for a trained model in eval mode."""
-    return lambda x_t, step: apply_fn(variables, x_t, step, train=False)
-
-
 def denoising_mse(eps_fn: jd.EpsFn, images01: Images, key: Key, schedule: jd.Schedule,
                   t_star: float | Sequence[float], *, batch_size: int = 256,
                   mesh: jax.sharding.Mesh | None = None) -> dict[str, float] | list[dict]:

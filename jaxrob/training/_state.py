@@ -269,7 +269,8 @@ def batched_apply(fn: Callable, *arrays, batch_size: int = 256,
     """
     import numpy as np
 
-    from jaxrob.parallel import data_sharding, make_mesh
+    from jaxrob.evaluation import run_chunks
+    from jaxrob.parallel import make_mesh
 
     mesh = make_mesh() if mesh is None else mesh
     num = int(arrays[0].shape[0])
@@ -279,19 +280,19 @@ def batched_apply(fn: Callable, *arrays, batch_size: int = 256,
     if num == 0:
         raise ValueError("batched_apply: no examples")
     ndev = mesh.shape["data"]
-    bs = min(int(batch_size), num)
-    bs = -(-bs // ndev) * ndev
-    shard = data_sharding(mesh)
-    jfn = jax.jit(fn, in_shardings=shard, out_shardings=shard)
-    outs = []
-    for start in range(0, num, bs):
-        stop = min(start + bs, num)
-        idx = np.arange(start, start + bs, dtype=np.int32)
-        idx[stop - start:] = stop - 1
-        chunk = [np.asarray(a[start:stop]) for a in arrays]
-        chunk = [np.concatenate([c, np.repeat(c[-1:], bs - c.shape[0], axis=0)])
-                 if c.shape[0] < bs else c for c in chunk]
-        placed = [jax.device_put(c, shard) for c in (*chunk, idx)]
-        out = jfn(*placed)
-        outs.append(jax.tree.map(lambda o, k=stop - start: np.asarray(o)[:k], out))
-    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
+    bs = -(-min(int(batch_size), num) // ndev) * ndev
+    data = {f"a{i}": np.asarray(a) for i, a in enumerate(arrays)}
+    data["index"] = np.arange(num)
+    treedef = []
+
+    def chunk_fn(batch, keys):
+        out = fn(*(batch[f"a{i}"] for i in range(len(arrays))),
+                 batch["index"].astype(jnp.int32))
+        leaves, td = jax.tree.flatten(out)
+        treedef.append(td)
+        return {f"o{i}": leaf for i, leaf in enumerate(leaves)}
+
+    run = run_chunks(chunk_fn, data, key=jax.random.key(0), batch_size=bs, mesh=mesh,
+                     progress=False)
+    leaves = [run.records[f"o{i}"] for i in range(treedef[-1].num_leaves)]
+    return jax.tree.unflatten(treedef[-1], leaves)

@@ -68,10 +68,12 @@ def test_losses_match_hand_computed_values():
     np.testing.assert_allclose(ja.dlr_loss(3.0 * z + 7.0, y), [1.0, -0.8], rtol=1e-5)
 
 
-def test_loss_from_logits_is_hashable_and_checks_names():
+def test_loss_from_logits_is_a_pytree_and_checks_names():
     f = lambda x, key: x.reshape(x.shape[0], -1)[:, :3]
     x, y = jnp.full((2, 1, 3, 1), 0.5), jnp.array([0, 2])
-    assert ja.loss_from_logits(f, "dlr") == ja.loss_from_logits(f, "dlr")
+    # the loss name and kappa are static; a plain-function model is a (static) leaf
+    assert (jax.tree.structure(ja.loss_from_logits(f, "dlr"))
+            == jax.tree.structure(ja.loss_from_logits(f, "dlr")))
     np.testing.assert_allclose(ja.loss_from_logits(f, "cw", kappa=0.5)(x, y, None),
                                ja.cw_loss(f(x, None), y, kappa=0.5))
     with pytest.raises(ValueError, match="loss: expected one of"):
@@ -208,11 +210,12 @@ def test_eot_sharded_over_8_devices_equals_single_device(model):
     with pytest.raises(ValueError, match="do not divide the EoT chunk"):
         ja.eot_grad(loss_fn, x, y, key, samples=12, chunk=4, mesh=mesh)
     kw = dict(eps=0.1, num_steps=2, eot_samples=8)
-    a = ja.pgd(loss_fn, x, y, key, eot_mesh=mesh, **kw)
-    b = ja.pgd(loss_fn, x, y, key, **kw)
+    noisy = _noisy_logits(logits_fn)
+    a = ja.pgd(noisy, x, y, key, eot_mesh=mesh, **kw)
+    b = ja.pgd(noisy, x, y, key, **kw)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
-    a = ja.apgd(loss_fn, x, y, key, loss=None, eot_mesh=mesh, **kw)
-    b = ja.apgd(loss_fn, x, y, key, loss=None, **kw)
+    a = ja.apgd(noisy, x, y, key, eot_mesh=mesh, **kw)
+    b = ja.apgd(noisy, x, y, key, **kw)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
 
 
@@ -308,6 +311,43 @@ def test_bad_inputs_raise_clear_errors(call, match):
         call()
 
 
-def test_loss_fn_must_be_per_example():
+def test_loss_must_be_per_example():
     with pytest.raises(ValueError, match="per-example loss of shape"):
+        ja.pgd(_F, _X, _Y, jr.key(0), eps=0.1, loss=lambda logits, y: logits.sum())
+
+
+def test_model_must_be_a_logits_fn_and_labels_in_range():
+    # the old overload (a loss_fn(x, y, key) as first argument) gets a clear error
+    with pytest.raises(TypeError, match=r"logits_fn\(x, key\) -> logits"):
         ja.pgd(lambda x, y, k: x.sum(), _X, _Y, jr.key(0), eps=0.1)
+    with pytest.raises(TypeError, match="loss: expected"):
+        ja.pgd(_F, _X, _Y, jr.key(0), eps=0.1, loss=None)
+    for attack in (ja.pgd, ja.apgd, ja.fgsm):
+        with pytest.raises(ValueError, match=r"labels in \[0, 10\)"):
+            attack(_F, _X, jnp.array([0, 10]), jr.key(0), eps=0.1)
+    for attack in (ja.cw_l2, ja.deepfool):
+        with pytest.raises(ValueError, match=r"labels in \[0, 10\)"):
+            attack(_F, _X, jnp.array([3, 12]), jr.key(0))
+
+
+def test_custom_loss_callable():
+    # a callable loss(logits, y) is maximised like the named ones
+    ce = lambda logits, y: ja.ce_loss(logits, y)
+    a = ja.pgd(_F, _X, _Y, jr.key(0), eps=0.1, num_steps=2, loss=ce)
+    b = ja.pgd(_F, _X, _Y, jr.key(0), eps=0.1, num_steps=2, loss="ce")
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
+
+
+def test_new_parameters_of_the_same_shapes_do_not_recompile():
+    from jaxrob.attacks._pgd import _pgd
+    from jaxrob.models import Classifier, SmallCNN
+
+    module = SmallCNN(num_classes=10, features=(4,), hidden=8)
+    x = jr.uniform(jr.key(3), (2, 8, 8, 1))
+    clf = [Classifier(module, module.init(jr.key(s), x)) for s in (0, 1)]
+    before = _pgd.cache_size()
+    losses = [ja.pgd(c, x, _Y, jr.key(0), eps=0.1, num_steps=2).loss for c in clf]
+    for c in clf:
+        np.testing.assert_array_less(0.0, jnp.abs(c(x)).max())
+    assert _pgd.cache_size() == before + 1  # one compilation for both parameter sets
+    assert not np.allclose(losses[0], losses[1])

@@ -20,7 +20,7 @@ from jaxrob.evaluation import (
     summarize,
     wilson_interval,
 )
-from jaxrob.models import unet_from_config
+from jaxrob.models import DiffusionModel, unet_from_config
 from jaxrob.parallel import make_mesh
 from jaxrob.purify import diffpure, example_keys, purified_logits
 
@@ -29,7 +29,7 @@ X = jr.uniform(jr.key(0), (N, 8, 8, 1), minval=0.1, maxval=0.9)
 W = jr.normal(jr.key(2), (64, 10)) * 0.5
 
 
-def logits_fn(x):
+def logits_fn(x, key=None):
     return jnp.tanh(x.reshape(x.shape[0], -1) - 0.5) @ W
 
 
@@ -40,7 +40,7 @@ def _defended():
     m = unet_from_config("digits", ch=8, ch_mult=(1, 2), num_groups=4, dropout=0.0,
                          attn_resolutions=(), fast_vjp=True)
     v = m.init(jr.key(1), X[:2], jnp.zeros((2,), jnp.int32))
-    pur = diffpure(lambda x, s: m.apply(v, x, s), jd.linear_schedule(), t_star=0.2, num_steps=2)
+    pur = diffpure(DiffusionModel(m, v, jd.linear_schedule()), t_star=0.2, num_steps=2)
     return purified_logits(logits_fn, pur)
 
 
@@ -48,7 +48,7 @@ DEFENDED = _defended()
 
 
 def attack(model, x, y, key):
-    return pgd(model, x, y, key, eps=0.1, num_steps=2, loss="ce", eot_samples=2).x_adv
+    return pgd(model, x, y, key, eps=0.1, num_steps=2, loss="ce", eot_samples=2)
 
 
 def test_parse_protocol():
@@ -146,6 +146,36 @@ def test_killed_run_resumes_without_recounting(tmp_path):
     assert resumed["adv"] == full["adv"]
     with pytest.raises(ValueError, match="another run"):
         ChunkStore(tmp_path, fingerprint={"attack": "apgd"})
+    # compute seconds of every chunk are kept, so a resumed run reports the whole run's time
+    assert np.all(resumed["per_example"]["seconds"] > 0)
+    assert resumed["total_s"] > resumed["wall_s"] * 0.99
+
+
+def test_resume_with_another_batch_size_finishes_the_missing_examples(tmp_path):
+    mesh = make_mesh(1)
+    full = _run(8, mesh)
+    store = lambda: ChunkStore(tmp_path, fingerprint={"attack": "pgd"})
+
+    def die(_line):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(4, mesh, store=store(), log=die)  # one chunk of 4 finished
+    resumed = _run(8, mesh, store=store())  # another batch size: no overlap, no recompute
+    assert resumed["chunks_run"] == 2  # [4, 12) and [12, 16)
+    assert ChunkStore(tmp_path).finished() == [(0, 4), (4, 12), (12, 16)]
+    for k in ("pred_clean", "pred_adv", "index"):
+        np.testing.assert_array_equal(resumed["per_example"][k], full["per_example"][k])
+
+
+def test_labels_outside_the_classes_and_attacks_of_another_kind_are_refused():
+    mesh = make_mesh(1)
+    with pytest.raises(ValueError, match=r"labels in \[0, 10\)"):
+        evaluate_robustness(DEFENDED, attack, X, Y.at[0].set(10), np.arange(N),
+                            key=jr.key(0), mesh=mesh, progress=False)
+    with pytest.raises(TypeError, match="AttackResult"):
+        evaluate_robustness(DEFENDED, lambda m, x, y, k: x, X[:8], Y[:8], np.arange(8),
+                            key=jr.key(0), mesh=mesh, batch_size=8, progress=False)
 
 
 def test_bad_input_fails_before_work():

@@ -8,6 +8,7 @@ import pytest
 from exp_helpers import REPO, load_config
 
 from experiments import main, train_classifier, train_diffusion
+from jaxrob.models import classifier_from_metadata, schedule_from_metadata, unet_from_metadata
 
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_"))
 
@@ -22,27 +23,28 @@ def test_every_config_builds(name):
         cfg = load_config(name, arg)
         assert "mesh" in cfg and "seed" in cfg
         if "rows" in cfg or "study" in cfg:  # every row's purifier and attack build
-            from experiments import robust_eval
+            from jaxrob.models import DiffusionModel
 
-            schedule = _common.build_schedule(cfg.ddpm.diffusion)
-            _common.build_unet(cfg.ddpm.model)
-            robust_eval.make_purifier(cfg.purifier, lambda x, s: x, schedule)
+            schedule = schedule_from_metadata(_common.to_plain(cfg.ddpm.diffusion))
+            unet_from_metadata(_common.to_plain(cfg.ddpm.model))
+            model = DiffusionModel(None, None, schedule)  # options are checked, not run
+            _common.make_purifier(cfg.purifier, model)
             for row in (*cfg.get("rows", ()), *cfg.get("settings", ())):
-                rc = robust_eval.row_config(cfg, row)
-                robust_eval.make_purifier(rc.purifier, lambda x, s: x, schedule)
+                rc = _common.row_config(cfg, row)
+                _common.make_purifier(rc.purifier, model)
                 if "attack" in rc:
-                    robust_eval.make_attack(rc.attack)
+                    _common.make_attack(rc.attack)
             if "attack" in cfg:
-                robust_eval.make_attack(cfg.attack)
+                _common.make_attack(cfg.attack)
             continue
         subs = [cfg.ddpm, cfg.classifier] if name == "main" else [cfg]
         for sub in subs:
             if "diffusion" in sub:
-                _common.build_unet(sub.model)
-                assert (_common.build_schedule(sub.diffusion).num_steps
+                unet_from_metadata(_common.to_plain(sub.model))
+                assert (schedule_from_metadata(_common.to_plain(sub.diffusion)).num_steps
                         == sub.diffusion.num_steps)
             elif sub.model.get("name"):
-                _common.build_classifier(sub.model, 10)
+                classifier_from_metadata(_common.to_plain(sub.model), 10)
     with pytest.raises(ValueError, match="config variant"):
         load_config(name, "smok")
 

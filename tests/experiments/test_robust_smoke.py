@@ -53,16 +53,19 @@ def test_cifar10_robust_smoke(data_dir, tmp_path):
 
 def test_bad_rows_and_attack_fail_before_work(tmp_path):
     cfg = load_config("digits_robust", "smoke")
-    cfg.rows = ({"name": "x", "purifier.t_sttar": 0.1},)
-    with pytest.raises(ValueError, match="unknown config field"):
+    cfg.rows = ({"name": "x", "purifier": {"t_sttar": 0.1}},)
+    with pytest.raises(ValueError, match="unknown config field 'purifier.t_sttar'"):
         robust_eval.run(cfg, tmp_path)
-    cfg.rows = ({"name": "x", "purifier.sampler": "heun"},)
+    cfg.rows = ({"name": "x", "purifier": {"t_star": "high"}},)  # typed: a float field
+    with pytest.raises(ValueError, match="purifier.t_star"):
+        robust_eval.run(cfg, tmp_path)
+    cfg.rows = ({"name": "x", "purifier": {"sampler": "heun"}},)
     with pytest.raises(ValueError, match="sampler"):
         robust_eval.run(cfg, tmp_path)
-    cfg.rows = ({"name": "x", "attack.name": "square"},)
+    cfg.rows = ({"name": "x", "attack": {"name": "square"}},)
     with pytest.raises(ValueError, match="attack.name"):
         robust_eval.run(cfg, tmp_path)
-    cfg.rows = ({"name": "x", "eval.protocols": ("best_of@2",)},)
+    cfg.rows = ({"name": "x", "eval": {"protocols": ("best_of@2",)}},)
     with pytest.raises(ValueError, match="protocol"):
         robust_eval.run(cfg, tmp_path)
     assert not list(tmp_path.glob("x/chunks/chunk_*"))

@@ -9,9 +9,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxrob.diffusion as jd
-from jaxrob.models import unet_from_config
+from jaxrob.models import DiffusionModel, unet_from_config
 from jaxrob.parallel import make_mesh
-from jaxrob.purify import diffpure, example_keys, majority_vote, multistage
+from jaxrob.purify import DefendedModel, diffpure, example_keys, majority_vote, multistage
 
 SCHED = jd.linear_schedule(1000)
 X = jr.uniform(jr.key(0), (4, 8, 8, 1), minval=0.05, maxval=0.95)
@@ -21,7 +21,7 @@ def _unet(fast_vjp=False, seed=1):
     m = unet_from_config("digits", ch=8, ch_mult=(1, 2), num_groups=4, dropout=0.0,
                          attn_resolutions=(), fast_vjp=fast_vjp)
     v = m.init(jr.key(seed), X, jnp.zeros((4,), jnp.int32))
-    return lambda x, s: m.apply(v, x, s)
+    return DiffusionModel(m, v, jd.linear_schedule(1000))
 
 
 EPS = _unet()
@@ -167,20 +167,30 @@ def test_trajectory_ends_at_the_output():
 def test_majority_vote_counts_and_chunking():
     pur = diffpure(EPS, SCHED, t_star=0.3, num_steps=2)
     key = jr.key(15)
-    votes = majority_vote(logits_fn, pur, X, key, num_votes=4)
-    chunked = majority_vote(logits_fn, pur, X, key, num_votes=4, chunk=2)
+    defended = DefendedModel(lambda x, k: logits_fn(x), pur)
+    votes = majority_vote(defended, X, key, num_votes=4)
+    chunked = majority_vote(defended, X, key, num_votes=4, chunk=2)
     np.testing.assert_array_equal(votes, chunked)
     np.testing.assert_array_equal(votes.sum(-1), 4)
     manual = sum(jax.nn.one_hot(jnp.argmax(logits_fn(pur(X, jr.fold_in(key, v))), -1), 10)
                  for v in range(4))
     np.testing.assert_array_equal(votes, manual)
     with pytest.raises(ValueError, match="divisor"):
-        majority_vote(logits_fn, pur, X, key, num_votes=4, chunk=3)
+        majority_vote(defended, X, key, num_votes=4, chunk=3)
 
 
-def test_purifiers_over_different_models_never_share_a_compilation():
-    a = diffpure(EPS, SCHED, t_star=0.1, num_steps=2)
-    b = diffpure(_unet(seed=2), SCHED, t_star=0.1, num_steps=2)  # same settings, other weights
-    assert a != b and hash(a) != hash(b)
-    f = jax.jit(lambda p, x: p(x, jr.key(0)), static_argnums=0)
-    assert not np.allclose(f(a, X), f(b, X))
+def test_purifiers_over_other_parameters_share_one_compilation():
+    from jaxrob._jit import filter_jit
+
+    a = diffpure(_unet(seed=1), t_star=0.1, num_steps=2)
+    b = a.replace(eps_fn=_unet(seed=2))  # same settings and shapes, other weights
+    f = filter_jit(lambda p, x: p(x, jr.key(0)))
+    ya, yb = f(a, X), f(b, X)
+    assert f.cache_size() == 1  # the parameters are traced leaves, not baked in
+    assert not np.allclose(ya, yb)
+    np.testing.assert_array_equal(ya, jax.jit(lambda x: a(x, jr.key(0)))(X))
+    # another configuration is another compilation
+    f(a.replace(stages=((0.1, 3),)), X)
+    assert f.cache_size() == 2
+    with pytest.raises(ValueError, match="derived"):
+        a.replace(chains=())

@@ -7,6 +7,7 @@ import pytest
 from training_fixtures import TinyBNClassifier, synthetic_batch
 
 from jaxrob import training as jt
+from jaxrob.models import Classifier
 from jaxrob.parallel import make_mesh, shard_batch
 
 
@@ -40,7 +41,7 @@ def test_sharded_equals_single_device_and_learns():
     assert not np.allclose(s8.model_state["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
     assert m8[-1]["loss"] < m8[0]["loss"]
     test = synthetic_batch(999, batch=64)
-    logits_fn = jt.make_logits_fn(model.apply, s8.variables())
+    logits_fn = Classifier(model, s8.variables())
     acc = jt.classifier_accuracy(logits_fn, test["image"], test["label"], batch_size=24)
     assert acc > 0.6
     preds = jt.classifier_predictions(logits_fn, test["image"], batch_size=64,
