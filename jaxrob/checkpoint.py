@@ -10,7 +10,11 @@ Two kinds of files are written:
   latest complete checkpoint and continues.
 * **Exports** (:func:`save_params` / :func:`load_params`): a small directory with one params
   pytree (e.g. EMA params) and a JSON metadata dict (config, metrics). These are what gets
-  committed under ``checkpoints/``.
+  committed under ``checkpoints/``. Format 2 (``"jaxrob_export_format": 2`` in the metadata)
+  carries a SHA-256 per leaf and over all leaves in the metadata and a SHA-256 per file in
+  ``jaxrob_files.json``; loading verifies both and that every parameter is finite, and raises
+  one :class:`CorruptExportError` naming the export and what is wrong. Exports from before
+  format 2 raise :class:`LegacyExportError`; :func:`upgrade_export` re-writes them.
 
 Crash safety comes from orbax: every checkpoint is written into
 ``<step>.orbax-checkpoint-tmp-<timestamp>/`` and renamed to ``<step>/`` only once complete, and
@@ -22,10 +26,14 @@ unfinished tmp directories are never listed as steps. A process killed mid-save 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import pathlib
 import shutil
+import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,13 +42,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = [
+    "EXPORT_FORMAT",
     "Checkpointer",
+    "CorruptExportError",
+    "ExportError",
+    "ExportFormatError",
+    "LegacyExportError",
+    "NotAnExportError",
     "abstract_like",
     "fingerprint_diff",
     "load_params",
     "normalize_fingerprint",
     "read_metadata",
     "save_params",
+    "upgrade_export",
 ]
 
 _STATE = "state"
@@ -281,9 +296,173 @@ class Checkpointer:
 
 # ----------------------------------------------------------------------------- exports
 
+EXPORT_FORMAT = 2
+_FORMAT_KEY = "jaxrob_export_format"
+_CHECKSUM_KEY = "jaxrob_checksums"
+_RESERVED = (_FORMAT_KEY, _CHECKSUM_KEY)
+_FILES = "jaxrob_files.json"  # per-file sizes and sha256 of the whole export
+_MAX_LISTED = 10
+
+
+class ExportError(ValueError):
+    """A directory cannot be loaded as a jaxrob params export."""
+
+
+class NotAnExportError(ExportError):
+    """The directory exists but is not a jaxrob params export at all."""
+
+
+class ExportFormatError(ExportError):
+    """The export was written in another export format version than this jaxrob reads."""
+
+
+class LegacyExportError(ExportFormatError):
+    """The export predates format 2 (no checksums); :func:`upgrade_export` re-writes it."""
+
+
+class CorruptExportError(ExportError):
+    """The export is damaged: a file changed or is missing, its arrays cannot be read, a
+    leaf's checksum does not match, or a parameter is not finite."""
+
 
 def _jsonable(metadata: Mapping | None) -> dict:
     return normalize_fingerprint(metadata or {}) or {}
+
+
+def _public(metadata: Mapping) -> dict:
+    """The caller's metadata: the export's own bookkeeping keys removed."""
+    return {k: v for k, v in metadata.items() if k not in _RESERVED}
+
+
+def _leaf_name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+
+
+def _named_leaves(tree) -> dict[str, np.ndarray]:
+    """``{"params/conv/kernel": array}`` for every leaf of a host pytree."""
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = _leaf_name(path)
+        if name in out:
+            raise ValueError(f"two leaves of the params pytree are both named {name!r}")
+        out[name] = np.asarray(leaf)
+    return out
+
+
+def _leaf_sha256(x: np.ndarray) -> str:
+    """SHA-256 of a leaf's dtype, shape and little-endian C-order bytes."""
+    if x.dtype.hasobject:
+        raise TypeError(f"cannot checksum an object array (dtype {x.dtype})")
+    if x.dtype.byteorder == ">":
+        x = x.astype(x.dtype.newbyteorder("<"))
+    h = hashlib.sha256(f"{x.dtype.name}:{list(x.shape)}:".encode())
+    h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
+
+
+def _checksums(leaves: Mapping[str, np.ndarray]) -> dict:
+    """Per-leaf checksums in canonical (sorted name) order, and one over all of them."""
+    entries = {
+        name: {"dtype": x.dtype.name, "shape": list(x.shape), "sha256": _leaf_sha256(x)}
+        for name, x in sorted(leaves.items())
+    }
+    tree = hashlib.sha256()
+    for name, e in entries.items():
+        tree.update(f"{name}={e['sha256']};".encode())
+    return {"algorithm": "sha256", "tree": tree.hexdigest(), "leaves": entries}
+
+
+def _num_nonfinite(x: np.ndarray) -> int:
+    if x.dtype.kind in "biuSUOM":
+        return 0
+    try:
+        return int(x.size - np.count_nonzero(np.isfinite(x)))
+    except TypeError:  # a dtype without isfinite: nothing to check
+        return 0
+
+
+def _nonfinite_report(leaves: Mapping[str, np.ndarray]) -> str | None:
+    bad = [(k, n, x.size) for k, x in leaves.items() if (n := _num_nonfinite(x))]
+    if not bad:
+        return None
+    lines = [f"{k} ({n} of {size} values are NaN or infinite)" for k, n, size in bad]
+    more = len(lines) - _MAX_LISTED
+    return ", ".join(lines[:_MAX_LISTED]) + (f" and {more} more leaves" if more > 0 else "")
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_manifest(root: pathlib.Path) -> dict:
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != _FILES:
+            files[rel] = {"size": p.stat().st_size, "sha256": _file_sha256(p)}
+    return {_FORMAT_KEY: EXPORT_FORMAT, "algorithm": "sha256", "files": files}
+
+
+def _orbax_save(directory: pathlib.Path, host_params, metadata: dict) -> None:
+    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        ck.save(directory, args=ocp.args.Composite(**{
+            _PARAMS: ocp.args.StandardSave(host_params),
+            _METADATA: ocp.args.JsonSave(metadata),
+        }))
+    finally:
+        ck.close()
+
+
+@contextlib.contextmanager
+def _quiet_closed_loop_callbacks(grace_s: float = 0.05):
+    """Drop the "Event loop is closed" reports of a failed orbax read.
+
+    Orbax runs a restore on a fresh asyncio loop and closes it as soon as the first array read
+    fails; tensorstore's other reads still in flight then complete on its own threads and call
+    ``loop.call_soon_threadsafe`` on the closed loop. The RuntimeErrors that raises go to
+    ``sys.unraisablehook``, which prints each as a bare traceback ahead of the real error. They
+    are harmless (nobody waits for those reads any more); this filters exactly them while a
+    restore runs, and for ``grace_s`` after a failed one.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        time.sleep(grace_s)
+        raise
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+
+def _orbax_restore_host(directory: pathlib.Path):
+    """The params pytree of an export as host numpy arrays, exactly as stored."""
+    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        with _quiet_closed_loop_callbacks():
+            out = ck.restore(directory, args=ocp.args.Composite(**{
+                _PARAMS: ocp.args.StandardRestore(None)}))
+    except Exception as e:  # tensorstore / orbax report unreadable data in many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CorruptExportError(
+            f"corrupt jaxrob export {directory}: the array data under {_PARAMS}/ could not be "
+            f"read ({type(e).__name__}: {first})") from e
+    finally:
+        ck.close()
+    return out[_PARAMS]
 
 
 def save_params(directory: str | os.PathLike, params, metadata: Mapping | None = None, *,
@@ -291,72 +470,274 @@ def save_params(directory: str | os.PathLike, params, metadata: Mapping | None =
     """Export one params pytree plus a JSON metadata dict to ``directory`` (written atomically).
 
     The pytree is copied to host numpy first, so an export restores on any device count.
-    ``directory`` then holds ``params/`` (OCDBT arrays) and ``metadata/metadata`` (JSON).
+    ``directory`` then holds ``params/`` (OCDBT arrays), ``metadata/metadata`` (JSON) and
+    ``jaxrob_files.json`` (size and SHA-256 of every file). The metadata JSON also gets
+    ``"jaxrob_export_format": 2`` and ``"jaxrob_checksums"``: per leaf (``"params/conv/kernel"``)
+    its dtype, shape and the SHA-256 of dtype, shape and little-endian C-order bytes, and one
+    SHA-256 over all leaves in sorted-name order (``"tree"``). :func:`load_params` verifies them.
+
+    Everything is written beside ``directory`` first and renamed into place when complete, so
+    an interrupted save leaves the old export or none, never a partial one.
 
     Args:
       directory: export directory (must not exist unless ``overwrite``).
-      params: the pytree to store (e.g. EMA params).
-      metadata: JSON-able dict (model config, training config, metrics, versions).
+      params: the pytree to store (e.g. EMA params); every leaf must be finite.
+      metadata: JSON-able dict (model config, training config, metrics, versions). The keys
+        ``jaxrob_export_format`` and ``jaxrob_checksums`` are the export's own and are replaced.
       overwrite: replace an existing export. The new one is written beside it and swapped in,
         so an interrupted overwrite leaves the old or the new export, never a mixture.
 
     Returns:
       The export directory.
+
+    Raises:
+      FileExistsError: ``directory`` exists and not ``overwrite``.
+      ValueError: a parameter is NaN or infinite (nothing is written).
     """
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
     host_params = jax.tree.map(np.asarray, jax.device_get(params))
-    target = directory.with_name(f"{directory.name}.new-{os.getpid()}") if directory.exists() \
-        else directory
+    leaves = _named_leaves(host_params)
+    bad = _nonfinite_report(leaves)
+    if bad is not None:
+        raise ValueError(f"refusing to export non-finite parameters to {directory}: {bad}")
+    meta = _public(_jsonable(metadata))
+    meta[_FORMAT_KEY] = EXPORT_FORMAT
+    meta[_CHECKSUM_KEY] = _checksums(leaves)
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    target = directory.with_name(f"{directory.name}.new-{os.getpid()}")
     if target.exists():
         shutil.rmtree(target)
-    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    ck.save(target, args=ocp.args.Composite(**{
-        _PARAMS: ocp.args.StandardSave(host_params),
-        _METADATA: ocp.args.JsonSave(_jsonable(metadata)),
-    }))
-    ck.close()
-    if target != directory:
-        old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(target, directory)
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        _orbax_save(target, host_params, meta)
+        manifest = json.dumps(_file_manifest(target), indent=1, sort_keys=True)
+        (target / _FILES).write_text(manifest + "\n")
+        if directory.exists():
+            old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(target, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(target, directory)
+    finally:
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
     return directory
 
 
+def _export_dir(directory: str | os.PathLike) -> pathlib.Path:
+    d = pathlib.Path(directory).absolute()
+    if not d.exists():
+        raise FileNotFoundError(f"no jaxrob params export at {d}: no such file or directory")
+    if not (d / _PARAMS).is_dir() or not (d / _METADATA / _METADATA).is_file():
+        found = sorted(p.name for p in d.iterdir())[:_MAX_LISTED] if d.is_dir() else None
+        raise NotAnExportError(
+            f"{d} is not a jaxrob params export: expected a directory with {_PARAMS}/, "
+            f"{_METADATA}/{_METADATA} and {_FILES}, as written by jaxrob.checkpoint.save_params"
+            + (f" (found {found})" if found is not None else " (it is not a directory)"))
+    return d
+
+
+def _read_json(d: pathlib.Path, rel: str, what: str):
+    try:
+        return json.loads((d / rel).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptExportError(f"corrupt jaxrob export {d}: {rel} ({what}) is not valid "
+                                 f"JSON: {e}") from None
+
+
+def _verify_files(d: pathlib.Path, files: Mapping, names) -> None:
+    problems = []
+    for rel in names:
+        p, want = d / rel, files[rel]
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif (size := p.stat().st_size) != want["size"]:
+            how = "truncated" if size < want["size"] else "longer than written"
+            problems.append(f"{rel}: {size} bytes, expected {want['size']} ({how})")
+        elif _file_sha256(p) != want["sha256"]:
+            problems.append(f"{rel}: contents changed (SHA-256 differs from the one recorded "
+                            f"when it was written)")
+    if problems:
+        more = len(problems) - _MAX_LISTED
+        raise CorruptExportError(
+            f"corrupt jaxrob export {d}: " + "; ".join(problems[:_MAX_LISTED])
+            + (f"; and {more} more files" if more > 0 else ""))
+
+
+def _open_export(directory, *, verify_all_files: bool) -> tuple[pathlib.Path, dict]:
+    """Check an export's format and files; returns its directory and full metadata."""
+    d = _export_dir(directory)
+    has_manifest = (d / _FILES).is_file()
+    if has_manifest:
+        manifest = _read_json(d, _FILES, "the file manifest")
+        fmt = manifest.get(_FORMAT_KEY) if isinstance(manifest, dict) else None
+        if fmt != EXPORT_FORMAT:
+            raise ExportFormatError(
+                f"{d}: jaxrob export format {fmt!r} in {_FILES}; this jaxrob reads format "
+                f"{EXPORT_FORMAT} (re-export it with this version's save_params)")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in files.values()):
+            raise CorruptExportError(f"corrupt jaxrob export {d}: {_FILES} has no valid "
+                                     f"'files' table")
+        rel_meta = f"{_METADATA}/{_METADATA}"
+        if rel_meta not in files:
+            raise CorruptExportError(f"corrupt jaxrob export {d}: {_FILES} does not list "
+                                     f"{rel_meta}")
+        _verify_files(d, files, sorted(files) if verify_all_files else [rel_meta])
+    meta = _read_json(d, f"{_METADATA}/{_METADATA}", "the metadata")
+    if not isinstance(meta, dict):
+        raise CorruptExportError(f"corrupt jaxrob export {d}: metadata is not a JSON object")
+    fmt = meta.get(_FORMAT_KEY)
+    if fmt is None and not has_manifest:
+        raise LegacyExportError(
+            f"{d} is a jaxrob export written before export format {EXPORT_FORMAT}: it has no "
+            f"checksums to verify its arrays against. If you trust where it came from, upgrade "
+            f"it in place with jaxrob.checkpoint.upgrade_export({str(d)!r}) (it refuses "
+            f"non-finite parameters and re-writes the same arrays with checksums), or re-create "
+            f"it with save_params.")
+    if fmt != EXPORT_FORMAT:
+        raise ExportFormatError(f"{d}: jaxrob export format {fmt!r} in its metadata; this "
+                                f"jaxrob reads format {EXPORT_FORMAT}")
+    if not has_manifest:
+        raise CorruptExportError(f"corrupt jaxrob export {d}: {_FILES} is missing")
+    return d, meta
+
+
+def _verify_leaves(d: pathlib.Path, leaves: Mapping[str, np.ndarray], stored) -> None:
+    if not (isinstance(stored, dict) and isinstance(stored.get("leaves"), dict)
+            and stored.get("algorithm") == "sha256"):
+        raise CorruptExportError(f"corrupt jaxrob export {d}: its metadata has no valid "
+                                 f"'{_CHECKSUM_KEY}'")
+    want = stored["leaves"]
+    missing, extra = sorted(set(want) - set(leaves)), sorted(set(leaves) - set(want))
+    if missing or extra:
+        raise CorruptExportError(f"corrupt jaxrob export {d}: the restored arrays are not the "
+                                 f"ones written (missing {missing[:_MAX_LISTED]}, unexpected "
+                                 f"{extra[:_MAX_LISTED]})")
+    got = _checksums(leaves)
+    bad = [name for name, e in got["leaves"].items() if e != want[name]]
+    if bad:
+        e, w = got["leaves"][bad[0]], want[bad[0]]
+        if (e["dtype"], e["shape"]) != (w.get("dtype"), w.get("shape")):
+            what = f"restored as {e['dtype']}{e['shape']}, written as {w.get('dtype')}" \
+                   f"{w.get('shape')}"
+        else:
+            what = "the SHA-256 of its bytes differs from the one recorded when it was written"
+        more = f"; {len(bad) - 1} more leaves differ: {bad[1:_MAX_LISTED]}" if len(bad) > 1 else ""
+        raise CorruptExportError(f"corrupt jaxrob export {d}: checksum mismatch for leaf "
+                                 f"{bad[0]!r} ({what}){more}")
+    if got["tree"] != stored.get("tree"):
+        raise CorruptExportError(f"corrupt jaxrob export {d}: the overall checksum of the "
+                                 f"params does not match the one recorded")
+
+
+def _fit_template(d: pathlib.Path, leaves: Mapping[str, np.ndarray], template):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [_leaf_name(path) for path, _ in flat]
+    missing, extra = sorted(set(names) - set(leaves)), sorted(set(leaves) - set(names))
+    if missing or extra:
+        raise ValueError(f"export {d} does not fit the template: missing in the export "
+                         f"{missing[:_MAX_LISTED]}, not in the template {extra[:_MAX_LISTED]}")
+    out = []
+    for (_, t), name in zip(flat, names, strict=True):
+        x = leaves[name]
+        if tuple(t.shape) != x.shape:
+            raise ValueError(f"export {d} does not fit the template: {name} has shape "
+                             f"{x.shape}, the template {tuple(t.shape)}")
+        x = x.astype(t.dtype) if np.dtype(t.dtype) != x.dtype else x
+        out.append(jax.device_put(x, getattr(t, "sharding", None)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def load_params(directory: str | os.PathLike, template=None) -> tuple[Any, dict]:
-    """Load an export written by :func:`save_params`.
+    """Load an export written by :func:`save_params`, verifying it first.
+
+    Every file's size and SHA-256 are checked before orbax reads anything (so a truncated or
+    overwritten file is reported by name, and orbax never fails half-way through a read), then
+    each restored leaf against its checksum, then that every parameter is finite.
 
     Args:
       directory: the export directory.
-      template: optional pytree (arrays or ``ShapeDtypeStruct`` with shardings) to restore into;
-        without it the params come back as host numpy arrays.
+      template: optional pytree (arrays or ``ShapeDtypeStruct`` with shardings) to restore into:
+        leaves are matched by their path, cast to the template's dtype and placed with its
+        sharding (default device without one). Without it the params come back as host numpy
+        arrays.
 
     Returns:
-      ``(params, metadata)``.
+      ``(params, metadata)``; ``metadata`` is the dict given to :func:`save_params`.
 
     Raises:
-      FileNotFoundError: when ``directory`` holds no complete export.
+      FileNotFoundError: nothing exists at ``directory``.
+      NotAnExportError: ``directory`` is not a jaxrob export.
+      LegacyExportError: an export written before format 2 (see :func:`upgrade_export`).
+      ExportFormatError: an export of another format version.
+      CorruptExportError: a file is missing, truncated or changed, the arrays cannot be read,
+        a leaf does not match its checksum, or a parameter is NaN or infinite.
+      ValueError: the export does not fit ``template``. All of the above are ValueErrors too,
+        except FileNotFoundError.
     """
-    directory = pathlib.Path(directory).absolute()
-    if not (directory / _PARAMS).is_dir() or not (directory / _METADATA).is_dir():
-        raise FileNotFoundError(f"no jaxrob params export at {directory} (expected "
-                                f"{_PARAMS}/ and {_METADATA}/ written by save_params)")
-    restore = ocp.args.StandardRestore(None if template is None else abstract_like(template))
-    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    try:
-        out = ck.restore(directory, args=ocp.args.Composite(**{
-            _PARAMS: restore, _METADATA: ocp.args.JsonRestore()}))
-    finally:
-        ck.close()
-    return out[_PARAMS], dict(out[_METADATA] or {})
+    d, meta = _open_export(directory, verify_all_files=True)
+    tree = _orbax_restore_host(d)
+    leaves = _named_leaves(tree)
+    _verify_leaves(d, leaves, meta.get(_CHECKSUM_KEY))
+    bad = _nonfinite_report(leaves)
+    if bad is not None:
+        raise CorruptExportError(f"corrupt jaxrob export {d}: non-finite parameters: {bad}")
+    params = tree if template is None else _fit_template(d, leaves, template)
+    return params, _public(meta)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
-    """Only the JSON metadata of an export (cheap; no arrays are read)."""
-    path = pathlib.Path(directory) / _METADATA / _METADATA
-    if not path.is_file():
-        raise FileNotFoundError(f"no jaxrob params export metadata at {path}")
-    return json.loads(path.read_text())
+    """Only the JSON metadata of an export (cheap: its file is verified, no arrays are read).
+
+    Raises the errors of :func:`load_params` that concern the format and the metadata file.
+    """
+    _, meta = _open_export(directory, verify_all_files=False)
+    return _public(meta)
+
+
+def upgrade_export(directory: str | os.PathLike) -> pathlib.Path:
+    """Re-write an export made before format 2 in place, with checksums.
+
+    The arrays are read as they are (nothing can verify them: legacy exports carry no
+    checksums), refused if any is NaN or infinite, and written back unchanged with
+    :func:`save_params` (atomically); the new export is then loaded and verified, so its arrays
+    are bit-identical to the legacy ones and its metadata is the same apart from the format
+    and checksum keys. An export already in the current format is only verified.
+
+    Args:
+      directory: the export directory.
+
+    Returns:
+      The export directory.
+
+    Raises:
+      CorruptExportError: the legacy arrays cannot be read or are not finite (nothing is
+        written).
+      ExportFormatError, NotAnExportError, FileNotFoundError: as for :func:`load_params`.
+    """
+    try:
+        d, _ = _open_export(directory, verify_all_files=False)
+    except LegacyExportError:
+        d = _export_dir(directory)
+    else:
+        load_params(d)
+        return d
+    meta = _read_json(d, f"{_METADATA}/{_METADATA}", "the metadata")
+    tree = _orbax_restore_host(d)
+    leaves = _named_leaves(tree)
+    bad = _nonfinite_report(leaves)
+    if bad is not None:
+        raise CorruptExportError(f"refusing to upgrade jaxrob export {d}: non-finite "
+                                 f"parameters: {bad}")
+    before = _checksums(leaves)
+    save_params(d, tree, meta, overwrite=True)
+    _, new_meta = load_params(d)  # verifies the new files, and the arrays against `before`
+    stored = _read_json(d, f"{_METADATA}/{_METADATA}", "the metadata")[_CHECKSUM_KEY]
+    if stored != before or new_meta != _public(meta):  # pragma: no cover - save_params bug
+        raise RuntimeError(f"upgrading {d} changed its arrays or metadata")
+    return d

@@ -1,5 +1,7 @@
 """Test configuration: 8 fake CPU devices, strict numerics, the shared data directory."""
 
+import functools
+import importlib
 import os
 import pathlib
 
@@ -21,6 +23,46 @@ def data_dir() -> pathlib.Path:
     if not p.is_dir():
         pytest.skip(f"data directory {p} not found (set JAXROB_DATA_DIR)")
     return p
+
+
+# Markers for tests that need an optional dependency, and the modules each one needs
+# (tfds: the `jaxrob[tfds]` extra). A marked test is skipped, not failed, when one is missing.
+OPTIONAL_MARKERS = {
+    "torch": ("torch",),
+    "diffusers": ("torch", "diffusers"),
+    "tfds": ("tensorflow_datasets", "importlib_resources", "array_record"),
+}
+
+
+@functools.cache
+def _missing_module(name: str) -> str | None:
+    """Why ``name`` cannot be imported, or None when it can."""
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    # $JAXROB_REQUIRE_MARKERS (comma-separated, set by .ci/run for the extras it installed): a
+    # missing module for one of these markers is an error, not a skip.
+    required = {m for m in os.environ.get("JAXROB_REQUIRE_MARKERS", "").split(",") if m}
+    for item in items:
+        for marker, modules in OPTIONAL_MARKERS.items():
+            if item.get_closest_marker(marker) is None:
+                continue
+            for module in modules:
+                why = _missing_module(module)
+                if why is None:
+                    continue
+                if marker in required:
+                    raise pytest.UsageError(
+                        f"{item.nodeid}: marker {marker!r} is required "
+                        f"($JAXROB_REQUIRE_MARKERS) but {module} cannot be imported: {why}"
+                    )
+                item.add_marker(pytest.mark.skip(reason=f"needs {module} ({why})"))
+                break
 
 
 def torch_or_skip():

@@ -144,6 +144,20 @@ def respace(schedule: Schedule, use_steps) -> Schedule:
     The new betas are ``1 - abar[k_j] / abar[k_{j-1}]`` so the kept positions have exactly the
     original marginals; ``model_steps`` maps each new position to the model's step label.
     An ``int`` means that many evenly spaced steps over the whole chain.
+
+    Every new beta is computed in float64 in the better-conditioned of two forms, so it keeps
+    float32 precision (relative error ~1e-7) from ``t_star -> 0`` to ``n = N``:
+
+    - ``-expm1(sum_{k_{j-1} < m <= k_j} log1p(-beta_m))`` (the window product of ``1 - beta_m``)
+      when the new beta is below 1/2: then every ``beta_m`` in the window is too, so each
+      ``1 - beta_m`` is exact enough, and no difference of nearly equal numbers is formed
+      (``1 - abar_j / abar_{j-1}`` loses digits for small betas, ``(1 - abar_j) -
+      (1 - abar_{j-1})`` for ``1 - abar`` near 1);
+    - ``1 - abar_j / abar_{j-1}`` otherwise, where the ratio is at most 1/2 (and single betas
+      near 1, such as the cosine schedule's clipped 0.999, do not enter).
+
+    ``abar`` and ``1 - abar`` at the kept positions are the stored ones, which ``from_betas``
+    computed in float64.
     """
     n = schedule.num_steps
     if isinstance(use_steps, int | np.integer):
@@ -153,13 +167,15 @@ def respace(schedule: Schedule, use_steps) -> Schedule:
     keep = np.asarray(sorted(set(int(k) for k in np.asarray(use_steps))))
     if keep.size == 0 or keep[0] < 0 or keep[-1] >= n:
         raise ValueError(f"respace: expected step indices in [0, {n - 1}], got {use_steps}")
-    # beta_j = 1 - abar_j / abar_{j-1} = ((1 - abar_j) - (1 - abar_{j-1})) / abar_{j-1}, from the
-    # stored 1 - abar so that early (small-noise) steps keep their precision.
     abar = np.asarray(schedule.alphas_cumprod, np.float64)[keep]
     one_m = np.asarray(schedule.one_minus_alphas_cumprod, np.float64)[keep]
-    prev, one_m_prev = np.concatenate([[1.0], abar[:-1]]), np.concatenate([[0.0], one_m[:-1]])
     model_steps = np.asarray(schedule.model_steps)[keep]
-    betas = (one_m - one_m_prev) / prev
+    # log prod_{k_{j-1} < m <= k_j} (1 - beta_m): window j is [k_{j-1} + 1, k_j] (j = 0: [0, k_0]).
+    log_alphas = np.log1p(-np.asarray(schedule.betas, np.float64))[: keep[-1] + 1]
+    starts = np.concatenate([[0], keep[:-1] + 1])
+    betas_window = -np.expm1(np.add.reduceat(log_alphas, starts))
+    betas_ratio = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+    betas = np.where(betas_window < 0.5, betas_window, betas_ratio)
     _validate_betas(betas)
     return _build(betas, abar, one_m, model_steps, schedule.num_train_steps)
 

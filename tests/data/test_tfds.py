@@ -8,6 +8,9 @@ import pytest
 
 import jaxrob.data as jdata
 
+# Needs the tfds extra; tests/conftest.py skips these without it (CI runs them in its extras pass).
+pytestmark = pytest.mark.tfds
+
 
 def _multiset(images_u8, labels):
     """Rows of (pixels, label) as sorted byte strings: order-free comparison."""

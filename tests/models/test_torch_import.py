@@ -1,6 +1,7 @@
 """Weight import from PyTorch: diffusers UNet2DModel, akamaster CIFAR ResNets, RobustBench WRN.
 
-The parity tests compare against PyTorch (``-m torch``); the akamaster ``.npz`` tests and the
+The parity tests compare against PyTorch (``-m torch``; those with diffusers' UNet are marked
+``diffusers`` too) and skip without it; the akamaster ``.npz`` tests and the
 error tests need only numpy and the shared data directory.
 """
 
@@ -68,7 +69,7 @@ def _diffusers_unet(config, seed=0):
 
 
 def _unet_parity(dm, batch, steps, seed=0):
-    import torch
+    torch = pytest.importorskip("torch")
 
     cfg = unet_config_from_diffusers(dm.config)
     variables = unet_from_diffusers_state_dict(dm.state_dict(), cfg)
@@ -87,6 +88,7 @@ def _unet_parity(dm, batch, steps, seed=0):
 
 
 @pytest.mark.torch
+@pytest.mark.diffusers
 def test_unet_matches_diffusers_small():
     dm = _diffusers_unet(DDPM_SMALL)
     _unet_parity(
@@ -95,6 +97,7 @@ def test_unet_matches_diffusers_small():
 
 
 @pytest.mark.torch
+@pytest.mark.diffusers
 @pytest.mark.slow  # about 30 s on the 2-core CPU (35.7M parameters)
 def test_unet_matches_diffusers_ddpm_cifar10_32():
     dm = _diffusers_unet(DDPM_CIFAR10_32)
@@ -145,8 +148,9 @@ def test_unsupported_diffusers_configs(change, match):
 
 
 @pytest.mark.torch
+@pytest.mark.diffusers
 def test_unet_import_errors_legacy_names_and_files(tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")
 
     dm = _diffusers_unet(DDPM_SMALL)
     sd = {k: v.numpy() for k, v in dm.state_dict().items()}
