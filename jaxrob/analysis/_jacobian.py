@@ -102,6 +102,20 @@ def _jacobian(f, x, *, method, chunk, mesh):
     return _directions(make_row, v, d_out, chunk, mesh)
 
 
+def _is_custom_vjp_jvp_error(e: TypeError) -> bool:
+    """JAX's TypeError for forward-mode differentiation of a ``jax.custom_vjp`` function."""
+    msg = str(e)
+    return "custom_vjp" in msg and "forward-mode" in msg
+
+
+def _forward_mode_error(what: str, fix: str) -> TypeError:
+    return TypeError(
+        f"{what} takes forward-mode derivatives (JVPs) of f, which cannot go through a "
+        "jax.custom_vjp such as the convolutions and norms of models built with "
+        f"fast_vjp=True. {fix} Or build f over the fast_vjp=False twin of the model "
+        "(model.clone(fast_vjp=False), same params).")
+
+
 def jacobian(f: Callable[[Array], Array], x: Array, *, method: str = "jacfwd",
              chunk: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Array:
     r"""The dense Jacobian ``J_{ij} = \partial f(x)_i / \partial x_j`` of ``f`` at one input.
@@ -116,7 +130,8 @@ def jacobian(f: Callable[[Array], Array], x: Array, *, method: str = "jacfwd",
       method: ``"jacfwd"`` / ``"jacrev"`` (all directions in one ``vmap``), ``"jvp_chunks"``
         (columns: one ``jax.linearize``, then JVPs of ``chunk`` input basis vectors at a time)
         or ``"vjp_chunks"`` (rows: one ``jax.vjp``, then VJPs of ``chunk`` output basis vectors
-        at a time). Forward modes need ``fast_vjp=False`` models.
+        at a time). Forward modes need ``fast_vjp=False`` models: through a ``custom_vjp``
+        (``fast_vjp=True``) they raise a ``TypeError`` naming the reverse-mode alternatives.
       chunk: directions per ``lax.map`` step for the chunked methods (need not divide D: the
         remainder runs as one extra batch); None: all at once.
       mesh: shard the directions of a chunked method over this mesh's ``data`` axis
@@ -137,7 +152,14 @@ def jacobian(f: Callable[[Array], Array], x: Array, *, method: str = "jacfwd",
     if mesh is not None and DATA_AXIS not in mesh.shape:
         raise ValueError(f"mesh: expected a '{DATA_AXIS}' axis (jaxrob.parallel.make_mesh), "
                          f"got axes {tuple(mesh.shape)}")
-    return _jacobian(Static(f), x, method=method, chunk=chunk, mesh=mesh)
+    try:
+        return _jacobian(Static(f), x, method=method, chunk=chunk, mesh=mesh)
+    except TypeError as e:
+        if method in ("jacfwd", "jvp_chunks") and _is_custom_vjp_jvp_error(e):
+            raise _forward_mode_error(
+                f"jacobian(method={method!r})",
+                "Use method='vjp_chunks' or 'jacrev' (reverse mode only).") from e
+        raise
 
 
 def singular_values(jac: Array) -> Array:
@@ -277,7 +299,8 @@ def top_singular_values(f: Callable[[Array], Array], x: Array, *, k: int, key: K
         (``J v`` from ``jax.linearize`` of ``f``, ``J^T u`` from ``jax.vjp`` of
         ``f_reverse``: no transposed product, the fastest on CPU, where a transposed product
         runs the slow convolution-gradient path inside loops -- about 4x faster Lanczos on
-        the MNIST purifier, ``benchmarks/README.md``).
+        the MNIST purifier, ``benchmarks/README.md``). ``"jvp"`` and ``"mixed"`` take forward
+        mode of ``f`` and raise a ``TypeError`` through a ``custom_vjp`` (``fast_vjp=True``).
       oversample: extra probes of the randomized method.
       chunk: probes per ``lax.map`` step in the randomized method (and for Lanczos' left
         vectors); None: all at once.
@@ -323,6 +346,14 @@ def top_singular_values(f: Callable[[Array], Array], x: Array, *, k: int, key: K
         raise ValueError(f"oversample: expected >= 0, got {oversample}")
     if chunk is not None:
         chunk = check_positive_int(chunk, "chunk")
-    return _top_singular(Static(f), x, key, k=k, method=method, num_iters=m, ad=ad,
-                         oversample=oversample, return_vectors=bool(return_vectors),
-                         chunk=chunk, f_reverse=None if f_reverse is None else Static(f_reverse))
+    try:
+        return _top_singular(Static(f), x, key, k=k, method=method, num_iters=m, ad=ad,
+                             oversample=oversample, return_vectors=bool(return_vectors),
+                             chunk=chunk,
+                             f_reverse=None if f_reverse is None else Static(f_reverse))
+    except TypeError as e:
+        if ad != "vjp" and _is_custom_vjp_jvp_error(e):
+            fix = ("ad='mixed' takes J v by forward mode of f (f_reverse is used in reverse "
+                   "mode only)." if ad == "mixed" else "Use ad='vjp' (reverse mode only).")
+            raise _forward_mode_error(f"top_singular_values(ad={ad!r})", fix) from e
+        raise
