@@ -35,3 +35,12 @@ def fold(key, data):
 def example_keys(key, indices):
     """Per-example keys ``fold_in(key, index)`` for global example indices (shape (B,))."""
     return jax.vmap(lambda i: jr.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+
+
+# Further draws of the analysis studies, folded into k_i beside the tags above.
+# LANCZOS keeps the value jacobian_spectrum's records were made with; it equals CLASSIFIER's,
+# which is only ever folded into a purifier key, never into k_i itself.
+LANCZOS = 5  # the start vector of a matrix-free top-k spectrum (jacobian_spectrum)
+PROBE = 7  # a random check vector, e.g. a dense Jacobian's self-check (jacobian_spectrum)
+CURVE = 8  # purifier keys of the points along a direction (critical_threshold)
+FIXED_EXTRA = 9  # a study's further fixed purifier keys beside FIXED's (critical_threshold)

@@ -30,3 +30,5 @@ from jaxrob.analysis._randomness import RandomnessDecomposition as RandomnessDec
 from jaxrob.analysis._randomness import RandomnessSummary as RandomnessSummary
 from jaxrob.analysis._randomness import displacement_correlations as displacement_correlations
 from jaxrob.analysis._randomness import randomness_decomposition as randomness_decomposition
+from jaxrob.analysis._summaries import SpectrumSummary as SpectrumSummary
+from jaxrob.analysis._summaries import spectrum_summary as spectrum_summary
