@@ -3,19 +3,21 @@
     python experiments/compression_fit.py --config configs/mnist_compression.py \
         --workdir runs/mnist_compression
 
-For each purifier setting of ``config.settings`` (dicts ``{"name": ..., "purifier.t_star": ...,
-"purifier.sampler": ..., "purifier.num_steps": ...}`` applied with
-:func:`experiments.robust_eval.row_config`, exactly like robust_eval's ``rows``):
+For each purifier setting of ``config.settings`` (nested dicts ``{"name": ..., "purifier":
+{"t_star": ..., "sampler": ..., "num_steps": ...}}`` merged by ``experiments._common.row_config``,
+exactly like robust_eval's ``rows``):
 
 1. fixed-randomness robust accuracy under the exact-gradient attack of ``config.attack``
-   (:func:`experiments.robust_eval.run_row`, resumable: ``<workdir>/<name>/chunks``). Example
-   ``i`` is purified with the key ``fold_in(fold_in(key(seed), index_i), 4)`` by the attack
-   AND the scoring (``jaxrob.evaluation``'s fixed mode);
+   (``experiments._robust_eval.run_row``, resumable: ``<workdir>/<name>/chunks``). Example
+   ``i`` is purified with the key ``fold_in(fold_in(key(seed), index_i), FIXED)``
+   (``jaxrob.evaluation.fixed_purifier_keys``) by the attack AND the scoring
+   (``jaxrob.evaluation``'s fixed mode);
 2. per image, under that same key ``f = purifier(., k_i)``: the adversarial compression rate
    ``||f(x_adv) - f(x)||_2 / ||x_adv - x||_2`` (the paper's definition: how much the
    purifier shrinks the adversarial displacement around the anchor ``f(x)``) and the empirical
    rate of :func:`jaxrob.analysis.compression_rate_empirical` (random points of the attack's
-   ball; gradient-free). ``x_adv`` comes from run_row's record when it keeps it
+   ball; gradient-free), in resumable chunks (``jaxrob.evaluation.run_chunks``,
+   ``<name>/compression``). ``x_adv`` comes from run_row's record when it keeps it
    (``config.eval.keep_x_adv``), else the attack is recomputed with the same function, keys
    and chunking (``<name>/x_adv``; its predictions are checked against run_row's record);
 3. across settings: :func:`jaxrob.analysis.fit_sigmoid` of robust accuracy vs mean compression
@@ -30,6 +32,7 @@ Writes ``results.json`` (per setting and fit; the paper's claims next to ours; m
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import sys
@@ -43,16 +46,8 @@ import jax.random as jr
 import numpy as np
 from absl import logging
 
-from experiments import _common
-from experiments.eval_classifier import load_classifier
-from experiments.robust_eval import (
-    load_ddpm,
-    make_attack,
-    make_purifier,
-    row_config,
-    run_row,
-    write_results,
-)
+import jaxrob._keys as tags
+from experiments import _common, _robust_eval
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "mnist_compression.py")
 # jaxrob.evaluation (fixed randomness): example i's purifier key is
@@ -84,15 +79,15 @@ def _settings(config) -> list[tuple[str, object]]:
     settings = list(config.get("settings") or ())
     if not settings:
         raise ValueError("settings: expected at least one purifier setting, e.g. "
-                         "({'name': 'ddpm_t0.1', 'purifier.t_star': 0.1},)")
+                         "({'name': 'ddpm_t0.1', 'purifier': {'t_star': 0.1}},)")
     names = []
     for i, s in enumerate(settings):
         if not hasattr(s, "items"):
-            raise ValueError(f"settings[{i}]: expected a dict {{'name': ..., "
-                             f"'purifier.<field>': value}}, got {s!r}")
-        other = [k for k in s if k != "name" and not str(k).startswith("purifier.")]
+            raise ValueError(f"settings[{i}]: expected a dict {{'name': ..., 'purifier': "
+                             f"{{<field>: value}}}}, got {s!r}")
+        other = [k for k in s if k not in ("name", "purifier")]
         if other:
-            raise ValueError(f"settings[{i}]: a setting may only change purifier.* fields "
+            raise ValueError(f"settings[{i}]: a setting may only change purifier fields "
                              f"(the attack and protocol are shared), got {other}")
         names.append(str(s.get("name", f"setting{i}")))
     if len(set(names)) != len(names):
@@ -107,7 +102,7 @@ def _settings(config) -> list[tuple[str, object]]:
                          f"would be the same), got {config.attack.eot_samples}")
     if config.attack.name == "none":
         raise ValueError("attack.name: the compression study needs an attack, got 'none'")
-    make_attack(config.attack)
+    _common.make_attack(config.attack)
     s = config.study
     _common.check_positive(s.num, "study.num")
     rates = [float(r) for r in s.classifier_rates]
@@ -117,7 +112,7 @@ def _settings(config) -> list[tuple[str, object]]:
         raise ValueError(f"study.level: expected a confidence level in (0, 1), got {s.level}")
     out = []
     for name, setting in zip(names, settings, strict=True):
-        rc = row_config(config, setting)
+        rc = _common.row_config(config, setting)
         if not rc.purifier.enabled:
             raise ValueError(f"settings {name}: every setting needs the purifier enabled")
         if rc.purifier.gradient != "exact":
@@ -130,47 +125,34 @@ def _settings(config) -> list[tuple[str, object]]:
 # ----------------------------------------------------------------------------- per setting
 
 
-def _pad_take(a: np.ndarray, s: int, e: int, size: int) -> np.ndarray:
-    """Rows ``[s, e)`` of ``a``, padded to ``size`` rows by repeating the last one."""
-    pad = size - (e - s)
-    return np.concatenate([a[s:e], np.repeat(a[e - 1:e], pad, axis=0)]) if pad else a[s:e]
-
-
-def _fixed_keys(seed: int, idx):
-    from jaxrob.evaluation import fixed_purifier_keys
-
-    return fixed_purifier_keys(jr.key(seed), idx)
-
-
-def _rates_fn(purifier, logits_fn, *, seed, ball_seed, eps, norm, num, mesh):
-    """Jitted ``(x, x_adv, idx) -> per-image rates and predictions`` for one purifier."""
+def _rates_chunk(purifier, classifier, ball: dict, batch, keys) -> dict:
+    """``run_chunks``' function: per-image rates and predictions under the fixed keys."""
     from jaxrob.analysis import compression_rate_empirical
-    from jaxrob.parallel import data_sharding
 
     flat = lambda d: jnp.sqrt(jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1))
+    x, x_adv, idx = batch["x"], batch["x_adv"], batch["index"]
+    fixed = tags.fold(keys, tags.FIXED)  # = jaxrob.evaluation.fixed_purifier_keys(key, idx)
+    fx, fa = purifier(x, fixed), purifier(x_adv, fixed)
+    adv_in, adv_out = flat(x_adv - x), flat(fa - fx)
+    adv_rate = jnp.where(adv_in > 0, adv_out / jnp.where(adv_in > 0, adv_in, 1.0), jnp.nan)
 
-    def fn(x, x_adv, idx):
-        keys = _fixed_keys(seed, idx)
-        fx, fa = purifier(x, keys), purifier(x_adv, keys)
-        adv_in, adv_out = flat(x_adv - x), flat(fa - fx)
-        adv_rate = jnp.where(adv_in > 0, adv_out / jnp.where(adv_in > 0, adv_in, 1.0), jnp.nan)
+    def empirical(xi, ki, ii):
+        # f with example i's fixed key; compression_rate_empirical folds the index into the
+        # ball key, so the ball samples do not depend on batching either
+        f = lambda z: purifier(z, ki)
+        r = compression_rate_empirical(f, xi[None], jr.key(ball["seed"]), eps=ball["eps"],
+                                       num=ball["num"], norm=ball["norm"], indices=ii[None])
+        return r.rate[0], r.input_norm[0], r.output_norm[0]
 
-        def empirical(xi, ki, ii):
-            # f with example i's fixed key; compression_rate_empirical folds the index into
-            # the ball key, so the ball samples do not depend on batching either
-            f = lambda z: purifier(z, ki)
-            r = compression_rate_empirical(f, xi[None], jr.key(ball_seed), eps=eps, num=num,
-                                           norm=norm, indices=ii[None])
-            return r.rate[0], r.input_norm[0], r.output_norm[0]
+    emp_rate, emp_in, emp_out = jax.vmap(empirical)(x, fixed, idx)
+    return {"adv_rate": adv_rate, "adv_in": adv_in, "adv_out": adv_out,
+            "emp_rate": emp_rate, "emp_in": emp_in, "emp_out": emp_out,
+            "pred_fx": jnp.argmax(classifier(fx), -1),
+            "pred_fadv": jnp.argmax(classifier(fa), -1)}
 
-        emp_rate, emp_in, emp_out = jax.vmap(empirical)(x, keys, idx)
-        return {"adv_rate": adv_rate, "adv_in": adv_in, "adv_out": adv_out,
-                "emp_rate": emp_rate, "emp_in": emp_in, "emp_out": emp_out,
-                "pred_fx": jnp.argmax(logits_fn(fx), -1),
-                "pred_fadv": jnp.argmax(logits_fn(fa), -1)}
 
-    shard = data_sharding(mesh)
-    return jax.jit(fn, in_shardings=(shard, shard, shard), out_shardings=shard)
+def _rates_done(name: str, start: int, stop: int, out: dict) -> None:
+    logging.info("%s: compression rates of [%d, %d) done", name, start, stop)
 
 
 def _fingerprint(rc, extra: dict) -> dict:
@@ -183,18 +165,17 @@ def _fingerprint(rc, extra: dict) -> dict:
 def _x_adv(rc, name, wd, models, test, mesh, per_row) -> tuple[np.ndarray, str, float | None]:
     """Adversarial images of a setting: from run_row's record, or recomputed (resumable)."""
     from jaxrob.evaluation import ChunkStore, evaluate_robustness
-    from jaxrob.purify import purified_logits
+    from jaxrob.purify import DefendedModel
 
     x_adv = per_row.get("x_adv")
     if x_adv is not None and x_adv.shape == test.images.shape:
         return np.asarray(x_adv, np.float32), "run_row", None
-    unet_fast, ddpm_vars, schedule, logits_fn = models
-    eps_fn = lambda x, s: unet_fast.apply(ddpm_vars, x, s, train=False)
-    purifier = make_purifier(rc.purifier, eps_fn, schedule)
+    ddpm, classifier = models
+    purifier = _common.make_purifier(rc.purifier, ddpm)
     store = ChunkStore(wd / "x_adv", fingerprint=_fingerprint(rc, {"what": "x_adv"}))
     # the same attack function, run key, randomness mode and chunking as run_row
     res = evaluate_robustness(
-        purified_logits(logits_fn, purifier), make_attack(rc.attack), test.images,
+        DefendedModel(classifier, purifier), _common.make_attack(rc.attack), test.images,
         test.labels, test.indices, key=jr.key(int(rc.seed)), protocols=("one_shot",),
         randomness="fixed", batch_size=int(rc.eval.batch_size), store=store, mesh=mesh,
         keep_x_adv=True, log=lambda line: logging.info("%s x_adv: %s", name, line))
@@ -234,39 +215,29 @@ def _mean_rate(row, which: str) -> float:
 
 def _setting(rc, name, wd, models, test, mesh) -> tuple[dict, dict]:
     """Robust accuracy (run_row) and per-image compression rates of one setting."""
-    from jaxrob.evaluation import ChunkStore
+    from jaxrob.evaluation import ChunkStore, run_chunks
 
     timer = _common.Timer()
-    entry = run_row(rc, name, wd, models, test, mesh)
+    entry = _robust_eval.run_row(rc, name, wd, models, test, mesh)
     with np.load(wd / "per_example.npz") as z:
         per_row = {k: z[k] for k in z.files}
     x_adv, source, agree = _x_adv(rc, name, wd, models, test, mesh, per_row)
 
-    unet_fast, ddpm_vars, schedule, logits_fn = models
-    eps_fn = lambda x, s: unet_fast.apply(ddpm_vars, x, s, train=False)
-    purifier = make_purifier(rc.purifier, eps_fn, schedule)
+    ddpm, classifier = models
+    purifier = _common.make_purifier(rc.purifier, ddpm)
     s, a = rc.study, rc.attack
     store = ChunkStore(wd / "compression", fingerprint=_fingerprint(
         rc, {"what": "compression", "num": int(s.num), "ball_seed": int(s.ball_seed),
              "x_adv": source}))
     bs = _common.check_batch_size(rc.eval.batch_size, mesh, "eval.batch_size")
-    n = len(test)
-    todo = [st for st in range(0, n, bs) if not store.is_done(st, min(st + bs, n))]
     t0 = _common.Timer()
-    if todo:
-        fn = _rates_fn(purifier, logits_fn, seed=int(rc.seed), ball_seed=int(s.ball_seed),
-                       eps=float(a.eps), norm=a.norm, num=int(s.num), mesh=mesh)
-        images, idx = np.asarray(test.images, np.float32), np.asarray(test.indices)
-        for st in todo:
-            e = min(st + bs, n)
-            out = fn(_pad_take(images, st, e, bs), _pad_take(x_adv, st, e, bs),
-                     _pad_take(idx, st, e, bs).astype(np.uint32))
-            store.save(st, e, index=idx[st:e], **{k: np.asarray(v)[: e - st]
-                                                   for k, v in out.items()})
-            logging.info("%s: compression rates of [%d, %d) done", name, st, e)
-    comp = store.load()
-    if sorted(comp["position"].tolist()) != list(range(n)):
-        raise RuntimeError(f"{store.directory}: finished chunks do not cover the {n} images")
+    ball = {"seed": int(s.ball_seed), "eps": float(a.eps), "norm": a.norm, "num": int(s.num)}
+    comp = run_chunks(
+        _rates_chunk, {"x": np.asarray(test.images, np.float32), "x_adv": x_adv,
+                       "index": np.asarray(test.indices)},
+        key=jr.key(int(rc.seed)), args=(purifier, classifier, ball), batch_size=bs,
+        store=store, mesh=mesh, desc=f"compression {name}",
+        log=functools.partial(_rates_done, name)).records
     label = per_row["label"]
     robust = (per_row["pred_adv"][:, 0] == label).astype(np.float32)
     clean = (per_row["pred_clean"][:, 0] == label).astype(np.float32)
@@ -392,9 +363,11 @@ def _classifier_curve(config, workdir, models, test, mesh, rates) -> dict:
     out = {"rates": [0.0], "accuracy": [], "ci95": [], "eps": [0.0], "per_example": {}}
     first = None
     for r in rates:
-        rc = row_config(config, {"purifier.enabled": False, "attack.eps": eps * r})
+        rc = _common.row_config(config, {"purifier": {"enabled": False},
+                                         "attack": {"eps": eps * r}})
         name = f"classifier_r{r:g}"
-        entry = run_row(rc, name, workdir / "classifier" / name, models, test, mesh)
+        entry = _robust_eval.run_row(rc, name, workdir / "classifier" / name, models, test,
+                                     mesh)
         if first is None:  # rate 0: no attack, the clean accuracy
             first = entry["clean"]["one_shot"]
             out["accuracy"].append(first["accuracy"])
@@ -509,14 +482,14 @@ def run(config, workdir) -> dict:
     _common.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     test = _common.load_split(config.data, config.data.test_split,
                               num_images=int(config.data.num_images))
-    unet, ddpm_vars, schedule, ddpm_info = load_ddpm(config.ddpm, tuple(test.image_shape))
-    for _, rc in settings:  # the real schedule: t_star / steps errors before the first row
-        make_purifier(rc.purifier, lambda x, s: x, schedule)
+    # the reverse-mode twins (same parameters): fast input gradients for the attacks
     fast = bool(config.fast_vjp)
-    classifier, clf_vars, clf_info = load_classifier(config.classifier, config.data)
-    classifier_fast = classifier.clone(fast_vjp=fast)
-    logits_fn = lambda x: classifier_fast.apply(clf_vars, x, train=False)
-    models = (unet.clone(fast_vjp=fast), ddpm_vars, schedule, logits_fn)
+    ddpm, ddpm_info = _common.load_ddpm(config.ddpm, tuple(test.image_shape), fast_vjp=fast)
+    for _, rc in settings:  # the real schedule: t_star / steps errors before the first row
+        _common.make_purifier(rc.purifier, ddpm)
+    classifier, clf_info = _common.load_classifier(config.classifier, config.data,
+                                                   fast_vjp=fast)
+    models = (ddpm, classifier)
 
     rows, per = [], {"index": np.asarray(test.indices), "label": np.asarray(test.labels)}
     for name, rc in settings:
@@ -559,7 +532,7 @@ def run(config, workdir) -> dict:
                "attack": _common.to_plain(config.attack), "study": _common.to_plain(s),
                "ddpm": ddpm_info, "classifier": clf_info, "num_images": len(test),
                "fast_vjp": fast, "wall_s": timer()}
-    write_results(config, workdir, results, test)
+    _common.write_results(config, workdir, results, test)
     logging.info("fit (adversarial rate, 4-parameter): %s, R^2 %s; intercept %s",
                  free.get("params"), free.get("r2"), free.get("y_intercept"))
     return results

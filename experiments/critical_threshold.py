@@ -28,12 +28,18 @@ Per image ``x`` (label ``y``):
 The stochastic curve is the average over keys of fixed-key step functions, so its slope
 measures how much the key moves the step, not how sharp one step is.
 
-Randomness of example ``i``, ``k_i = fold_in(key(seed), index_i)``: attack ``fold_in(k_i, 1)``;
-fixed keys ``fold_in(fold_in(k_i, 2), f)``; curve keys ``fold_in(fold_in(fold_in(fold_in(k_i,
-3), d), j), n)`` (direction ``d``, step index ``j``, trial ``n``); fuzzy keys
-``fold_in(fold_in(k_i, 4), m)``; random direction ``r``: ``normal(fold_in(fold_in(k_i, 5),
-r))``. Nothing depends on the batch size or device count; chunks of ``study.batch_size``
-images are stored as they finish (``chunks/``) and a rerun skips them.
+Randomness of example ``i``, ``k_i = fold_in(key(seed), index_i)``, with the tags of
+``jaxrob._keys``: attack ``fold_in(k_i, ATTACK)``; fixed key ``f = 0`` is
+``fold_in(k_i, FIXED)`` (``jaxrob.evaluation.fixed_purifier_keys``: the very purifier that
+robust_eval's and jacobian_spectrum's fixed randomness use for the image), further fixed keys
+``fold_in(fold_in(k_i, FIXED_EXTRA), f)``; curve keys ``fold_in(fold_in(fold_in(fold_in(k_i,
+CURVE), d), j), n)`` (direction ``d``, step index ``j``, trial ``n``); fuzzy keys
+``fold_in(fold_in(k_i, ADV), m)`` (robust_eval's keys scoring the adversarial input); random
+direction ``r``: ``normal(fold_in(fold_in(k_i, STUDY), r))``. Records made before these tags
+(fixed keys under tag 2, fuzzy keys under 4, curves under 3, directions under 5) differ from
+today's for that reason; the chunks' fingerprint holds the key layout, so they are not resumed.
+Nothing depends on the batch size or device count: ``jaxrob.evaluation.run_chunks`` stores
+chunks of ``study.batch_size`` images as they finish (``chunks/``) and a rerun skips them.
 
 Writes ``results.json`` (summary, the paper's numbers, manifest; ``compute_wall_s`` sums the
 chunks' time over restarts, ``wall_s`` is this invocation's), ``per_example.npz``,
@@ -51,7 +57,6 @@ from __future__ import annotations
 import math
 import pathlib
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -62,13 +67,20 @@ import jax.random as jr
 import numpy as np
 from absl import logging
 
+import jaxrob._keys as tags
 from experiments import _common
-from experiments.eval_classifier import load_classifier
-from experiments.robust_eval import make_attack, start_study, write_results
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "mnist_threshold.py")
 FLIP_REFERENCES = ("label", "clean")
-_ATTACK, _FIXED, _CURVE, _FUZZY, _DIRECTION = 1, 2, 3, 4, 5
+# The draws of example i (tags of jaxrob._keys folded into k_i); in results.json and the
+# chunks' fingerprint, so records made with the earlier tags are not resumed into these.
+_KEYS = {"image": "k_i = fold_in(key(seed), index_i)",
+         "attack": f"fold_in(k_i, {tags.ATTACK}) (ATTACK)",
+         "fixed": f"f = 0: fold_in(k_i, {tags.FIXED}) (FIXED: robust_eval's fixed randomness); "
+                  f"f > 0: fold_in(fold_in(k_i, {tags.FIXED_EXTRA}), f) (FIXED_EXTRA)",
+         "curve": f"fold_in(fold_in(fold_in(fold_in(k_i, {tags.CURVE}), d), j), n) (CURVE)",
+         "fuzzy": f"fold_in(fold_in(k_i, {tags.ADV}), m) (ADV)",
+         "direction": f"normal(fold_in(fold_in(k_i, {tags.STUDY}), r)) (STUDY)"}
 # Yuezhang & Wei (arXiv 2505.22839, rebuttal; ANCHORS.md section 4): CIFAR-10 (d = 3072),
 # WRN-28-10, DDPM t* = 0.1 in 100 steps; slope per L2 unit of [0, 1] pixels.
 PAPER = {"slope": {"mean": 5.91, "std": 1.07},
@@ -116,6 +128,10 @@ def check_study(study) -> dict:
 
 # ----------------------------------------------------------------------------- device part
 
+# What the device part depends on (the rest of the study only changes the host analysis).
+_DEVICE_FIELDS = ("random_directions", "num_points", "num_keys", "fixed_keys", "fuzzy_keys",
+                  "max_step", "clip", "step_chunk")
+
 
 def _fold(key, *data):
     for d in data:
@@ -123,29 +139,40 @@ def _fold(key, *data):
     return key
 
 
-def _image_fn(x, y, k, *, defended, classify, attack, grid, num_random, num_keys, fixed_keys,
-              fuzzy_keys, clip, step_chunk):
+def _grid(s: dict):
+    return jnp.linspace(0.0, s["max_step"], s["num_points"], dtype=jnp.float32)
+
+
+def _fixed_keys(k, num: int):
+    """The image's ``num`` fixed purifier keys: first robust_eval's (FIXED), then FIXED_EXTRA's."""
+    extra = jax.vmap(lambda f: _fold(k, tags.FIXED_EXTRA, f))(jnp.arange(1, num))
+    return jnp.concatenate([jr.fold_in(k, tags.FIXED)[None], extra])
+
+
+def _image(defended, attack, s: dict, x, y, k) -> dict:
     """Everything of one image (vmapped over the chunk's images)."""
+    classify = lambda xs, keys: jnp.argmax(defended(xs, keys), -1).astype(jnp.int8)
     model = lambda xx, key: defended(xx, key[None])
-    x_adv = attack(model, x[None], y[None], jr.fold_in(k, _ATTACK))[0]
+    x_adv = attack(model, x[None], y[None], jr.fold_in(k, tags.ATTACK)).x_adv[0]
     delta = x_adv - x
     adv_l2 = jnp.sqrt(jnp.sum(delta * delta))
     u_adv = delta / jnp.maximum(adv_l2, 1e-12)
-    gauss = jax.vmap(lambda r: jr.normal(_fold(k, _DIRECTION, r), x.shape, x.dtype))(
-        jnp.arange(num_random))
+    gauss = jax.vmap(lambda r: jr.normal(_fold(k, tags.STUDY, r), x.shape, x.dtype))(
+        jnp.arange(s["random_directions"]))
     norms = jnp.sqrt(jnp.sum(gauss * gauss, axis=tuple(range(1, gauss.ndim))))
     u_rand = gauss / norms.reshape(-1, *([1] * x.ndim))
     dirs = jnp.concatenate([u_adv[None], u_rand])  # (D, H, W, C)
-    num_dirs = dirs.shape[0]
-    fixed = jax.vmap(lambda f: _fold(k, _FIXED, f))(jnp.arange(fixed_keys))  # (F,)
+    num_dirs, num_keys, fixed_keys = dirs.shape[0], s["num_keys"], s["fixed_keys"]
+    fixed = _fixed_keys(k, fixed_keys)  # (F,)
     trials = num_keys + fixed_keys
+    grid = _grid(s)
 
     def at_step(args):
-        j, s = args
-        pts = x[None] + s * dirs
-        pts = jnp.clip(pts, 0.0, 1.0) if clip else pts
+        j, step = args
+        pts = x[None] + step * dirs
+        pts = jnp.clip(pts, 0.0, 1.0) if s["clip"] else pts
         d = (pts - x[None]).reshape(num_dirs, -1)
-        curve = jax.vmap(lambda dd: jax.vmap(lambda n: _fold(k, _CURVE, dd, j, n))(
+        curve = jax.vmap(lambda dd: jax.vmap(lambda n: _fold(k, tags.CURVE, dd, j, n))(
             jnp.arange(num_keys)))(jnp.arange(num_dirs))  # (D, N)
         keys = jnp.concatenate([curve, jnp.broadcast_to(fixed, (num_dirs, fixed_keys))], 1)
         xs = jnp.broadcast_to(pts[:, None], (num_dirs, trials, *x.shape))
@@ -154,75 +181,39 @@ def _image_fn(x, y, k, *, defended, classify, attack, grid, num_random, num_keys
 
     steps = jnp.arange(grid.shape[0])
     pred, pred_fixed, dist = jax.lax.map(at_step, (steps, grid),
-                                         batch_size=step_chunk or grid.shape[0])
-    fuzzy = jax.vmap(lambda m: _fold(k, _FUZZY, m))(jnp.arange(fuzzy_keys))
-    pred_fuzzy = classify(jnp.broadcast_to(x_adv, (fuzzy_keys, *x.shape)), fuzzy)
+                                         batch_size=s["step_chunk"] or grid.shape[0])
+    # fuzzy robustness: x_adv scored under independent keys, as robust_eval scores it (ADV)
+    fuzzy = jax.vmap(lambda m: _fold(k, tags.ADV, m))(jnp.arange(s["fuzzy_keys"]))
+    pred_fuzzy = classify(jnp.broadcast_to(x_adv, (s["fuzzy_keys"], *x.shape)), fuzzy)
     return {"pred": jnp.moveaxis(pred, 0, 1), "pred_fixed": jnp.moveaxis(pred_fixed, 0, 1),
             "dist": jnp.moveaxis(dist, 0, 1), "pred_fuzzy": pred_fuzzy, "adv_l2": adv_l2,
             "adv_linf": jnp.max(jnp.abs(delta))}
 
 
-def _chunk_fn(purifier, logits_fn, attack, s, mesh):
-    from jaxrob.parallel import data_sharding, replicated
-    from jaxrob.purify import purified_logits
-
-    defended = purified_logits(logits_fn, purifier)
-    classify = lambda xs, keys: jnp.argmax(defended(xs, keys), -1).astype(jnp.int8)
-    grid = jnp.linspace(0.0, s["max_step"], s["num_points"], dtype=jnp.float32)
-
-    def chunk(x, y, idx, key):
-        keys = jax.vmap(lambda i: jr.fold_in(key, i))(idx)
-        one = lambda xi, yi, ki: _image_fn(
-            xi, yi, ki, defended=defended, classify=classify, attack=attack, grid=grid,
-            num_random=s["random_directions"], num_keys=s["num_keys"],
-            fixed_keys=s["fixed_keys"], fuzzy_keys=s["fuzzy_keys"], clip=s["clip"],
-            step_chunk=s["step_chunk"])
-        return jax.vmap(one)(x, y, keys)
-
-    shard = data_sharding(mesh)
-    return jax.jit(chunk, in_shardings=(shard, shard, shard, replicated(mesh)),
-                   out_shardings=shard), np.asarray(grid, np.float64)
+def _chunk(defended, attack, s: dict, batch, keys) -> dict:
+    """``run_chunks``' function: the images of a chunk side by side (vmap)."""
+    one = lambda x, y, k: _image(defended, attack, s, x, y, k)
+    return jax.vmap(one)(batch["x"], batch["y"], keys)
 
 
-def _compute(purifier, logits_fn, attack, test, s, key, mesh, store, log):
-    """Run (or resume) every chunk; returns the per-example record and the chunk counts."""
-    from jaxrob.parallel import data_sharding
+def _chunk_done(start: int, stop: int, out: dict) -> None:
+    logging.info("chunk [%d, %d): mean adversarial L2 %.3f", start, stop,
+                 float(np.mean(out["adv_l2"])))
 
-    fn, grid = _chunk_fn(purifier, logits_fn, attack, s, mesh)
-    shard = data_sharding(mesh)
-    images, labels = np.asarray(test.images, np.float32), np.asarray(test.labels)
-    indices = np.asarray(test.indices)
-    n, bs = len(labels), s["batch_size"]
-    starts = list(range(0, n, bs))
-    todo = [a for a in starts if not store.is_done(a, min(a + bs, n))]
-    bar = None
-    if todo:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="critical threshold", unit="chunk")
-    for a in todo:
-        e = min(a + bs, n)
-        pad = bs - (e - a)
-        take = lambda arr, a=a, e=e, pad=pad: np.concatenate(
-            [arr[a:e], np.repeat(arr[e - 1:e], pad, axis=0)]) if pad else arr[a:e]
-        t0 = time.perf_counter()
-        out = fn(jax.device_put(take(images), shard),
-                 jax.device_put(take(labels).astype(np.int32), shard),
-                 jax.device_put(take(indices).astype(np.uint32), shard), key)
-        out = {k: np.asarray(v)[: e - a] for k, v in out.items()}
-        # seconds per image of this chunk (compilation included): summed over restarts
-        out["wall_s"] = np.full((e - a,), (time.perf_counter() - t0) / (e - a))
-        store.save(a, e, index=indices[a:e], label=labels[a:e], **out)
-        if bar is not None:
-            bar.update(1)
-        log(f"chunk [{a}, {e}): mean adversarial L2 {out['adv_l2'].mean():.3f}")
-    if bar is not None:
-        bar.close()
-    per = store.load()
-    if per["position"].tolist() != list(range(n)):
-        raise RuntimeError(f"{store.directory}: finished chunks do not cover the {n} images "
-                           "exactly")
-    return per, grid, len(todo), len(starts)
+def _compute(defended, attack, test, s, key, mesh, store):
+    """Run (or resume) every chunk; returns the per-example record, the grid and the
+    :class:`jaxrob.evaluation.ChunkRun`."""
+    from jaxrob.evaluation import run_chunks
+
+    data = {"x": np.asarray(test.images, np.float32),
+            "y": np.asarray(test.labels).astype(np.int32), "index": np.asarray(test.indices)}
+    run = run_chunks(_chunk, data, key=key,
+                     args=(defended, attack, {f: s[f] for f in _DEVICE_FIELDS}),
+                     batch_size=s["batch_size"], store=store, mesh=mesh,
+                     desc="critical threshold", log=_chunk_done)
+    per = {**run.records, "label": np.asarray(test.labels)}
+    return per, np.asarray(_grid(s), np.float64), run
 
 
 # ----------------------------------------------------------------------------- host analysis
@@ -364,11 +355,12 @@ def analyse(per, grid, s) -> tuple[dict, dict]:
             {k: v[:, 1:] for k, v in cross.items()})
     adv_mis = per["pred_fuzzy"] != labels[:, None]
     success = adv_mis.mean(-1)
-    fz = fuzzy_robustness(success)
+    # jnp arrays: fuzzy_robustness is annotated (and type-checked in the tests) for jax arrays
+    fz = fuzzy_robustness(jnp.asarray(success))
     along = []
     for j, step in enumerate(grid):
         q = (pred[:, 0, j, :] != labels[:, None]).mean(-1)
-        f = fuzzy_robustness(q, grid=np.array([0.0]))
+        f = fuzzy_robustness(jnp.asarray(q), grid=jnp.zeros(1))
         along.append({"step": float(step), "never_broken": float(f.curve[0]),
                       "area": float(f.area)})
     summary["fuzzy"] = {
@@ -470,7 +462,7 @@ def _plot_fuzzy(path, summary, arrays, grid, num_keys):
     picks = np.unique([int(np.argmin(np.abs(grid - f * radius))) for f in (0, 1 / 3, 2 / 3, 1)])
     for c, j in enumerate(picks):
         q = flips[:, 0, j] / num_keys
-        f = fuzzy_robustness(q)
+        f = fuzzy_robustness(jnp.asarray(q))
         ax.step(np.asarray(f.p), np.asarray(f.curve), where="post", color=f"C{c}", lw=1,
                 label=f"along u, s={grid[j]:.2f}")
     ax.set_xlabel("attack-success probability p")
@@ -489,9 +481,10 @@ def _plot_fuzzy(path, summary, arrays, grid, num_keys):
 def run(config, workdir) -> dict:
     """The study; returns (and writes) ``results.json``'s content."""
     from jaxrob.evaluation import ChunkStore
+    from jaxrob.purify import DefendedModel
 
     s = check_study(config.study)
-    attack = make_attack(config.attack)
+    attack = _common.make_attack(config.attack)
     if attack is None:
         raise ValueError("attack.name: the critical-threshold study needs an attack for the "
                          "adversarial direction, got 'none'")
@@ -499,21 +492,19 @@ def run(config, workdir) -> dict:
     _common.check_batch_size(s["batch_size"], mesh, "study.batch_size")
     # reverse-mode twins (same parameters): fast input gradients for the attack
     fast = bool(config.fast_vjp)
-    timer, workdir, test, purifier, ddpm_info = start_study(
+    timer, workdir, test, purifier, ddpm_info = _common.start_study(
         config, workdir, "critical-threshold study", fast_vjp=fast)
-    classifier, clf_vars, clf_info = load_classifier(config.classifier, config.data)
-    classifier_fast = classifier.clone(fast_vjp=fast)
-    logits_fn = lambda x: classifier_fast.apply(clf_vars, x, train=False)
+    classifier, clf_info = _common.load_classifier(config.classifier, config.data,
+                                                   fast_vjp=fast)
 
     stored = {k: v for k, v in s.items() if k not in ("step_chunk", "flip_reference", "level")}
     fingerprint = {"study": stored, "purifier": _common.to_plain(config.purifier),
                    "attack": _common.to_plain(config.attack), "seed": int(config.seed),
                    "data": _common.to_plain(config.data), "ddpm": _common.to_plain(config.ddpm),
-                   "classifier": _common.to_plain(config.classifier)}
+                   "classifier": _common.to_plain(config.classifier), "keys": _KEYS}
     store = ChunkStore(workdir / "chunks", fingerprint=fingerprint)
-    per, grid, run_chunks, total_chunks = _compute(
-        purifier, logits_fn, attack, test, s, jr.key(int(config.seed)), mesh, store,
-        lambda line: logging.info("%s", line))
+    per, grid, run = _compute(DefendedModel(classifier, purifier), attack, test, s,
+                              jr.key(int(config.seed)), mesh, store)
     summary, arrays = analyse(per, grid, s)
     _common.save_npz(workdir / "per_example.npz", **arrays)
     _plot_threshold(workdir / "threshold.png", arrays, grid, s["num_keys"])
@@ -527,10 +518,10 @@ def run(config, workdir) -> dict:
                         "d = 3072)",
                "purifier": purifier.manifest(), "ddpm": ddpm_info, "classifier": clf_info,
                "attack": _common.to_plain(config.attack), "randomness": "stochastic",
-               "purifications_per_image": per_image, "num_images": len(test),
-               "chunks_run": run_chunks, "chunks_total": total_chunks,
-               "compute_wall_s": float(np.sum(per["wall_s"])), "wall_s": timer()}
-    write_results(config, workdir, results, test)
+               "purifications_per_image": per_image, "keys": _KEYS, "num_images": len(test),
+               "chunks_run": run.chunks_run, "chunks_total": run.chunks_total,
+               "compute_wall_s": run.total_s, "wall_s": timer()}
+    _common.write_results(config, workdir, results, test)
     a, r = summary["adversarial"], summary.get("random", {})
     logging.info("slope adversarial %s, random %s (paper %.2f +- %.2f); threshold median adv "
                  "%s, random %s; fixed-key step-like %s; CFR area %.3f",

@@ -3,46 +3,57 @@
     python experiments/jacobian_spectrum.py --config configs/mnist_jacobian.py \
         --workdir runs/mnist_jacobian
 
-For every purifier setting of ``config.settings`` (each a dict ``{"name": ..., "dotted.field":
-value}`` of overrides of the base config, applied like ``robust_eval``'s ``rows``; study fields
-such as ``study.topk`` may be overridden too) and every image ``x_i``, the purifier with one
-fixed key is a deterministic map ``f_i(x) = purify(x, k_i)`` of R^D. For it the run computes
+For every purifier setting of ``config.settings`` (each a nested dict ``{"name": ...,
+"purifier": {...}, "study": {...}}`` of overrides of the base config, merged by
+``experiments._common.row_config`` like robust_eval's ``rows``) and every image ``x_i``, the
+purifier with one fixed key is a deterministic map ``f_i(x) = purify(x, k_i)`` of R^D. For it
+the run computes
 
 * the dense Jacobian ``J = df_i/dx`` at ``x_i`` (``jaxrob.analysis.jacobian``, directions sharded
-  over the mesh), all its singular values, the fractions below ``study.low`` / above
-  ``study.high`` and the geometric mean (``jaxrob.analysis.spectral_compression``), sigma_max,
-  the Frobenius norm and the RMS singular value ``||J||_F / sqrt(D)``. Output pixels that the
-  purifier clips to 0 or 1 have zero Jacobian rows: ``frac_clipped`` (of f(x)) and
-  ``frac_zero_sv`` (singular values <= 1e-5 sigma_max) record them, ``geometric_mean_nonzero``
-  leaves them out, and ``study.unclipped`` differentiates the last reverse state instead;
+  over the mesh), all its singular values and their summary
+  (``jaxrob.analysis.spectrum_summary``): the fractions below ``study.low`` / above
+  ``study.high``, the geometric mean, sigma_max, the Frobenius norm and the RMS singular value
+  ``||J||_F / sqrt(D)``. Output pixels that the purifier clips to 0 or 1 have zero Jacobian
+  rows: ``frac_clipped`` (of f(x)) and ``frac_zero_sv`` (singular values <= 1e-5 sigma_max)
+  record them, ``geometric_mean_nonzero`` leaves them out, and ``study.unclipped``
+  differentiates the last reverse state instead;
 * the top ``study.topk`` singular values without forming ``J`` (Lanczos or randomized SVD on
   JVP/VJP operators) and, when the dense spectrum is there, their relative error;
 * the empirical compression rate in an L2 ball of radius ``study.eps`` (``study.num`` samples)
   with the same fixed key (``jaxrob.analysis.compression_rate_empirical``); for a small ball
   away from the [0, 1] box it approaches the RMS singular value (``rate_over_rms``).
 
-Keys (so a result never depends on chunking, restarts or devices): ``k_i = fold_in(key(seed),
-index_i)`` with the image's global index; the purifier key is ``fold_in(k_i, 4)``, the key that
-``robust_eval``'s ``fixed`` randomness mode gives the same image with the same seed, so the
+Keys (so a result never depends on chunking, restarts or devices; tags of
+``jaxrob._keys``): ``k_i = fold_in(key(seed), index_i)`` with the image's global index; the
+purifier key is ``fold_in(k_i, FIXED)`` (``jaxrob.evaluation.fixed_purifier_keys``), the key
+that robust_eval's ``fixed`` randomness mode gives the same image with the same seed, so the
 spectrum is that of the very map the deterministic white-box attack attacks; Lanczos starts from
-``fold_in(k_i, 5)``; ball sample ``j`` is ``fold_in(fold_in(fold_in(k_i, 6), 0), j)``.
+``fold_in(k_i, LANCZOS)``; ball sample ``j`` is ``fold_in(fold_in(fold_in(k_i, STUDY), 0), j)``;
+the Jacobian's self-check probe is ``normal(fold_in(k_i, PROBE))`` (tags 4, 5, 6, 7: the values
+of the records made before the tags had names).
 
 Forward-mode methods (``jvp_chunks``, ``jacfwd``) run through the ``fast_vjp=False`` UNet and
 Lanczos with ``ad="jvp"``; reverse-mode methods (``vjp_chunks``, ``jacrev``) through the
 ``fast_vjp=True`` twin and ``ad="vjp"`` (JAX cannot forward-differentiate its custom VJP).
 
-Resumable: per setting, finished images are written in chunks of ``study.images_per_chunk`` to
-``<workdir>/<setting>/chunks/`` (a ``ChunkStore`` fingerprinted with the setting, study, data,
-model and seed); rerunning the same command after a kill recomputes nothing finished. Writes
-``results.json`` (per setting: mean/std/median/p10/p90 over images of every quantity, pooled
-fractions and quantiles, the paper's numbers, compile and wall time, chunks run vs total, the
-purifier manifest; the run manifest), ``per_example.npz`` (``<setting>.<field>`` arrays: all
-singular values, top-k, rates, timings), ``spectrum.png`` (pooled density with the 0.25 / 1.0
-lines; median sorted spectrum with a 10-90% band) and ``settings.png`` (settings compared).
+Resumable: per setting and part, ``jaxrob.evaluation.run_chunks`` writes finished images in
+chunks of ``study.images_per_chunk`` to ``<workdir>/<setting>/chunks/<part>/`` (a
+``ChunkStore`` fingerprinted with the setting, study, data, model and seed); rerunning the same
+command after a kill recomputes nothing finished. The parts: ``dense`` (the Jacobian, each
+image's directions spread over the devices) and ``matrix_free`` (top-k and ball rate, on one
+device: a program over several devices would repeat them on each); the images of a chunk are
+computed one after the other. Writes ``results.json`` (per setting: mean/std/median/p10/p90
+over images of every quantity, pooled fractions and quantiles, the paper's numbers, compute
+and wall time and chunks run vs total per part, the purifier manifest; the run manifest),
+``per_example.npz`` (``<setting>.<field>`` arrays: all singular values, top-k, rates, each
+part's compute seconds per image ``time_<part>``), ``spectrum.png`` (pooled density with the
+0.25 / 1.0 lines; median sorted spectrum with a 10-90% band) and ``settings.png`` (settings
+compared).
 """
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 import sys
@@ -56,8 +67,8 @@ import jax.random as jr
 import numpy as np
 from absl import logging
 
+import jaxrob._keys as tags
 from experiments import _common
-from experiments.robust_eval import load_ddpm, make_purifier, row_config, write_results
 
 DEFAULT_CONFIG = str(_common.REPO_ROOT / "configs" / "mnist_jacobian.py")
 FORWARD_METHODS = ("jacfwd", "jvp_chunks")
@@ -65,9 +76,11 @@ FORWARD_METHODS = ("jacfwd", "jvp_chunks")
 # fixed: "over 90% of singular values are below 0.25, and only 1.3% exceed 1.0".
 PAPER = {"dataset": "cifar10", "purifier": "DDPM t*=0.1 (DiffPure), fixed randomness",
          "frac_below_0.25": ">0.90", "frac_above_1.0": 0.013, "figure": "3a"}
-# Tags folded into k_i = fold_in(key(seed), index): 4 is robust_eval's fixed-randomness key
-# (jaxrob.evaluation._robust._FIXED), so both studies see the same deterministic map.
-_FIXED, _LANCZOS, _BALL, _CHECK = 4, 5, 6, 7
+_KEYS = {"image": "k_i = fold_in(key(seed), index_i)",
+         "purifier": f"fold_in(k_i, {tags.FIXED}) (FIXED: robust_eval's fixed randomness)",
+         "lanczos": f"fold_in(k_i, {tags.LANCZOS}) (LANCZOS)",
+         "ball": f"fold_in(fold_in(fold_in(k_i, {tags.STUDY}), 0), j) (STUDY)",
+         "check": f"normal(fold_in(k_i, {tags.PROBE})) (PROBE)"}
 _NAME_RE = re.compile(r"[A-Za-z0-9_.+=-]+")
 _SCALARS = ("frac_below", "frac_above", "geometric_mean", "geometric_mean_nonzero", "sigma_max",
             "frobenius", "rms_sv",
@@ -144,7 +157,7 @@ def _settings(config) -> list[tuple[str, dict, object]]:
             raise ValueError(f"settings[{i}].name: expected letters, digits and _.+=- (it "
                              f"names a sub-directory), got {name!r}")
         try:
-            sc = row_config(config, st)
+            sc = _common.row_config(config, st)
         except ValueError as e:
             raise ValueError(f"settings[{i}] ({name}): {str(e).replace('rows: ', '')}") from None
         out.append((name, st, sc))
@@ -157,147 +170,124 @@ def _settings(config) -> list[tuple[str, dict, object]]:
 # ----------------------------------------------------------------------------- computation
 
 
-_COMPILED: dict = {}  # process-level cache: a sweep or a notebook never compiles a part twice
+def _fixed_map(purifier, key, unclipped: bool):
+    """The deterministic map ``x -> purify(x, key)`` (or its last reverse state, unclipped)."""
+    if unclipped:  # the final reverse state before the purifier's [0, 1] clip
+        return lambda x: purifier.trajectory(x, key)[1][-1]
+    return lambda x: purifier(x, key)
 
 
-def _cache_key(net, schedule, purifier_config, study, mesh, example_x, params):
-    sched = tuple(np.asarray(a).tobytes() for a in (schedule.betas, schedule.model_steps))
-    shapes = jax.tree.map(lambda a: (tuple(np.shape(a)), str(a.dtype)), params)
-    return (repr(net), sched, schedule.num_train_steps,
-            repr(sorted(_common.to_plain(purifier_config).items())),
-            repr(sorted(study.items())), mesh, example_x.shape, str(example_x.dtype),
-            repr(jax.tree.structure(shapes)), repr(jax.tree.leaves(shapes)))
+def _parts(study: dict) -> tuple[str, ...]:
+    """What a setting computes, each part its own resumable pass over the images: ``dense``
+    (the Jacobian, its directions sharded over every device) and ``matrix_free`` (top-k and
+    ball rate, one device, as a single-device program computes them)."""
+    return (("dense",) if study["dense"] else ()) + (
+        ("matrix_free",) if study["topk"] or study["num"] else ())
 
 
-def _functions(net, params, schedule, purifier_config, study: dict, mesh, example_x):
-    """Compiled per-image parts of one setting: ``({part: fn(params, x, k_i) -> dict},
-    {part: compile seconds})``.
+def _dense(purifier, study: dict, mesh, x, k_i) -> dict:
+    """The dense Jacobian of one image ``x`` (1, H, W, C), its spectrum and self-check."""
+    from jaxrob.analysis import jacobian, singular_values, spectrum_summary
 
-    Parts: ``dense`` (Jacobian, spectrum, summaries), ``topk`` (matrix-free top-k) and
-    ``empirical`` (ball compression rate); the statistics of ``f(x)`` ride along with the first
-    part. The model parameters are an argument (not constants baked into the executable), so
-    the executables are cached for the process on the model's structure, the purifier and
-    study settings, the mesh and the input shape; compiled ahead of time
-    (``lower().compile()``) so compile time is measured apart from the per-image time.
-    """
-    from jaxrob.analysis import (
-        compression_rate_empirical,
-        jacobian,
-        singular_values,
-        spectral_compression,
-        top_singular_values,
-    )
-
-    cache_key = _cache_key(net, schedule, purifier_config, study, mesh, example_x, params)
-    if cache_key in _COMPILED:
-        return _COMPILED[cache_key], {}
     forward = study["method"] in FORWARD_METHODS
     chunked = study["method"] in ("jvp_chunks", "vjp_chunks")
-
-    def purifier(params, model=net):
-        return make_purifier(purifier_config,
-                             lambda x, s: model.apply(params, x, s, train=False), schedule)
-
-    def fmap(params, k_i, model=net):
-        pur, key = purifier(params, model), jr.fold_in(k_i, _FIXED)
-        if study["unclipped"]:  # the final reverse state before the purifier's [0, 1] clip
-            return lambda x: pur.trajectory(x, key)[1][-1]
-        return lambda x: pur(x, key)
-
-    def output_stats(params, x, k_i):
-        y = purifier(params)(x, jr.fold_in(k_i, _FIXED))
-        return {"frac_clipped": jnp.mean(((y <= 0.0) | (y >= 1.0)).astype(jnp.float32))}
-
-    def dense(params, x, k_i):
-        f = fmap(params, k_i)
-        jac = jacobian(f, x, method=study["method"],
-                       chunk=study["chunk"] if chunked else None, mesh=mesh if chunked else None)
-        # self-check against one independent JVP (VJP for the reverse-mode model): a silently
-        # wrong column or row (seen with sharded jvp_chunks under XLA:CPU's no-YNN flag) shows
-        kv = jr.fold_in(k_i, _CHECK)
-        if forward:
-            v = jr.normal(kv, x.shape)
-            ref, got = jax.jvp(f, (x,), (v,))[1].reshape(-1), jac @ v.reshape(-1)
-        else:
-            y, vjp = jax.vjp(f, x)
-            u = jr.normal(kv, y.shape)
-            ref, got = vjp(u)[0].reshape(-1), u.reshape(-1) @ jac
-        check = jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)
-        s = singular_values(jac)
-        sc = spectral_compression(s, low=study["low"], high=study["high"])
-        fro = jnp.sqrt(jnp.sum(jnp.square(s)))
-        # numerically zero: the directions of output pixels clipped to 0 or 1 (frac_clipped)
-        nonzero = s > 1e-5 * s[0]
-        log_nz = jnp.sum(jnp.where(nonzero, jnp.log(jnp.where(nonzero, s, 1.0)), 0.0))
-        return {"svals": s, "frac_below": sc.frac_below, "frac_above": sc.frac_above,
-                "geometric_mean": sc.geometric_mean,
-                "geometric_mean_nonzero": jnp.exp(log_nz / jnp.maximum(jnp.sum(nonzero), 1)),
-                "sigma_max": s[0], "frobenius": fro,
-                "rms_sv": fro / jnp.sqrt(jnp.float32(s.shape[0])),
-                "frac_zero_sv": 1.0 - jnp.mean(nonzero.astype(jnp.float32)),
-                "jacobian_check": check}
-
-    def topk(params, x, k_i):
-        s = top_singular_values(fmap(params, k_i), x, k=study["topk"],
-                                key=jr.fold_in(k_i, _LANCZOS), method=study["topk_method"],
-                                num_iters=study["topk_iters"], ad="mixed" if forward else "vjp",
-                                chunk=study["chunk"],
-                                # J^T from the fast_vjp twin's reverse mode: ~4x faster on CPU
-                                f_reverse=fmap(params, k_i, net.clone(fast_vjp=True))
-                                if forward else None)
-        return {"topk": s}
-
-    def empirical(params, x, k_i):
-        r = compression_rate_empirical(fmap(params, k_i), x, jr.fold_in(k_i, _BALL),
-                                       eps=study["eps"], num=study["num"], norm="l2",
-                                       chunk=study["empirical_chunk"])
-        return {"rate": r.rate[0], "input_norm": r.input_norm[0],
-                "output_norm": r.output_norm[0]}
-
-    parts = {"dense": dense} if study["dense"] else {}
-    if study["topk"]:
-        parts["topk"] = topk
-    if study["num"]:
-        parts["empirical"] = empirical
-    first = next(iter(parts))
-    inner = parts[first]
-    parts[first] = lambda p, x, k_i: {**inner(p, x, k_i), **output_stats(p, x, k_i)}
-    k0 = jr.fold_in(jr.key(0), 0)
-    compiled, compile_s = {}, {}
-    for name, fn in parts.items():
-        t = _common.Timer()
-        compiled[name] = jax.jit(fn).lower(params, example_x, k0).compile()
-        compile_s[name] = t()
-    _COMPILED[cache_key] = compiled
-    return compiled, compile_s
+    f = _fixed_map(purifier, jr.fold_in(k_i, tags.FIXED), study["unclipped"])
+    jac = jacobian(f, x, method=study["method"], chunk=study["chunk"] if chunked else None,
+                   mesh=mesh if chunked else None)
+    # self-check against one independent JVP (VJP for the reverse-mode model): a silently
+    # wrong column or row (seen with sharded jvp_chunks under XLA:CPU's no-YNN flag) shows
+    kv = jr.fold_in(k_i, tags.PROBE)
+    if forward:
+        v = jr.normal(kv, x.shape)
+        ref, got = jax.jvp(f, (x,), (v,))[1].reshape(-1), jac @ v.reshape(-1)
+    else:
+        y, vjp = jax.vjp(f, x)
+        u = jr.normal(kv, y.shape)
+        ref, got = vjp(u)[0].reshape(-1), u.reshape(-1) @ jac
+    check = jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)
+    s = singular_values(jac)
+    sm = spectrum_summary(s, low=study["low"], high=study["high"])
+    return {"svals": s, "frac_below": sm.frac_below, "frac_above": sm.frac_above,
+            "geometric_mean": sm.geometric_mean,
+            "geometric_mean_nonzero": sm.geometric_mean_nonzero, "sigma_max": sm.sigma_max,
+            "frobenius": sm.frobenius, "rms_sv": sm.rms, "frac_zero_sv": sm.frac_zero,
+            "jacobian_check": check}
 
 
-def _compute_image(fns, params, x_1HWC, k_i) -> dict:
-    """All parts for one image; per-part seconds as ``time_<part>``."""
+def _matrix_free(purifier, purifier_rev, study: dict, x, k_i) -> dict:
+    """Top-k singular values (Lanczos / randomized SVD) and the empirical ball rate of one
+    image; ``purifier_rev`` (the same parameters over the ``fast_vjp=True`` twin) gives
+    Lanczos its ``J^T`` in forward mode."""
+    from jaxrob.analysis import compression_rate_empirical, top_singular_values
+
+    forward = study["method"] in FORWARD_METHODS
+    key = jr.fold_in(k_i, tags.FIXED)
+    f = _fixed_map(purifier, key, study["unclipped"])
     out = {}
-    for name, fn in fns.items():
-        t = _common.Timer()
-        res = jax.block_until_ready(fn(params, x_1HWC, k_i))
-        out[f"time_{name}"] = np.float32(t())
-        out.update({k: np.asarray(v) for k, v in res.items()})
+    if study["topk"]:
+        out["topk"] = top_singular_values(
+            f, x, k=study["topk"], key=jr.fold_in(k_i, tags.LANCZOS),
+            method=study["topk_method"], num_iters=study["topk_iters"],
+            ad="mixed" if forward else "vjp", chunk=study["chunk"],
+            # J^T from the fast_vjp twin's reverse mode: ~4x faster on CPU
+            f_reverse=_fixed_map(purifier_rev, key, study["unclipped"]) if forward else None)
+    if study["num"]:
+        r = compression_rate_empirical(f, x, jr.fold_in(k_i, tags.STUDY), eps=study["eps"],
+                                       num=study["num"], norm="l2",
+                                       chunk=study["empirical_chunk"])
+        out.update(rate=r.rate[0], input_norm=r.input_norm[0], output_norm=r.output_norm[0])
     return out
 
 
-def _compute_chunk(fns, params, images, indices, key) -> dict[str, np.ndarray]:
-    """Per-image results of one chunk, stacked (``index`` first); derived scalars added."""
-    rows = []
-    for x, idx in zip(images, indices, strict=True):
-        k_i = jr.fold_in(key, int(idx))
-        rows.append(_compute_image(fns, params, np.asarray(x[None], np.float32), k_i))
-    out = {"index": np.asarray(indices, np.int64)}
-    out.update({k: np.stack([r[k] for r in rows]) for k in rows[0]})
-    if "svals" in out and "topk" in out:
-        k = out["topk"].shape[1]
-        ref = out["svals"][:, :k]
-        out["topk_rel_err"] = np.abs(out["topk"] - ref) / np.maximum(ref, 1e-12)
+def _chunk(part: str, purifier, purifier_rev, study: dict, mesh, batch, keys) -> dict:
+    """``run_chunks``' function for one part: the images of a chunk one after the other; the
+    statistics of ``f(x)`` ride along with the setting's first part."""
+
+    def one(a):
+        x, k_i = a[0][None], a[1]
+        out = (_dense(purifier, study, mesh, x, k_i) if part == "dense"
+               else _matrix_free(purifier, purifier_rev, study, x, k_i))
+        if part == _parts(study)[0]:
+            y = purifier(x, jr.fold_in(k_i, tags.FIXED))
+            out["frac_clipped"] = jnp.mean(((y <= 0.0) | (y >= 1.0)).astype(jnp.float32))
+        return out
+
+    return jax.lax.map(one, (batch["x"], keys))
+
+
+def _chunk_mesh(part: str, study: dict, mesh):
+    """The mesh ``run_chunks`` places a part's chunk on. Images go one by one (so any
+    ``images_per_chunk`` works): a ``data`` axis of 1, times every device of ``mesh`` when the
+    dense Jacobian's directions are sharded over them (the chunk is replicated there), else one
+    device (a program over several devices would replicate the work on each)."""
+    from jax.sharding import AxisType
+
+    from jaxrob.parallel import DATA_AXIS
+
+    sharded = part == "dense" and study["method"] in ("jvp_chunks", "vjp_chunks")
+    devices = list(mesh.devices.ravel()) if sharded else list(mesh.devices.ravel())[:1]
+    return jax.make_mesh((1, len(devices)), (DATA_AXIS, "directions"),
+                         axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def _chunk_done(name: str, part: str, start: int, stop: int, out: dict) -> None:
+    """Called by ``run_chunks`` after every stored chunk."""
+    msg = ", ".join(f"{k} {float(np.mean(out[k])):.4g}" for k in
+                    ("frac_below", "frac_above", "sigma_max", "rate") if k in out)
+    logging.info("%s (%s): images [%d, %d) in %.1f s: %s", name, part, start, stop,
+                 float(np.sum(out["seconds"])), msg)
+
+
+def _derived(res: dict) -> dict:
+    """Per-image quantities derived on the host from the record (not stored)."""
+    out = {}
+    if "svals" in res and "topk" in res:
+        k = res["topk"].shape[1]
+        ref = res["svals"][:, :k]
+        out["topk_rel_err"] = np.abs(res["topk"] - ref) / np.maximum(ref, 1e-12)
         out["topk_max_rel_err"] = out["topk_rel_err"].max(axis=1)
-    if "rate" in out and "rms_sv" in out:
-        out["rate_over_rms"] = out["rate"] / np.maximum(out["rms_sv"], 1e-12)
+    if "rate" in res and "rms_sv" in res:
+        out["rate_over_rms"] = res["rate"] / np.maximum(res["rms_sv"], 1e-12)
     return out
 
 
@@ -308,52 +298,40 @@ def _stats(a) -> dict:
             "min": float(a.min()), "max": float(a.max())}
 
 
-def run_setting(name, overrides, sc, study, workdir, models, test, mesh, key) -> tuple:
+def run_setting(name, overrides, sc, study, workdir, ddpm, test, mesh, key) -> tuple:
     """One setting (resumable): ``(results entry, per-example arrays)``."""
-    from jaxrob.evaluation import ChunkStore
+    from jaxrob.evaluation import ChunkStore, run_chunks
 
-    unet, ddpm_vars, schedule = models
     forward = study["method"] in FORWARD_METHODS
-    net = unet.clone(fast_vjp=not forward)
-    purifier = make_purifier(sc.purifier, lambda x, s: x, schedule)  # for its manifest
-    n, per = len(test), study["images_per_chunk"]
+    # forward-mode methods differentiate the fast_vjp=False UNet, reverse-mode ones its twin
+    purifier = _common.make_purifier(sc.purifier, ddpm.with_fast_vjp(not forward))
+    purifier_rev = (purifier.replace(eps_fn=ddpm.with_fast_vjp(True))
+                    if forward and study["topk"] else None)
+    n = len(test)
     fingerprint = {"setting": _common.to_plain(overrides),
                    "purifier": _common.to_plain(sc.purifier),
                    # these only change speed or limits: a resumed run may retune them
                    "study": {k: v for k, v in study.items()
                              if k not in ("chunk", "empirical_chunk", "max_dense_mib")},
                    "data": _common.to_plain(sc.data), "ddpm": _common.to_plain(sc.ddpm),
-                   "seed": int(sc.seed), "key": "fold_in(key(seed), index); purifier tag 4"}
-    store = ChunkStore(workdir / name / "chunks", fingerprint=fingerprint)
-    starts = list(range(0, n, per))
-    todo = [s for s in starts if not store.is_done(s, min(s + per, n))]
+                   "seed": int(sc.seed), "keys": _KEYS}
+    data = {"x": np.asarray(test.images, np.float32),
+            "index": np.asarray(test.indices, np.int64)}
     timer = _common.Timer()
-    compile_s = {}
-    if todo:
-        images = np.asarray(test.images, np.float32)
-        fns, compile_s = _functions(net, ddpm_vars, schedule, sc.purifier, study, mesh,
-                                    images[:1])
-        logging.info("%s: compiled %s in %s s", name, list(fns),
-                     {k: round(v, 1) for k, v in compile_s.items()})
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc=f"jacobian {name}", unit="chunk")
-        for s in todo:
-            e = min(s + per, n)
-            t = _common.Timer()
-            out = _compute_chunk(fns, ddpm_vars, images[s:e], np.asarray(test.indices[s:e]),
-                                 key)
-            store.save(s, e, **out)
-            bar.update(1)
-            msg = ", ".join(f"{k} {float(np.mean(out[k])):.4g}" for k in
-                            ("frac_below", "frac_above", "sigma_max", "rate") if k in out)
-            logging.info("%s: images [%d, %d) in %.1f s: %s", name, s, e, t(), msg)
-        bar.close()
-    res = store.load()
-    if sorted(res["position"].tolist()) != list(range(n)):
-        raise RuntimeError(f"{store.directory}: finished chunks do not cover the {n} images "
-                           "exactly")
-    res.pop("position")
+    res, runs = {}, {}
+    for part in _parts(study):
+        store = ChunkStore(workdir / name / "chunks" / part,
+                           fingerprint={**fingerprint, "part": part})
+        args = ((part, purifier, None, study, mesh) if part == "dense"
+                else (part, purifier, purifier_rev, study, None))
+        runs[part] = run_chunks(
+            _chunk, data, key=key, args=args, batch_size=study["images_per_chunk"],
+            store=store, mesh=_chunk_mesh(part, study, mesh), desc=f"jacobian {name} {part}",
+            log=functools.partial(_chunk_done, name, part))
+        rec = dict(runs[part].records)
+        rec[f"time_{part}"] = rec.pop("seconds")
+        res.update(rec)
+    res.update(_derived(res))
     summary = {k: _stats(res[k]) for k in _SCALARS if k in res}
     pooled = None
     if "svals" in res:
@@ -363,16 +341,21 @@ def run_setting(name, overrides, sc, study, workdir, models, test, mesh, key) ->
                   "quantiles": {str(q): float(np.quantile(s, q))
                                 for q in (0.1, 0.5, 0.9, 0.99)},
                   "num_values": int(s.size)}
-    times = {k[5:]: _stats(v)["median"] for k, v in res.items() if k.startswith("time_")}
+    # compute seconds per image and part: its chunk's share (a run's first chunk includes the
+    # compilation); over the whole record, resumed chunks included
+    times = {part: float(np.nanmedian(res[f"time_{part}"]))
+             if np.isfinite(res[f"time_{part}"]).any() else None for part in runs}
     entry = {"name": name, "overrides": _common.to_plain(overrides),
              "purifier": purifier.manifest(), "study": study,
              "jacobian_mode": "forward (fast_vjp=False UNet, Lanczos ad=mixed)" if forward
              else "reverse (fast_vjp=True UNet, Lanczos ad=vjp)",
              "dim": int(np.prod(test.image_shape)), "num_images": n,
              "summary": summary, "pooled": pooled, "paper": PAPER,
-             "median_image_s": times, "compile_s": compile_s,
-             "compiled_this_run": bool(compile_s), "wall_s_this_run": timer(),
-             "chunks_run": len(todo), "chunks_total": len(starts)}
+             "median_image_s": times,
+             "compute_s": {part: r.total_s for part, r in runs.items()},
+             "wall_s_this_run": timer(),
+             "chunks_run": {part: r.chunks_run for part, r in runs.items()},
+             "chunks_total": {part: r.chunks_total for part, r in runs.items()}}
     return entry, res
 
 
@@ -449,14 +432,27 @@ def _plot_settings(path, entries):
 # ----------------------------------------------------------------------------- entry point
 
 
+class _ScheduleOnly:
+    """Stands in for the DDPM (identity eps) while the settings' purifiers are checked."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def __call__(self, x_t, step):
+        return x_t
+
+
 def run(config, workdir) -> dict:
     """Every setting of ``config.settings``; returns (and writes) ``results.json``'s content."""
+    from jaxrob.models import schedule_from_metadata
+
     timer = _common.Timer()
     settings = _settings(config)
     studies = [_check_study(sc.study, what=f"{name}: study") for name, _, sc in settings]
-    schedule = _common.build_schedule(config.ddpm.diffusion)
-    for (name, _, sc) in settings:  # purifiers are checked before any model or data loads
-        if make_purifier(sc.purifier, lambda x, s: x, schedule) is None:
+    # purifiers are checked before any model or data loads, on the config's schedule
+    stand_in = _ScheduleOnly(schedule_from_metadata(_common.to_plain(config.ddpm.diffusion)))
+    for (name, _, sc) in settings:
+        if _common.make_purifier(sc.purifier, stand_in) is None:
             raise ValueError(f"{name}: purifier.enabled=False: the study needs a purifier")
         grad = sc.purifier.gradient
         if grad != "exact":
@@ -474,13 +470,12 @@ def run(config, workdir) -> dict:
     for (name, _, _), study in zip(settings, studies, strict=True):
         _check_dims(study, dim, what=f"{name}: study")
     mesh = _common.get_mesh(config.mesh)
-    unet, ddpm_vars, schedule, ddpm_info = load_ddpm(config.ddpm, tuple(test.image_shape))
+    ddpm, ddpm_info = _common.load_ddpm(config.ddpm, tuple(test.image_shape))
     key = jr.key(int(config.seed))
     entries, per = [], {}
     for (name, overrides, sc), study in zip(settings, studies, strict=True):
         logging.info("setting %s: purifier %s", name, _common.to_plain(sc.purifier))
-        entry, res = run_setting(name, overrides, sc, study, workdir,
-                                 (unet, ddpm_vars, schedule), test, mesh, key)
+        entry, res = run_setting(name, overrides, sc, study, workdir, ddpm, test, mesh, key)
         entries.append(entry)
         per[name] = res
         s = entry["summary"]
@@ -494,12 +489,9 @@ def run(config, workdir) -> dict:
         _plot_spectrum(workdir / "spectrum.png", entries, per, low, high)
         _plot_settings(workdir / "settings.png", entries)
     results = {"settings": entries, "paper": PAPER, "ddpm": ddpm_info,
-               "keys": {"image": "k_i = fold_in(key(seed), index_i)",
-                        "purifier": "fold_in(k_i, 4) (= robust_eval's fixed randomness)",
-                        "lanczos": "fold_in(k_i, 5)",
-                        "ball": "fold_in(fold_in(fold_in(k_i, 6), 0), j)"},
-                   "num_images": len(test), "devices": int(mesh.size), "wall_s": timer()}
-    write_results(config, workdir, results, test)
+               "keys": _KEYS, "num_images": len(test), "devices": int(mesh.size),
+               "wall_s": timer()}
+    _common.write_results(config, workdir, results, test)
     return results
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from exp_helpers import load_config
 
-from experiments import critical_threshold
+import jaxrob._keys as tags
+from experiments import _common, critical_threshold
 
 
 def _config():
@@ -17,18 +18,19 @@ def _config():
 
 
 def test_critical_threshold_smoke_and_resume(tmp_path, monkeypatch):
-    # Reruns below load the same models: reuse the first run's compiled chunk function
-    # (compiling the attack is most of this test's time); a real restart recompiles it.
-    compiled = {}
-    chunk_fn = critical_threshold._chunk_fn
+    # Reruns below load the same models, whose parameters run_chunks traces, so they reuse the
+    # first run's compilation (the attack's is most of this test's time) -- provided the attack
+    # is the same object: a functools.partial is a static leaf compared by identity.
+    attacks = {}
+    make_attack = _common.make_attack
 
-    def cached(purifier, logits_fn, attack, s, mesh):
-        key = (json.dumps(s, sort_keys=True), mesh.size)
-        if key not in compiled:
-            compiled[key] = chunk_fn(purifier, logits_fn, attack, s, mesh)
-        return compiled[key]
+    def same_attack(attack_config):
+        key = json.dumps(_common.to_plain(attack_config), sort_keys=True)
+        if key not in attacks:
+            attacks[key] = make_attack(attack_config)
+        return attacks[key]
 
-    monkeypatch.setattr(critical_threshold, "_chunk_fn", cached)
+    monkeypatch.setattr(_common, "make_attack", same_attack)
     cfg = _config()
     res = critical_threshold.run(cfg, tmp_path)
     s = res["summary"]
@@ -63,6 +65,7 @@ def test_critical_threshold_smoke_and_resume(tmp_path, monkeypatch):
         assert (tmp_path / name).stat().st_size > 0
     m = json.loads((tmp_path / "results.json").read_text())["manifest"]
     assert m["indices"] == [0, 4]
+    assert res["keys"]["fixed"].startswith(f"f = 0: fold_in(k_i, {tags.FIXED})")
 
     # a killed run: the second chunk never finished; the rerun computes only it
     (tmp_path / "chunks" / "chunk_2_4.npz").unlink()
@@ -114,3 +117,17 @@ def test_crossings_and_fits():
     assert fits["threshold_lo"][0, 0] < 2.0 < fits["threshold_hi"][0, 0]
     assert fits["censored"][0].tolist() == [False, True]
     assert np.isnan(fits["threshold"][0, 1])
+
+
+def test_fixed_key_is_robust_evals():
+    """Fixed key 0 is robust_eval's (and jacobian_spectrum's) fixed purifier key; the others
+    are distinct from it and from each other."""
+    import jax.numpy as jnp
+    import jax.random as jr
+
+    from jaxrob.evaluation import fixed_purifier_keys
+
+    k_i = jr.fold_in(jr.key(3), 7)
+    keys = jr.key_data(critical_threshold._fixed_keys(k_i, 3)).tolist()
+    assert keys[0] == jr.key_data(fixed_purifier_keys(jr.key(3), jnp.array([7]))[0]).tolist()
+    assert len({tuple(k) for k in keys}) == 3
