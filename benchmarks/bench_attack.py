@@ -15,9 +15,11 @@ What it measures, in this order:
    step against the 1-device one (per-example keys make them the same computation).
 2. Throughput of one attack iteration (the EoT-averaged input gradient of the purify+classify CE
    loss, a sign step and the projection) in seconds, at both chain lengths. jaxrob: one jitted
-   function (``jaxrob.attacks.eot_value_and_grad`` over ``jaxrob.purify.diffpure`` with
-   per-example keys, the EoT samples vmapped) with ``fast_vjp=True`` models, on 1 XLA device and
-   on 2 host devices (``jax.shard_map`` over a ``data`` mesh: batch split, params replicated);
+   function (``jaxrob.attacks.eot_value_and_grad`` of the CE loss of a
+   ``jaxrob.purify.DefendedModel``: a ``jaxrob.models.Classifier`` behind ``diffpure`` of a
+   ``jaxrob.models.DiffusionModel``, with per-example keys, the EoT samples vmapped) with
+   ``fast_vjp=True`` models, on 1 XLA device and on 2 host devices (``jax.shard_map`` over a
+   ``data`` mesh: batch split, params replicated);
    at the short chain also with ``fast_vjp=False`` models (the slow conv VJP in loops). The
    faster JAX setting at the short chain is the one run at the long chain (``--long-settings``).
    PyTorch (``benchmarks/torch_purify.py``): eager, ``torch.utils.checkpoint`` around every UNet
@@ -38,6 +40,7 @@ with 2 threads and keeps the faster one (both timings are reported).
 
 Run (from the repository root)::
 
+    python benchmarks/bench_attack.py --smoke      # 2/4 steps, EoT 2, tiny UNet: a check
     python benchmarks/bench_attack.py --quick      # 5/20 steps, EoT 4, 2 reps: ~3.5 min
     python benchmarks/bench_attack.py --out /tmp/bench_attack_full.json   # 10/100: ~10 min
 
@@ -52,11 +55,8 @@ and a ``.txt`` copy of the table. Worker processes are this file with ``--jax-se
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -64,10 +64,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-import bench_unet as bu  # noqa: E402  (worker protocol, timers, malloc settings)
+import _harness as h  # noqa: E402  (worker processes, timers, result files)
 
 # name -> (XLA host devices, disable YNN fusions)
 SETTINGS = {"1dev": (1, False), "2dev": (2, False), "1dev_noynn": (1, True),
@@ -77,31 +76,16 @@ PURIFY_TOL = 1e-3    # max |purified_torch - purified_jax| (DDIM, same noise)
 GRAD_RTOL = 1e-3     # max |g_torch - g_jax| / max |g_jax|
 REMAT_TARGET = 1.5   # long/short growth of the remat step's memory
 MEM_IMPLS = ("jax_remat", "jax_noremat", "torch_nockpt", "torch_ckpt")
-TORCH_SLOW_FACTOR = 5.0   # thread calibration: stop timing 2 threads once this much slower
-
-
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak_rss():
-    """Reset VmHWM (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+# --smoke: the smallest run of every code path (tiny UNet, 2/4 steps, one JAX setting)
+SMOKE = dict(steps="2,4", eot=2, reps=1, slow_reps=1, batch=2, unet_ch=8, settings="2dev",
+             mem_steps="2", mem_impls="jax_remat,torch_ckpt")
 
 
 # ----------------------------------------------------------------------------------------------
 # JAX side
 # ----------------------------------------------------------------------------------------------
-def _jax_models(cfg, fast_vjp):
+def _jax_modules(cfg, fast_vjp):
+    """The Flax UNet and SmallCNN of the benchmark."""
     from jaxrob.models import SmallCNN, unet_from_config
 
     unet = unet_from_config(cfg, fast_vjp=fast_vjp)
@@ -113,8 +97,7 @@ def _jax_load(dir):
     import jax.numpy as jnp
     import numpy as np
 
-    load = lambda n: bu._unflatten({k: jnp.asarray(a) for k, a in np.load(
-        os.path.join(dir, n)).items()})
+    load = lambda n: h.load_tree(os.path.join(dir, n), jnp.asarray)
     with open(os.path.join(dir, "setup.json")) as f:
         meta = json.load(f)
     inp = np.load(os.path.join(dir, "inputs.npz"))
@@ -127,50 +110,33 @@ def _make_attack_step(unet, clf, *, t_star, steps, eot, eot_chunk, remat, eps, s
 
     import jaxrob.diffusion as jd
     from jaxrob.attacks import eot_value_and_grad, loss_from_logits, project
-    from jaxrob.purify import diffpure, example_keys
+    from jaxrob.models import Classifier, DiffusionModel
+    from jaxrob.purify import DefendedModel, diffpure, example_keys
 
     sched = jd.linear_schedule()
 
     def step(uvars, cvars, x, x_adv, y, idx, key):
-        pur = diffpure(lambda z, s: unet.apply(uvars, z, s), sched, t_star=t_star,
-                       num_steps=steps, remat=remat)
+        # the models over this call's variables (jit arguments); the schedule is a constant
+        pur = diffpure(DiffusionModel(unet, uvars, sched), t_star=t_star, num_steps=steps,
+                       remat=remat)
+        defended = DefendedModel(Classifier(clf, cvars), pur)
         # per-example keys (global example index): the result does not depend on the devices
-        logits_fn = lambda z, k: clf.apply(cvars, pur(z, example_keys(k, idx)))
-        loss_B, g = eot_value_and_grad(loss_from_logits(logits_fn, "ce"), x_adv, y, key,
+        logits_fn = lambda z, k: defended(z, example_keys(k, idx))
+        loss_B, g = eot_value_and_grad(loss_from_logits(logits_fn), x_adv, y, key,
                                        samples=eot, chunk=eot_chunk)
         return project(x_adv + step_size * jnp.sign(g), x, eps, "linf"), loss_B
 
     return step
 
 
-class JaxWorker:
+class JaxWorker(h.JaxWorker):
     def __init__(self, setting):
-        from jaxrob import parallel
-
         n_dev, no_ynn = SETTINGS[setting]
-        parallel.configure_cpu(device_count=n_dev, disable_ynn=no_ynn)
-        import jax
-
-        if len(jax.devices()) != n_dev:
-            raise RuntimeError(f"{setting}: expected {n_dev} devices, got {jax.devices()}")
-        self.setting = setting
-        self.parallel = parallel
-        self.mesh = parallel.make_mesh() if n_dev > 1 else None
-        self.fns = {}
-
-    def hello(self):
-        import flax
-        import jax
-        import jaxlib
-
-        return {"devices": len(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                             "flax": flax.__version__}}
+        super().__init__(setting, n_dev, "off" if no_ynn else "all")
 
     def prepare(self, dir, cfg, batch, t_star, chain_steps, write):
         """The first worker draws weights/inputs and saves them (and the chains); all load."""
         import flax
-        import jax
         import jax.numpy as jnp
         import jax.random as jr
         import numpy as np
@@ -178,7 +144,7 @@ class JaxWorker:
         import jaxrob.diffusion as jd
 
         if write:
-            unet, clf = _jax_models(cfg, True)
+            unet, clf = _jax_modules(cfg, True)
             size, ch = cfg["image_size"], cfg["in_ch"]
             x = jr.uniform(jr.key(0), (batch, size, size, ch))
             uv = unet.init(jr.key(1), x, jnp.zeros((batch,), jnp.int32))["params"]
@@ -192,26 +158,17 @@ class JaxWorker:
                 bs["var"] = jr.uniform(next(ks), bs["var"].shape, minval=0.5, maxval=1.5)
                 bp["scale"] = 1.0 + 0.1 * jr.normal(next(ks), bp["scale"].shape)
                 bp["bias"] = 0.1 * jr.normal(next(ks), bp["bias"].shape)
-            save = lambda n, t: np.savez(os.path.join(dir, n), **{
-                k: np.asarray(a) for k, a in bu._flatten(t).items()})
-            save("unet.npz", uv)
-            save("clf.npz", cv)
+            h.save_tree(os.path.join(dir, "unet.npz"), uv)
+            h.save_tree(os.path.join(dir, "clf.npz"), cv)
             np.savez(os.path.join(dir, "inputs.npz"), x=np.asarray(x),
                      y=np.arange(batch, dtype=np.int32) % 10)
             sched = jd.linear_schedule()
             for s in chain_steps:
-                ch_ = jd.truncated(sched, t_star, s)
-                np.savez(os.path.join(dir, f"chain_{s}.npz"), **{
-                    k: np.asarray(getattr(ch_, k)) for k in (
-                        "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-                        "posterior_coef_x0", "posterior_coef_xt", "posterior_variance",
-                        "alphas_cumprod_prev", "one_minus_alphas_cumprod_prev",
-                        "model_steps")})
-            n_unet = int(sum(a.size for a in jax.tree.leaves(uv)))
-            n_clf = int(sum(a.size for a in jax.tree.leaves(cv["params"])))
+                h.save_fields(os.path.join(dir, f"chain_{s}.npz"), jd.truncated(sched, t_star, s))
             with open(os.path.join(dir, "setup.json"), "w") as f:
                 json.dump({"cfg": cfg, "batch": batch, "t_star": t_star,
-                           "unet_params": n_unet, "clf_params": n_clf}, f)
+                           "unet_params": h.count_params(uv),
+                           "clf_params": h.count_params(cv["params"])}, f)
         self.meta, self.uv, self.cv, inp = _jax_load(dir)
         self.x, self.y = jnp.asarray(inp["x"]), jnp.asarray(inp["y"])
         return {"unet_params": self.meta["unet_params"], "clf_params": self.meta["clf_params"]}
@@ -225,32 +182,32 @@ class JaxWorker:
 
         import jaxrob.diffusion as jd
         from jaxrob.attacks import ce_loss
+        from jaxrob.models import Classifier, DiffusionModel
         from jaxrob.purify import diffpure
 
         t0 = time.perf_counter()
         cfg, t_star = self.meta["cfg"], self.meta["t_star"]
-        unet, clf = _jax_models(cfg, True)
-        uvars, cv = {"params": self.uv}, self.cv
+        unet, clf = _jax_modules(cfg, True)
+        ddpm = DiffusionModel(unet, {"params": self.uv}, jd.linear_schedule())
+        clf = Classifier(clf, self.cv)
         x, y = self.x, self.y
         out = {}
         # 1. UNet eps on a random diffusion-space input and random steps
         xt = jr.normal(jr.key(10), x.shape)
         st = jr.randint(jr.key(11), (x.shape[0],), 0, 1000)
-        eps = jax.jit(unet.apply)(uvars, xt, st)
+        eps = jax.jit(lambda z, s: ddpm(z, s))(xt, st)
         out["eps"] = dict(xt=xt, steps=st, eps=eps)
         # 2. DDIM eta=0 purification and 3. gradients, one key for the batch: the forward
         # noise is normal(fold_in(key, 0), x.shape), step n's is normal(fold_in(fold_in(key, 1),
         # n)) (jaxrob.purify module docstring) -- handed to PyTorch explicitly.
         key = jr.key(12)
-        eps_fn = lambda z, s: unet.apply(uvars, z, s)
-        sched = jd.linear_schedule()
         noise = jr.normal(jr.fold_in(key, 0), x.shape)
         for s in steps_list:
-            pur = diffpure(eps_fn, sched, t_star=t_star, num_steps=s, sampler="ddim")
+            pur = diffpure(ddpm, t_star=t_star, num_steps=s, sampler="ddim")
             out[f"ddim_{s}"] = dict(noise=noise, out=jax.jit(pur)(x, key))
         for sampler in ("ddim", "ddpm"):
-            pur = diffpure(eps_fn, sched, t_star=t_star, num_steps=grad_steps, sampler=sampler)
-            loss = lambda xx: jnp.sum(ce_loss(clf.apply(cv, pur(xx, key)), y))
+            pur = diffpure(ddpm, t_star=t_star, num_steps=grad_steps, sampler=sampler)
+            loss = lambda xx: jnp.sum(ce_loss(clf(pur(xx, key)), y))
             val, g = jax.jit(jax.value_and_grad(loss))(x)
             k_rev = jr.fold_in(key, 1)
             step_noise = jnp.stack([jr.normal(jr.fold_in(k_rev, n), x.shape)
@@ -269,7 +226,7 @@ class JaxWorker:
         import numpy as np
         from jax.sharding import PartitionSpec as P
 
-        unet, clf = _jax_models(self.meta["cfg"], fast_vjp)
+        unet, clf = _jax_modules(self.meta["cfg"], fast_vjp)
         step = _make_attack_step(unet, clf, t_star=self.meta["t_star"], steps=steps, eot=eot,
                                  eot_chunk=eot_chunk, remat=remat, eps=eps, step_size=step_size)
         idx = np.arange(self.x.shape[0], dtype=np.uint32)
@@ -288,35 +245,16 @@ class JaxWorker:
             place_r = lambda a: jax.device_put(a, self.parallel.replicated(self.mesh))
         args = (place_r({"params": self.uv}), place_r(self.cv), place_d(self.x), place_d(self.x),
                 place_d(self.y), place_d(idx), place_r(jr.key(7)))
-        t0 = time.perf_counter()
-        lowered = fn.lower(*args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-        try:
-            temp = int(compiled.memory_analysis().temp_size_in_bytes)
-        except Exception:
-            temp = None
+        info = h.compile_timed(fn, args)
+        compiled = info.pop("compiled")
         call = lambda: jax.block_until_ready(compiled(*args))
         t3 = time.perf_counter()
         x_next, loss = call()
-        first = time.perf_counter() - t3
+        info["first_call_s"] = time.perf_counter() - t3
         np.savez(os.path.join(dir, f"first_{name}.npz"), x_next=np.asarray(x_next),
                  loss=np.asarray(loss))
         self.fns[name] = call
-        return {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": first,
-                "xla_temp_bytes": temp}
-
-    def run(self, name, inner=1):
-        return {"calls": bu._timed_calls(self.fns[name], inner)}
-
-    def release(self):
-        import jax
-
-        self.fns.clear()
-        gc.collect()
-        jax.clear_caches()
-        return {}
+        return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,35 +264,23 @@ def _torch_models(dir, threads=None):
     import numpy as np
     import torch
     from torch_purify import TorchSmallCNN, load_jax_classifier
-    from torch_unet import TorchUNet, load_jax_params, unflatten_params
+    from torch_unet import TorchUNet, load_jax_params
 
     if threads:
         torch.set_num_threads(int(threads))
     with open(os.path.join(dir, "setup.json")) as f:
         meta = json.load(f)
     cl = torch.channels_last
-    uparams = unflatten_params(dict(np.load(os.path.join(dir, "unet.npz"))))
-    cvars = unflatten_params(dict(np.load(os.path.join(dir, "clf.npz"))))
+    uparams = h.load_tree(os.path.join(dir, "unet.npz"))
+    cvars = h.load_tree(os.path.join(dir, "clf.npz"))
     unet = load_jax_params(TorchUNet(**meta["cfg"]), uparams).to(memory_format=cl).eval()
     clf = load_jax_classifier(TorchSmallCNN(), cvars).to(memory_format=cl).eval()
     for p in [*unet.parameters(), *clf.parameters()]:   # input gradients only, as in JAX
         p.requires_grad_(False)
     inp = np.load(os.path.join(dir, "inputs.npz"))
-    x = _nchw(inp["x"])
+    x = h.nchw(inp["x"])
     y = torch.from_numpy(np.array(inp["y"])).long()
     return meta, unet, clf, x, y
-
-
-def _nchw(a):
-    import numpy as np
-    import torch
-
-    return torch.from_numpy(np.array(a, dtype=np.float32)).permute(0, 3, 1, 2).contiguous(
-        memory_format=torch.channels_last)
-
-
-def _nhwc(t):
-    return t.detach().permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _chain(dir, steps):
@@ -364,48 +290,20 @@ def _chain(dir, steps):
     return Chain(dict(np.load(os.path.join(dir, f"chain_{steps}.npz"))))
 
 
-class TorchWorker:
-    def __init__(self):
-        import torch
-
-        torch.set_num_threads(2)
-        torch.manual_seed(0)
-        self.torch = torch
-        self.fns = {}
-
-    def hello(self):
-        torch = self.torch
-        return {"versions": {"torch": torch.__version__},
-                "malloc_env": {k: os.environ.get(k) for k in bu.MALLOC_ENV}}
+class TorchWorker(h.TorchWorker):
+    SEED = 0
 
     def prepare(self, dir, threads):
         """Load the JAX weights; pick the thread count ('auto': time 1 and 2 threads)."""
         torch = self.torch
         self.meta, self.unet, self.clf, self.x, self.y = _torch_models(dir)
-        cal = {}
-        if threads == "auto":
-            t = torch.full((self.x.shape[0],), 50, dtype=torch.long)
+        t = torch.full((self.x.shape[0],), 50, dtype=torch.long)
 
-            def grad():
-                xx = self.x.detach().requires_grad_(True)
-                (self.unet(xx, t) ** 2).sum().backward()
+        def grad():
+            xx = self.x.detach().requires_grad_(True)
+            (self.unet(xx, t) ** 2).sum().backward()
 
-            for n in (1, 2):
-                torch.set_num_threads(n)
-                for _ in range(2):
-                    grad()
-                calls = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    grad()
-                    calls.append(time.perf_counter() - t0)
-                    if n == 2 and calls[-1] > TORCH_SLOW_FACTOR * cal["1"]:
-                        break
-                cal[str(n)] = statistics.median(calls)
-            threads = 1 if cal["1"] <= cal["2"] else 2
-        torch.set_num_threads(int(threads))
-        self.threads = int(threads)
-        return {"threads": self.threads, "calibration_s_per_unet_grad": cal}
+        return self.pick_threads(grad, threads)
 
     def numerics(self, dir, steps_list, grad_steps):
         """Compare with the JAX files: UNet eps, DDIM purification, purify+classify gradients."""
@@ -417,20 +315,20 @@ class TorchWorker:
         res = {}
         e = ld("eps")
         with torch.no_grad():
-            eps = self.unet(_nchw(e["xt"]), torch.from_numpy(np.array(e["steps"])).long())
-        res["unet_eps"] = _diff(_nhwc(eps), e["eps"])
+            eps = self.unet(h.nchw(e["xt"]), torch.from_numpy(np.array(e["steps"])).long())
+        res["unet_eps"] = h.diff(h.nhwc(eps), e["eps"])
         for s in steps_list:
             d = ld(f"ddim_{s}")
             with torch.no_grad():
                 out = purify(self.unet, self.x, _chain(dir, s), sampler="ddim",
-                             use_checkpoint=False, noise=_nchw(d["noise"]))
-            res[f"purify_ddim_{s}"] = _diff(_nhwc(out), d["out"])
+                             use_checkpoint=False, noise=h.nchw(d["noise"]))
+            res[f"purify_ddim_{s}"] = h.diff(h.nhwc(out), d["out"])
         for sampler in ("ddim", "ddpm"):
             d = ld(f"grad_{sampler}_{grad_steps}")
             loss, g = purify_classify_grad(
                 self.unet, self.clf, _chain(dir, grad_steps), self.x, self.y, sampler=sampler,
-                noise=_nchw(d["noise"]), step_noises=[_nchw(a) for a in d["step_noise"]])
-            r = _diff(_nhwc(g), d["grad"])
+                noise=h.nchw(d["noise"]), step_noises=[h.nchw(a) for a in d["step_noise"]])
+            r = h.diff(h.nhwc(g), d["grad"])
             r["loss_torch"], r["loss_jax"] = float(loss), float(d["loss"])
             res[f"grad_{sampler}_{grad_steps}"] = r
         return res
@@ -448,21 +346,6 @@ class TorchWorker:
         self.fns[name] = it(_chain(dir, steps))
         return {"warmup_s": warm, "warmup_steps": warmup_steps, "threads": self.threads}
 
-    def run(self, name, inner=1):
-        return {"calls": bu._timed_calls(self.fns[name], inner)}
-
-    def release(self):
-        self.fns.clear()
-        gc.collect()
-        return {}
-
-
-def _diff(a, b):
-    import numpy as np
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return {"max_abs_diff": float(np.abs(a - b).max()), "max_abs_ref": float(np.abs(b).max())}
-
 
 # ----------------------------------------------------------------------------------------------
 # memory: one exact-gradient step in a fresh process
@@ -475,21 +358,21 @@ def mem_worker(spec):
     if impl.startswith("jax"):
         from jaxrob import parallel
 
-        parallel.configure_cpu(device_count=1, disable_ynn=False)
+        parallel.configure_cpu(device_count=1, ynn="all")
         import jax
         import jax.random as jr
         import numpy as np
 
         meta, uv, cv, inp = _jax_load(dir)
-        unet, clf = _jax_models(meta["cfg"], True)
+        unet, clf = _jax_modules(meta["cfg"], True)
         step = _make_attack_step(unet, clf, t_star=meta["t_star"], steps=steps, eot=1,
                                  eot_chunk=None, remat=impl == "jax_remat", eps=spec["eps"],
                                  step_size=spec["step_size"])
         x, y = jax.numpy.asarray(inp["x"]), jax.numpy.asarray(inp["y"])
         args = ({"params": uv}, cv, x, x, y, np.arange(x.shape[0], dtype=np.uint32), jr.key(7))
-        compiled = jax.jit(step).lower(*args).compile()
-        out["xla_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
-        call = lambda: jax.block_until_ready(compiled(*args))
+        c = h.compile_timed(jax.jit(step), args)
+        out["xla_temp_bytes"] = c["xla_temp_bytes"]
+        call = lambda: jax.block_until_ready(c["compiled"](*args))
     else:
         from torch_purify import attack_iteration
 
@@ -498,39 +381,19 @@ def mem_worker(spec):
         call = lambda: attack_iteration(unet, clf, chain, x, x, y, eot=1, eps=spec["eps"],
                                         step_size=spec["step_size"],
                                         use_checkpoint=impl == "torch_ckpt")
-    gc.collect()
-    out["rss_before_kb"] = _rss_kb("VmRSS")
-    out["hwm_reset"] = _reset_peak_rss()
-    t0 = time.perf_counter()
-    call()
-    out["step_s"] = time.perf_counter() - t0
-    out["step_peak_kb"] = _rss_kb("VmHWM")
-    out["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    first = h.first_call(call)
+    out.update(rss_before_kb=first["rss_before_kb"], hwm_reset=first["hwm_reset"],
+               step_s=first["first_call_s"], step_peak_kb=first["peak_kb"],
+               ru_maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     print(json.dumps(out), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-def _start(settings, tmp):
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("XLA_FLAGS", "JAXROB_CPU_DEVICES", "JAXROB_CPU_NO_YNN", *bu.MALLOC_ENV)}
-    me = [sys.executable, os.path.abspath(__file__)]
-    procs = {f"jax_{s}": bu.Proc(f"jax_{s}", [*me, "--jax-setting", s], dict(base),
-                                 os.path.join(tmp, f"worker_{s}.log")) for s in settings}
-    procs["torch"] = bu.Proc("torch", [*me, "--torch-worker"], {**base, **bu.MALLOC_ENV},
-                             os.path.join(tmp, "worker_torch.log"))
-    return procs, base
-
-
 def _stats(reps):
     """reps: per-repetition lists of [wall, own_cpu, foreign_cpu] (one call each here)."""
-    calls = [c for r in reps for c in r]
-    walls = [c[0] for c in calls]
-    return {"s_per_iter": statistics.median(walls), "min_s": min(walls), "max_s": max(walls),
-            "n": len(walls), "cpu_s_per_iter": statistics.median(c[1] for c in calls),
-            "util": sum(c[1] for c in calls) / sum(walls),
-            "foreign_load": sum(c[2] for c in calls) / sum(walls),
+    return {**h.call_stats([c for r in reps for c in r], "iter"),
             "rep_s": [statistics.median(c[0] for c in r) for r in reps],
             "calls": [[[round(v, 5) for v in c] for c in r] for r in reps]}
 
@@ -552,7 +415,7 @@ def _first_diff(tmp, a, b):
                                                           atol=1e-6)))}
 
 
-def _phase(procs, tmp, args, steps, runs, warmup_steps, out, log):
+def _phase(procs, tmp, args, steps, runs, warmup_steps, out):
     """Set up ``runs`` ({name: (proc, kwargs, reps)}), interleave the timed calls."""
     ph = {"steps": steps, "setup": {}, "rows": {}, "ratios": {}, "cross_checks": {}}
     for name, (proc, kw, _) in runs.items():
@@ -566,28 +429,23 @@ def _phase(procs, tmp, args, steps, runs, warmup_steps, out, log):
                 ph["setup"][name] = procs[proc].call(
                     "setup", name=name, steps=steps, eot=args.eot, eot_chunk=args.eot_chunk,
                     remat=True, eps=args.eps, step_size=args.step_size, dir=tmp, **kw)
-        except bu.WorkerFailed as e:
+        except h.WorkerFailed as e:
             out["errors"].append(f"{steps} steps/setup/{name}: {e}")
-            log(f"  ! {e}")
+            h.log(f"  ! {e}")
             continue
-        log(f"  setup {name}: {time.time() - t0:.1f}s")
+        h.log(f"  setup {name}: {time.time() - t0:.1f}s")
     ok = [n for n in runs if n in ph["setup"]]
     jax_ok = [n for n in ok if n != "torch"]
     for n in jax_ok[1:]:
         ph["cross_checks"][n] = {"vs": jax_ok[0], **_first_diff(tmp, jax_ok[0], n)}
     res = {}
     for rep in range(max(runs[n][2] for n in ok) if ok else 0):
-        names = [n for n in ok if rep < runs[n][2]]
-        k = rep % len(names)
-        for n in names[k:] + names[:k]:
-            try:
-                r = procs[runs[n][0]].call("run", name=n)
-            except bu.WorkerFailed as e:
-                out["errors"].append(f"{steps} steps/run/{n}: {e}")
-                ok.remove(n)
-                continue
-            res.setdefault(n, [None] * rep).append(r["calls"])
-        log(f"  {steps} steps: rep {rep + 1} done")
+        live = {n: (runs[n][0], {"name": n}) for n in ok if rep < runs[n][2]}
+        got = h.timed_round(procs, dict(live), rep, out["errors"], f"{steps} steps/run/")
+        ok = [n for n in ok if n in got or n not in live]     # drop the runs that failed
+        for n, calls in got.items():
+            res.setdefault(n, [None] * rep).append(calls)
+        h.log(f"  {steps} steps: rep {rep + 1} done")
     for n, reps in res.items():
         got = [r for r in reps if r is not None]
         ph["rows"][n] = _stats(got)
@@ -603,12 +461,12 @@ def _phase(procs, tmp, args, steps, runs, warmup_steps, out, log):
     for p in {runs[n][0] for n in runs}:
         try:
             procs[p].call("release")
-        except bu.WorkerFailed as e:
+        except h.WorkerFailed as e:
             out["errors"].append(f"release {p}: {e}")
     return ph
 
 
-def _memory(args, tmp, base_env, threads, log):
+def _memory(args, tmp, threads):
     rows = []
     me = [sys.executable, os.path.abspath(__file__)]
     impls = [i for i in args.mem_impls.split(",") if i]
@@ -616,23 +474,23 @@ def _memory(args, tmp, base_env, threads, log):
         for steps in args.mem_steps:
             spec = {"impl": impl, "steps": steps, "dir": tmp, "eps": args.eps,
                     "step_size": args.step_size, "threads": threads}
-            env = dict(base_env, **(bu.MALLOC_ENV if impl.startswith("torch") else {}))
+            env = h.worker_env(torch=impl.startswith("torch"))
             t0 = time.time()
-            p = subprocess.run([*me, "--mem-worker", json.dumps(spec)], env=env, cwd=REPO,
+            p = subprocess.run([*me, "--mem-worker", json.dumps(spec)], env=env, cwd=h.REPO,
                                capture_output=True, text=True, timeout=900)
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
             if p.returncode or not lines:
                 rows.append({"impl": impl, "steps": steps, "error": p.stderr[-800:]})
-                log(f"  ! memory {impl} {steps}: rc={p.returncode}")
+                h.log(f"  ! memory {impl} {steps}: rc={p.returncode}")
                 continue
             rows.append(json.loads(lines[-1]))
-            log(f"  memory {impl} {steps} steps: {time.time() - t0:.1f}s")
+            h.log(f"  memory {impl} {steps} steps: {time.time() - t0:.1f}s")
     return rows
 
 
 def drive(args):
     t_start = time.time()
-    log = lambda m: print(m, file=sys.stderr, flush=True)
+    log = h.log
     if args.quick:
         args.steps = args.steps or "5,20"
         args.eot = args.eot or 4
@@ -655,15 +513,11 @@ def drive(args):
     cfg = dict(UNET_CONFIGS["mnist"], ch=args.unet_ch, num_groups=args.unet_groups, dropout=0.0)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
     tmp = tempfile.mkdtemp(prefix="jaxrob_bench_attack_")
-    procs, base_env = _start(settings, tmp)
-    out = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "host": platform.node(), "cpu_count": os.cpu_count(),
-                    "cpu_model": bu._cpu_model(), "python": platform.python_version(),
-                    "argv": sys.argv[1:], "quick": args.quick, "batch": args.batch,
-                    "eot": args.eot, "eot_chunk": args.eot_chunk, "t_star": args.t_star,
-                    "steps": steps_list, "reps": args.reps, "slow_reps": args.slow_reps,
-                    "eps": args.eps, "step_size": args.step_size, "unet_cfg": cfg,
-                    "loadavg_start": os.getloadavg(), "workers": {}, "tmp": tmp},
+    procs = h.start_workers(__file__, settings, tmp, prefix="jax_")
+    out = {"meta": h.run_meta(quick=args.quick, smoke=args.smoke, batch=args.batch,
+                              eot=args.eot, eot_chunk=args.eot_chunk, t_star=args.t_star,
+                              steps=steps_list, reps=args.reps, slow_reps=args.slow_reps,
+                              eps=args.eps, step_size=args.step_size, unet_cfg=cfg, tmp=tmp),
            "numerics": {}, "phases": [], "memory": [], "errors": []}
     meta = out["meta"]
     threads = None
@@ -705,7 +559,7 @@ def drive(args):
                                                       args.slow_reps)
             runs["torch"] = ("torch", {}, args.reps)
             log(f"== {steps} steps: {list(runs)}")
-            ph = _phase(procs, tmp, args, steps, runs, short, out, log)
+            ph = _phase(procs, tmp, args, steps, runs, short, out)
             out["phases"].append(ph)
             if i == 0:
                 timed = {s: ph["rows"][f"jax_{s}"]["s_per_iter"] for s in settings
@@ -713,25 +567,13 @@ def drive(args):
                 best = [min(timed, key=timed.get)] if timed else settings[:1]
                 meta["long_settings"] = best if args.long_settings == "best" else settings
     finally:
-        for p in procs.values():
-            p.close()
+        h.close_all(procs)
 
     # ---- 3. memory, fresh processes (after the workers have exited) ----
     if not args.no_mem:
         log("== memory")
-        out["memory"] = _memory(args, tmp, base_env, threads, log)
-    meta["loadavg_end"] = os.getloadavg()
-    meta["wall_s"] = time.time() - t_start
-    text = render(out)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-        with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
-            f.write(text + "\n")
-        log(f"wrote {args.out}")
-    return out
+        out["memory"] = _memory(args, tmp, threads)
+    return h.finish(out, render, args.out, t_start)
 
 
 def _growth(a, b, key):
@@ -742,44 +584,32 @@ def _growth(a, b, key):
     return max(b[key], floor) / max(a[key], floor)
 
 
-def _ok(flag):
-    return "OK" if flag else "FAIL"
-
-
 def render(out):
     m = out["meta"]
-    versions = {}
-    for w in m["workers"].values():
-        versions.update(w.get("versions", {}))
-    tt = m.get("torch_threads", {})
-    cal = ", ".join(f"{k} thr {v * 1e3:.0f} ms" for k, v in
-                    tt.get("calibration_s_per_unet_grad", {}).items())
     c = m["unet_cfg"]
-    lines = [
-        f"bench_attack {m['date']}  {m['cpu_model']} x{m['cpu_count']}  wall "
-        f"{m.get('wall_s', 0):.0f}s  loadavg {m['loadavg_start'][0]:.1f}->"
-        f"{m.get('loadavg_end', [float('nan')])[0]:.1f}",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    lines = h.header("bench_attack", m) + [
         f"MNIST 28x28x1, batch {m['batch']}, EoT {m['eot']}, DDPM t*={m['t_star']}, UNet ch "
         f"{c['ch']} groups {c['num_groups']} ({m.get('models', {}).get('unet_params', '?')} "
         f"params), SmallCNN; Linf eps {m['eps']:.3g} step {m['step_size']:.3g}; torch threads "
-        f"{tt.get('threads')} ({cal or 'fixed'})",
+        f"{h.torch_threads_text(m.get('torch_threads', {}))}",
     ]
+    if m.get("smoke"):
+        lines[0] += "  (--smoke)"
     num = out["numerics"]
     if num:
         u = num["unet_eps"]
-        ok = _ok(u["max_abs_diff"] < UNET_TOL)
+        ok = h.ok(u["max_abs_diff"] < UNET_TOL)
         lines.append(f"numerics: UNet eps max|diff| {u['max_abs_diff']:.1e} (|eps| "
                      f"{u['max_abs_ref']:.2g}, tol {UNET_TOL:g}) {ok}")
         pur = [(k.rsplit("_", 1)[1], v) for k, v in num.items() if k.startswith("purify_ddim")]
         lines.append("  DDIM eta=0 purify, same forward noise: " + ", ".join(
             f"{s} steps {v['max_abs_diff']:.1e}" for s, v in pur)
             + f" (tol {PURIFY_TOL:g}) "
-            + _ok(all(v["max_abs_diff"] < PURIFY_TOL for _, v in pur)))
+            + h.ok(all(v["max_abs_diff"] < PURIFY_TOL for _, v in pur)))
         gr = [(k, v) for k, v in num.items() if k.startswith("grad_")]
         lines.append("  grad sum CE(clf(purify(x))), same noise, rel max|diff|: " + ", ".join(
             f"{k[5:]} {v['max_abs_diff'] / v['max_abs_ref']:.1e} (loss {v['loss_torch']:.4f}"
-            f" vs {v['loss_jax']:.4f})" for k, v in gr) + " " + _ok(all(
+            f" vs {v['loss_jax']:.4f})" for k, v in gr) + " " + h.ok(all(
                 v["max_abs_diff"] <= GRAD_RTOL * v["max_abs_ref"] for _, v in gr)))
     for ph in out["phases"]:
         for n, cc in ph["cross_checks"].items():
@@ -846,18 +676,14 @@ def render(out):
             verdict = ""
             if impl == "jax_remat":
                 good = all(grow[k] <= REMAT_TARGET for k in ("XLA temp", "step peak"))
-                verdict = f" (target <= {REMAT_TARGET}: {_ok(good)})"
+                verdict = f" (target <= {REMAT_TARGET}: {h.ok(good)})"
             lines.append(f"growth {hi}/{lo} steps {impl:<13}" + ", ".join(
                 f"{k} x{v:.2f}" for k, v in grow.items() if v == v) + verdict)
-    if out["errors"]:
-        lines.append("\nERRORS:")
-        lines += [f"  {e}" for e in out["errors"]]
-    return "\n".join(lines)
+    return "\n".join(lines + h.error_lines(out))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = h.parser(__doc__)
     ap.add_argument("--steps", default=None,
                     help="reverse-step counts, short first (default 10,100; --quick 5,20)")
     ap.add_argument("--eot", type=int, default=0, help="EoT samples (default 10; --quick 4)")
@@ -885,18 +711,12 @@ def main(argv=None):
                     "--quick without torch_ckpt)")
     ap.add_argument("--no-mem", action="store_true", help="skip the memory runs")
     ap.add_argument("--quick", action="store_true", help="5/20 steps, EoT 4, 2 reps: ~3 min")
-    ap.add_argument("--out", default=None, help="write the results JSON (and a .txt table)")
-    ap.add_argument("--jax-setting", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    h.add_worker_args(ap, smoke=SMOKE)
     ap.add_argument("--mem-worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.jax_setting:
-        bu._serve(lambda: JaxWorker(args.jax_setting))
-    elif args.torch_worker:
-        bu._serve(TorchWorker)
-    elif args.mem_worker:
+    args = h.parse_args(ap, argv, SMOKE)
+    if args.mem_worker:
         mem_worker(json.loads(args.mem_worker))
-    else:
+    elif not h.serve_if_worker(args, JaxWorker, TorchWorker):
         drive(args)
 
 

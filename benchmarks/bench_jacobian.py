@@ -58,6 +58,7 @@ J^T J and randomized SVD; ``ad="jvp"`` with the ``fast_vjp=False`` UNet, ``ad="v
 
 Run (from the repository root)::
 
+    python benchmarks/bench_jacobian.py --smoke --out /tmp/bench_jacobian_smoke.json   # a check
     python benchmarks/bench_jacobian.py --quick --out /tmp/bench_jacobian_quick.json
     python benchmarks/bench_jacobian.py --out benchmarks/results/bench_jacobian_full.json
 
@@ -78,12 +79,8 @@ References:
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -91,11 +88,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-import bench_attack as ba  # noqa: E402  (peak-RSS helpers, NCHW/NHWC converters)
-import bench_unet as bu  # noqa: E402  (worker protocol, timers, malloc settings)
+import _harness as h  # noqa: E402  (worker processes, timers, result files)
 
 # name -> (XLA host devices, jaxrob.parallel YNN mode); the first four as in bench_attack.py;
 # "noconv": YNN fusions for dots / elementwise / reductions, convolutions by XLA's own kernels
@@ -134,11 +129,14 @@ OPS = {"fwd": "f(x): the purifier itself (fast_vjp=True UNet)",
 OPS_APPLY = 3           # products per timed operator call (applied in a fori_loop)
 PURIFY_SEED = 0         # the purifier's fixed key: jr.key(PURIFY_SEED)
 CIFAR_SEED = 1          # random CIFAR-config UNet weights and inputs
-T_STAR, STEPS = 0.1, 10
+T_STAR, STEPS = 0.1, 10  # the purifier (--steps changes the reverse steps)
 JAC_RTOL = 1e-4         # relative Frobenius error allowed between routes
 PUR_TOL = 1e-4          # max |purified_torch - purified_jax|
 TARGET = 1.5            # fastest torch / fastest jaxrob
 SHORT_CALL_S = 3.0      # Part 2: calls shorter than this get two more timed calls
+# --smoke: the smallest run of every code path (2-step purifier, one JAX and one torch route)
+SMOKE = dict(steps=2, reps=1, routes="1dev_noynn:jvp_chunks/392,torch:jacrev/392",
+             svd="mnist@28:lanczos:mixed:2", ops="")
 
 
 def _parse_route(tok):
@@ -194,32 +192,14 @@ def _products(method, k, d):
 # ----------------------------------------------------------------------------------------------
 # JAX worker
 # ----------------------------------------------------------------------------------------------
-class JaxWorker:
+class JaxWorker(h.JaxWorker):
     def __init__(self, setting):
-        from jaxrob import parallel
-
         n_dev, ynn = SETTINGS[setting]
-        parallel.configure_cpu(device_count=n_dev, ynn=ynn)
-        import jax
-
-        if len(jax.devices()) != n_dev:
-            raise RuntimeError(f"{setting}: expected {n_dev} devices, got {jax.devices()}")
-        self.setting = setting
-        self.mesh = parallel.make_mesh() if n_dev > 1 else None
-        self.fns = {}
+        super().__init__(setting, n_dev, ynn)
         self.cifar = None
 
-    def hello(self):
-        import flax
-        import jax
-        import jaxlib
-
-        return {"devices": len(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                             "flax": flax.__version__}}
-
     # ------------------------------------------------------------------ models and purifiers
-    def prepare(self, dir, ckpt, write):
+    def prepare(self, dir, ckpt, write, steps=STEPS):
         """Load the MNIST DDPM export; the first worker also writes what the others need."""
         import jax
         import jax.numpy as jnp
@@ -227,44 +207,30 @@ class JaxWorker:
         import numpy as np
 
         import jaxrob.diffusion as jd
-        from jaxrob.checkpoint import load_params
-        from jaxrob.models import UNET_CONFIGS
+        from jaxrob.models import UNET_CONFIGS, load
 
-        variables, meta = load_params(os.path.join(REPO, ckpt))
-        model = meta.get("model", {})
-        if model.get("name") != "unet":
-            raise ValueError(f"{ckpt}: expected a UNet DDPM export, got {model}")
-        diff = meta.get("diffusion", {})
-        if diff.get("schedule", "linear") != "linear":
-            raise ValueError(f"{ckpt}: expected a linear schedule, got {diff}")
-        overrides = {k: v for k, v in (model.get("overrides") or {}).items() if v is not None}
-        self.unet_kw = {**UNET_CONFIGS[model["config"]], **overrides, "dropout": 0.0}
-        self.sched = jd.linear_schedule(int(diff.get("num_steps", 1000)),
-                                        beta_start=float(diff.get("beta_start", 1e-4)),
-                                        beta_end=float(diff.get("beta_end", 0.02)))
-        self.params = jax.tree.map(jnp.asarray, variables)
+        self.steps = steps
+        self.ddpm = load(os.path.join(h.REPO, ckpt), kind="ddpm")   # the fast_vjp=False UNet
+        self.params = self.ddpm.variables
         self.key = jr.key(PURIFY_SEED)
+        # the UNet's configuration, for the PyTorch twin
+        unet_cfg = {k: getattr(self.ddpm.module, k) for k in UNET_CONFIGS["mnist"]}
         info = {"ckpt": ckpt, "unet_cfg": {k: list(v) if isinstance(v, tuple) else v
-                                           for k, v in self.unet_kw.items()},
-                "unet_params": int(sum(a.size for a in jax.tree.leaves(self.params)))}
+                                           for k, v in unet_cfg.items()},
+                "unet_params": self.ddpm.num_params}
         if write:
-            x, source = self._mnist_input()
+            x, source = h.mnist_test_image()
             np.save(os.path.join(dir, "x.npy"), x)
-            np.savez(os.path.join(dir, "unet.npz"), **{
-                k: np.asarray(a) for k, a in bu._flatten(self.params["params"]).items()})
-            ch = jd.truncated(self.sched, T_STAR, STEPS)
-            np.savez(os.path.join(dir, "chain.npz"), **{
-                k: np.asarray(getattr(ch, k)) for k in (
-                    "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-                    "posterior_coef_x0", "posterior_coef_xt", "posterior_variance",
-                    "alphas_cumprod_prev", "one_minus_alphas_cumprod_prev", "model_steps")})
+            h.save_tree(os.path.join(dir, "unet.npz"), self.params["params"])
+            h.save_fields(os.path.join(dir, "chain.npz"),
+                          jd.truncated(self.ddpm.schedule, T_STAR, steps))
             # jaxrob.purify's noise (module docstring): forward normal(fold_in(key, 0)), reverse
             # position n normal(fold_in(fold_in(key, 1), n)) -- handed to PyTorch.
             k_rev = jr.fold_in(self.key, 1)
             np.savez(os.path.join(dir, "noise.npz"),
                      noise=np.asarray(jr.normal(jr.fold_in(self.key, 0), x.shape)),
                      step_noise=np.stack([np.asarray(jr.normal(jr.fold_in(k_rev, n), x.shape))
-                                          for n in range(STEPS)]))
+                                          for n in range(steps)]))
             with open(os.path.join(dir, "setup.json"), "w") as f:
                 json.dump({**info, "input": source, "x_shape": list(x.shape)}, f)
             y = jax.jit(self._mnist_f(False))(self.params, jnp.asarray(x))
@@ -272,36 +238,18 @@ class JaxWorker:
         self.x = jnp.asarray(np.load(os.path.join(dir, "x.npy")))
         return info
 
-    @staticmethod
-    def _mnist_input():
-        import numpy as np
-
-        try:
-            from jaxrob.data import load_dataset
-
-            ddir = os.environ.get("JAXROB_DATA_DIR") or os.path.join(REPO, "..", "shared",
-                                                                     "datasets")
-            ds = load_dataset("mnist", "test[:1]", data_dir=ddir)
-            return np.array(ds.images[:1], np.float32), "mnist test[0]"
-        except (OSError, ValueError) as e:
-            import jax.random as jr
-
-            x = np.asarray(jr.uniform(jr.key(3), (1, 28, 28, 1)))
-            return x, f"uniform random (MNIST unavailable: {type(e).__name__})"
-
-    def _purifier(self, unet, params, sched):
+    def _purifier(self, ddpm):
+        """``f(x)``: the fixed-key DDPM purifier of the eps-model ``ddpm``."""
         from jaxrob.purify import diffpure
 
-        pur = diffpure(lambda z, s: unet.apply(params, z, s), sched, t_star=T_STAR,
-                       num_steps=STEPS, sampler="ddpm")
+        pur = diffpure(ddpm, t_star=T_STAR, num_steps=self.steps, sampler="ddpm")
         return lambda z: pur(z, self.key)
 
     def _mnist_f(self, fast_vjp):
-        """``f(params, x)``: the fixed-key purifier of the MNIST DDPM."""
-        from jaxrob.models import UNet
-
-        unet = UNet(**self.unet_kw, fast_vjp=fast_vjp)
-        return lambda params, x: self._purifier(unet, params, self.sched)(x)
+        """``f(params, x)``: the fixed-key purifier of the MNIST DDPM (weights an argument,
+        the schedule a constant)."""
+        ddpm = self.ddpm.with_fast_vjp(fast_vjp)
+        return lambda params, x: self._purifier(ddpm.replace(variables=params))(x)
 
     def _cifar(self, size):
         """``(f_builder(fast_vjp), params, x)`` for the random CIFAR-config UNet at size S."""
@@ -310,7 +258,7 @@ class JaxWorker:
         import jax.random as jr
 
         import jaxrob.diffusion as jd
-        from jaxrob.models import unet_from_config
+        from jaxrob.models import DiffusionModel, unet_from_config
 
         kw = dict(image_size=size, attn_resolutions=(size // 2,), zero_init=False, dropout=0.0)
         if self.cifar is None:   # the weights do not depend on the image size (see docstring)
@@ -322,18 +270,14 @@ class JaxWorker:
 
         def make(fast_vjp):
             unet = unet_from_config("cifar10", **kw, fast_vjp=fast_vjp)
-            return lambda params, z: self._purifier(unet, params, sched)(z)
+            return lambda params, z: self._purifier(DiffusionModel(unet, params, sched))(z)
 
-        n = int(sum(a.size for a in jax.tree.leaves(self.cifar)))
-        return make, self.cifar, x, n
+        return make, self.cifar, x, h.count_params(self.cifar)
 
     def _net(self, net, size):
         """``(make(fast_vjp) -> f(params, x), params, x, number of parameters)``."""
-        import jax
-
         if net == "mnist":
-            n = int(sum(a.size for a in jax.tree.leaves(self.params)))
-            return self._mnist_f, self.params, self.x, n
+            return self._mnist_f, self.params, self.x, self.ddpm.num_params
         return self._cifar(size)
 
     # ------------------------------------------------------------------ Part 1
@@ -349,54 +293,15 @@ class JaxWorker:
         fn = jax.jit(lambda params, x: jacobian(lambda z: f(params, z), x, method=method,
                                                 **kw))
         args = (self.params, self.x)
-        info = self._compile(fn, args)
+        info = h.compile_timed(fn, args)
         compiled = info.pop("compiled")
         call = lambda: jax.block_until_ready(compiled(*args))
-        info.update(self._first_call(call))
+        info.update(h.first_call(call))
         J = info.pop("out")
         np.save(os.path.join(dir, f"J_{name.replace(':', '_').replace('/', '_')}.npy"),
                 np.asarray(J))
         self.fns[name] = call
         return info
-
-    @staticmethod
-    def _compile(fn, args):
-        t0 = time.perf_counter()
-        lowered = fn.lower(*args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-        try:
-            temp = int(compiled.memory_analysis().temp_size_in_bytes)
-        except Exception:   # not every backend reports it
-            temp = None
-        return {"compiled": compiled, "lower_s": t1 - t0, "compile_s": t2 - t1,
-                "xla_temp_bytes": temp}
-
-    @staticmethod
-    def _first_call(call):
-        """Call once: wall, CPU and foreign-CPU seconds (as ``_timed_calls``), peak RSS."""
-        gc.collect()
-        before = ba._rss_kb("VmRSS")
-        reset = ba._reset_peak_rss()
-        b0 = bu._machine_busy_s()
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = call()
-        first, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return {"out": out, "first_call_s": first, "rss_before_kb": before,
-                "peak_kb": ba._rss_kb("VmHWM"), "hwm_reset": reset,
-                "first_call": [first, cpu, max(0.0, bu._machine_busy_s() - b0 - cpu)]}
-
-    def run(self, name):
-        return {"calls": bu._timed_calls(self.fns[name], 1)}
-
-    def release(self):
-        import jax
-
-        self.fns.clear()
-        gc.collect()
-        jax.clear_caches()
-        return {}
 
     # ------------------------------------------------------------------ Part 2
     def ops(self, net, size):
@@ -439,13 +344,13 @@ class JaxWorker:
         rows = {}
         for which in OPS:
             args = (params, v, q)
-            info = self._compile(program(which), args)
+            info = h.compile_timed(program(which), args)
             compiled = info.pop("compiled")
             call = lambda: jax.block_until_ready(compiled(*args))  # noqa: B023
-            info.update(self._first_call(call))
+            info.update(h.first_call(call))
             info.pop("out")
             calls = ([info["first_call"]] if info["first_call_s"] > SHORT_CALL_S
-                     else bu._timed_calls(call, 2))
+                     else h.timed_calls(call, 2))
             walls = [c[0] for c in calls]
             rows[which] = {**info, "calls": calls, "s_per_call": statistics.median(walls),
                            "s_per_product": statistics.median(walls) / OPS_APPLY,
@@ -470,15 +375,15 @@ class JaxWorker:
             lambda z: f(params, z), x, k=k, key=key, method=method, ad=ad,
             f_reverse=None if f_rev is None else (lambda z: f_rev(params, z))))
         args = (params, x, key)
-        info = self._compile(fn, args)
+        info = h.compile_timed(fn, args)
         compiled = info.pop("compiled")
         call = lambda: jax.block_until_ready(compiled(*args))
-        info.update(self._first_call(call))
+        info.update(h.first_call(call))
         s = np.asarray(info.pop("out"), np.float64)
         # a long first call is the measurement (XLA has nothing left to warm up)
         calls = [info["first_call"]]
         if info["first_call_s"] < SHORT_CALL_S:
-            calls = bu._timed_calls(call, 2)
+            calls = h.timed_calls(call, 2)
         walls = [c[0] for c in calls]
         out = {**spec, "d": d, "unet_params": n_params, "num_iters": m, "j_products": n_j,
                "jt_products": n_jt, "calls": calls, "s": s.tolist(),
@@ -513,18 +418,8 @@ class JaxWorker:
 # ----------------------------------------------------------------------------------------------
 # PyTorch worker
 # ----------------------------------------------------------------------------------------------
-class TorchWorker:
-    def __init__(self):
-        import torch
-
-        torch.set_num_threads(2)
-        torch.manual_seed(0)
-        self.torch = torch
-        self.fns = {}
-
-    def hello(self):
-        return {"versions": {"torch": self.torch.__version__},
-                "malloc_env": {k: os.environ.get(k) for k in bu.MALLOC_ENV}}
+class TorchWorker(h.TorchWorker):
+    SEED = 0
 
     def prepare(self, dir, threads):
         """Load the JAX weights, chain and noise; pick the thread count; check f(x)."""
@@ -533,12 +428,12 @@ class TorchWorker:
         import numpy as np
         import torch
         from torch_purify import Chain, purify
-        from torch_unet import TorchUNet, load_jax_params, unflatten_params
+        from torch_unet import TorchUNet, load_jax_params
 
         with open(os.path.join(dir, "setup.json")) as f:
             meta = json.load(f)
         cl = torch.channels_last
-        params = unflatten_params(dict(np.load(os.path.join(dir, "unet.npz"))))
+        params = h.load_tree(os.path.join(dir, "unet.npz"))
         self.unet = load_jax_params(TorchUNet(**meta["unet_cfg"]), params).to(
             memory_format=cl).eval()
         for p in self.unet.parameters():     # input Jacobians only
@@ -550,8 +445,8 @@ class TorchWorker:
         self.v = torch.from_numpy(np.array(x, np.float32).reshape(-1))
 
         def make_f(unet, fmt):
-            noise = ba._nchw(nz["noise"]).contiguous(memory_format=fmt)
-            step_noises = [ba._nchw(a).contiguous(memory_format=fmt) for a in nz["step_noise"]]
+            noise = h.nchw(nz["noise"]).contiguous(memory_format=fmt)
+            step_noises = [h.nchw(a).contiguous(memory_format=fmt) for a in nz["step_noise"]]
 
             def f(v):
                 """Flat NHWC in, flat NHWC out: J is laid out exactly as jaxrob's."""
@@ -568,36 +463,19 @@ class TorchWorker:
         # view of it: a route that fails with channels_last runs NCHW-contiguous.
         self.f_contiguous = make_f(copy.deepcopy(self.unet).to(
             memory_format=torch.contiguous_format), torch.contiguous_format)
-        f = self.f
-        cal = {}
-        if threads == "auto":    # as bench_attack.py: 1 or 2 threads, whichever is faster
-            t = torch.full((8,), 50, dtype=torch.long)
-            xb = torch.rand(8, shape[3], shape[1], shape[2]).contiguous(memory_format=cl)
+        # as bench_attack.py: 1 or 2 threads, whichever is faster at a UNet input-gradient
+        t = torch.full((8,), 50, dtype=torch.long)
+        xb = torch.rand(8, shape[3], shape[1], shape[2]).contiguous(memory_format=cl)
 
-            def grad():
-                xx = xb.detach().requires_grad_(True)
-                (self.unet(xx, t) ** 2).sum().backward()
+        def grad():
+            xx = xb.detach().requires_grad_(True)
+            (self.unet(xx, t) ** 2).sum().backward()
 
-            for n in (1, 2):
-                torch.set_num_threads(n)
-                for _ in range(2):
-                    grad()
-                calls = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    grad()
-                    calls.append(time.perf_counter() - t0)
-                    if n == 2 and calls[-1] > ba.TORCH_SLOW_FACTOR * cal["1"]:
-                        break
-                cal[str(n)] = statistics.median(calls)
-            threads = 1 if cal["1"] <= cal["2"] else 2
-        torch.set_num_threads(int(threads))
-        self.threads = int(threads)
+        info = self.pick_threads(grad, threads)
         with torch.no_grad():
-            y = f(self.v).reshape(shape).numpy()
+            y = self.f(self.v).reshape(shape).numpy()
         ref = np.load(os.path.join(dir, "purified_jax.npy"))
-        return {"threads": self.threads, "calibration_s_per_unet_grad": cal,
-                "purified": ba._diff(y, ref)}
+        return {**info, "purified": h.diff(y, ref)}
 
     def setup(self, name, method, chunk, dir):
         """One warm-up Jacobian (timed, peak RSS), saved for the numerics check.
@@ -619,10 +497,10 @@ class TorchWorker:
 
         call, fmt = make(self.f), "channels_last"
         try:
-            info = JaxWorker._first_call(call)
+            info = h.first_call(call)
         except RuntimeError as e:
             call, fmt = make(self.f_contiguous), "contiguous"
-            info = JaxWorker._first_call(call)
+            info = h.first_call(call)
             info["channels_last_error"] = str(e)[:300]
         info["memory_format"] = fmt
         J = info.pop("out")
@@ -632,39 +510,14 @@ class TorchWorker:
         info["threads"] = self.threads
         return info
 
-    def run(self, name):
-        return {"calls": bu._timed_calls(self.fns[name], 1)}
-
-    def release(self):
-        self.fns.clear()
-        gc.collect()
-        return {}
-
 
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-def _start(settings, with_torch, tmp):
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("XLA_FLAGS", "JAXROB_CPU_DEVICES", "JAXROB_CPU_NO_YNN", "JAXROB_CPU_YNN",
-                         *bu.MALLOC_ENV)}
-    me = [sys.executable, os.path.abspath(__file__)]
-    procs = {s: bu.Proc(s, [*me, "--jax-setting", s], dict(base),
-                        os.path.join(tmp, f"worker_{s}.log")) for s in settings}
-    if with_torch:
-        procs["torch"] = bu.Proc("torch", [*me, "--torch-worker"], {**base, **bu.MALLOC_ENV},
-                                 os.path.join(tmp, "worker_torch.log"))
-    return procs
-
-
 def _stats(reps):
     """reps: per-repetition [wall, own_cpu, foreign_cpu] of one call each."""
-    walls = [c[0] for c in reps]
-    return {"s_per_call": statistics.median(walls), "min_s": min(walls), "max_s": max(walls),
-            "n": len(walls), "cpu_s_per_call": statistics.median(c[1] for c in reps),
-            "util": sum(c[1] for c in reps) / sum(walls),
-            "foreign_load": sum(c[2] for c in reps) / sum(walls),
-            "rep_s": walls, "calls": [[round(v, 5) for v in c] for c in reps]}
+    return {**h.call_stats(reps), "rep_s": [c[0] for c in reps],
+            "calls": [[round(v, 5) for v in c] for c in reps]}
 
 
 def _jac_numerics(tmp, names, ref):
@@ -692,7 +545,7 @@ def _jac_numerics(tmp, names, ref):
     return out
 
 
-def _part1(procs, routes, args, tmp, out, log):
+def _part1(procs, routes, args, tmp, out):
     ph = {"setup": {}, "rows": {}}
     for name in routes:
         setting, method, chunk = _parse_route(name)
@@ -700,37 +553,31 @@ def _part1(procs, routes, args, tmp, out, log):
         try:
             ph["setup"][name] = procs[setting].call("setup", name=name, method=method,
                                                     chunk=chunk, dir=tmp)
-        except bu.WorkerFailed as e:
+        except h.WorkerFailed as e:
             out["errors"].append(f"setup {name}: {e}")
-            log(f"  ! {e}")
+            h.log(f"  ! {e}")
             continue
         su = ph["setup"][name]
-        log(f"  setup {name}: {time.time() - t0:.1f}s (first call {su['first_call_s']:.1f}s)")
+        h.log(f"  setup {name}: {time.time() - t0:.1f}s (first call {su['first_call_s']:.1f}s)")
     ok = [n for n in routes if n in ph["setup"]]
     jax_ok = [n for n in ok if not n.startswith("torch:")]
     if jax_ok:
         out["numerics"]["jacobian"] = _jac_numerics(tmp, ok, jax_ok[0])
     res = {n: [] for n in ok}
     for rep in range(args.reps):
-        k = rep % max(len(ok), 1)
-        for n in ok[k:] + ok[:k]:
-            if n not in res:
-                continue
-            try:
-                r = procs[_parse_route(n)[0]].call("run", name=n)
-            except bu.WorkerFailed as e:
-                out["errors"].append(f"run {n}: {e}")
-                res.pop(n)
-                continue
-            res[n].append(r["calls"][0])
-        log(f"  rep {rep + 1}/{args.reps} done")
+        runs = {n: (_parse_route(n)[0], {"name": n}) for n in res}
+        got = h.timed_round(procs, runs, rep, out["errors"], "run ")
+        res = {n: calls for n, calls in res.items() if n in got}    # drop the failed routes
+        for n, calls in got.items():
+            res[n].append(calls[0])
+        h.log(f"  rep {rep + 1}/{args.reps} done")
     for n, reps in res.items():
         if reps:
             ph["rows"][n] = _stats(reps)
     for p in {_parse_route(n)[0] for n in routes} & set(procs):
         try:
             procs[p].call("release")
-        except bu.WorkerFailed as e:
+        except h.WorkerFailed as e:
             out["errors"].append(f"release {p}: {e}")
     # the ratio counts only routes whose Jacobian matches the reference
     checks = out["numerics"].get("jacobian", {}).get("routes", {})
@@ -751,7 +598,7 @@ def _part1(procs, routes, args, tmp, out, log):
     return ph
 
 
-def _part2(proc, ops, svd, tmp, out, log):
+def _part2(proc, ops, svd, tmp, out):
     import numpy as np
 
     for o in ops:
@@ -759,22 +606,22 @@ def _part2(proc, ops, svd, tmp, out, log):
         t0 = time.time()
         try:
             out["ops"].append(proc.call("ops", net=net, size=int(size)))
-        except bu.WorkerFailed as e:
+        except h.WorkerFailed as e:
             out["errors"].append(f"ops {o}: {e}")
-            log(f"  ! {e}")
+            h.log(f"  ! {e}")
             continue
-        log(f"  operators {o}: {time.time() - t0:.1f}s")
+        h.log(f"  operators {o}: {time.time() - t0:.1f}s")
     for tok in svd:
         spec = _parse_svd(tok)
         t0 = time.time()
         try:
             r = proc.call("topk", spec=spec, dir=tmp)
-        except bu.WorkerFailed as e:
+        except h.WorkerFailed as e:
             out["errors"].append(f"topk {tok}: {e}")
-            log(f"  ! {e}")
+            h.log(f"  ! {e}")
             continue
         out["svd"].append(r)
-        log(f"  top-k {tok}: {time.time() - t0:.1f}s (compile {r['compile_s']:.1f}s, call "
+        h.log(f"  top-k {tok}: {time.time() - t0:.1f}s (compile {r['compile_s']:.1f}s, call "
             f"{r['wall_s']:.1f}s)")
     # agreement between rows of the same net/size/k (e.g. lanczos vs randomized vs mixed)
     by = {}
@@ -788,13 +635,13 @@ def _part2(proc, ops, svd, tmp, out, log):
                                  "max_abs_diff_over_s1": float(np.abs(a - b).max() / b[0])}
     try:
         proc.call("release")
-    except bu.WorkerFailed as e:
+    except h.WorkerFailed as e:
         out["errors"].append(f"release part 2: {e}")
 
 
 def drive(args):
     t_start = time.time()
-    log = lambda m: print(m, file=sys.stderr, flush=True)
+    log = h.log
     q = args.quick
     routes = [r for r in (args.routes or ",".join(QUICK_ROUTES if q else FULL_ROUTES)).split(
         ",") if r] if not args.no_dense else []
@@ -821,25 +668,22 @@ def drive(args):
         settings = [part2]
     with_torch = any(r.startswith("torch:") for r in routes)
     tmp = tempfile.mkdtemp(prefix="jaxrob_bench_jacobian_")
-    procs = _start(settings, with_torch, tmp)
-    out = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "host": platform.node(), "cpu_count": os.cpu_count(),
-                    "cpu_model": bu._cpu_model(), "python": platform.python_version(),
-                    "argv": sys.argv[1:], "quick": q, "t_star": T_STAR, "steps": STEPS,
-                    "reps": args.reps, "routes": routes, "svd": svd, "ops": ops,
-                    "svd_setting": part2, "ops_apply": OPS_APPLY,
-                    "loadavg_start": os.getloadavg(), "workers": {}, "tmp": tmp},
+    procs = h.start_workers(__file__, settings, tmp, torch=with_torch)
+    out = {"meta": h.run_meta(quick=q, smoke=args.smoke, t_star=T_STAR, steps=args.steps,
+                              reps=args.reps, routes=routes, svd=svd, ops=ops,
+                              svd_setting=part2, ops_apply=OPS_APPLY, tmp=tmp),
            "numerics": {}, "dense": {}, "ops": [], "svd": [], "errors": []}
     meta = out["meta"]
     try:
         for n, p in procs.items():
             meta["workers"][n] = p.call("hello")
         first = settings[0]
-        meta["model"] = procs[first].call("prepare", dir=tmp, ckpt=args.ckpt, write=True)
+        meta["model"] = procs[first].call("prepare", dir=tmp, ckpt=args.ckpt, write=True,
+                                          steps=args.steps)
         with open(os.path.join(tmp, "setup.json")) as f:
             meta["input"] = json.load(f)["input"]
         for n in settings[1:]:
-            procs[n].call("prepare", dir=tmp, ckpt=args.ckpt, write=False)
+            procs[n].call("prepare", dir=tmp, ckpt=args.ckpt, write=False, steps=args.steps)
         if with_torch:
             tp = procs["torch"].call("prepare", dir=tmp, threads=args.torch_threads)
             out["numerics"]["purified"] = tp.pop("purified")
@@ -847,65 +691,40 @@ def drive(args):
         log(f"workers ready ({time.time() - t_start:.0f}s)")
         if routes:
             log(f"== part 1: dense Jacobian, {len(routes)} routes x {args.reps} reps")
-            out["dense"] = _part1(procs, routes, args, tmp, out, log)
+            out["dense"] = _part1(procs, routes, args, tmp, out)
         for n in list(procs):        # idle workers hold memory; part 2 needs one
             if n != part2:
                 procs.pop(n).close()
         if svd or ops:
             log(f"== part 2: operators {ops}, top-k {svd}")
-            _part2(procs[part2], ops, svd, tmp, out, log)
+            _part2(procs[part2], ops, svd, tmp, out)
     finally:
-        for p in procs.values():
-            p.close()
-    meta["loadavg_end"] = os.getloadavg()
+        h.close_all(procs)
     meta["driver_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    meta["wall_s"] = time.time() - t_start
-    text = render(out)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-        with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
-            f.write(text + "\n")
-        log(f"wrote {args.out}")
-    return out
+    return h.finish(out, render, args.out, t_start)
 
 
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
-def _ok(flag):
-    return "OK" if flag else "FAIL"
-
-
 def _mb(kb):
     return "-" if kb is None else f"{kb / 1024:.0f}"
 
 
 def render(out):
     m = out["meta"]
-    versions = {}
-    for w in m["workers"].values():
-        versions.update(w.get("versions", {}))
-    tt = m.get("torch_threads", {})
-    cal = ", ".join(f"{k} thr {v * 1e3:.0f} ms" for k, v in
-                    tt.get("calibration_s_per_unet_grad", {}).items())
     mod = m.get("model", {})
-    lines = [
-        f"bench_jacobian {m['date']}  {m['cpu_model']} x{m['cpu_count']}  wall "
-        f"{m.get('wall_s', 0):.0f}s  loadavg {m['loadavg_start'][0]:.1f}->"
-        f"{m.get('loadavg_end', [float('nan')])[0]:.1f}" + ("  (--quick)" if m["quick"] else ""),
-        "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    lines = h.header("bench_jacobian", m) + [
         f"purifier: DDPM DiffPure t*={m['t_star']}, {m['steps']} steps, fixed key; "
         f"{mod.get('ckpt', '?')} ({mod.get('unet_params', '?')} params); input "
-        f"{m.get('input', '?')}; torch threads {tt.get('threads', '-')} ({cal or 'fixed'})",
+        f"{m.get('input', '?')}; torch threads {h.torch_threads_text(m.get('torch_threads', {}))}",
     ]
+    lines[0] += "  (--smoke)" if m.get("smoke") else "  (--quick)" if m["quick"] else ""
     num = out["numerics"]
     if "purified" in num:
         p = num["purified"]
         lines.append(f"numerics: purified image torch vs jax max|diff| {p['max_abs_diff']:.1e} "
-                     f"(tol {PUR_TOL:g}) {_ok(p['max_abs_diff'] < PUR_TOL)}")
+                     f"(tol {PUR_TOL:g}) {h.ok(p['max_abs_diff'] < PUR_TOL)}")
     jn = num.get("jacobian")
     if jn:
         lines.append(f"  reference J = {jn['reference']}: {jn['shape'][0]}x{jn['shape'][1]}, "
@@ -915,7 +734,7 @@ def render(out):
         for n, r in jn["routes"].items():
             lines.append(f"  {n:<28} vs ref: max|dJ| {r['max_abs_diff']:.1e}  rel Frobenius "
                          f"{r['rel_fro']:.1e}  max|ds|/s1 {r['s_max_abs_diff_over_s1']:.1e}  "
-                         f"{_ok(r['rel_fro'] < JAC_RTOL)}")
+                         f"{h.ok(r['rel_fro'] < JAC_RTOL)}")
     d = out["dense"]
     if d.get("rows"):
         lines.append(f"\nPart 1: dense {jn['shape'][0] if jn else '?'}x"
@@ -947,7 +766,7 @@ def render(out):
                          f"({rt['fastest_jax']}): {rt['torch_over_jax']:.2f} [reps "
                          f"{rt['rep_min']:.2f}-{rt['rep_max']:.2f}], CPU-time "
                          f"{rt['cpu_torch_over_jax']:.2f} (target >= {rt['target']}: "
-                         f"{_ok(rt['torch_over_jax'] >= rt['target'])})**")
+                         f"{h.ok(rt['torch_over_jax'] >= rt['target'])})**")
         if d.get("excluded"):
             lines.append(f"(not in the ratio, Jacobian check failed: {', '.join(d['excluded'])})")
         lines.append("(compile = lowering + XLA compile; first = first call after compiling "
@@ -995,15 +814,11 @@ def render(out):
         lines.append("(wall s = median call, compile excluded; s/prod = wall / (J + JT "
                      "products); m = Lanczos steps, q = power iterations; cifar = the "
                      "UNET_CONFIGS['cifar10'] UNet, RANDOMLY INITIALISED)")
-    if out["errors"]:
-        lines.append("\nERRORS:")
-        lines += [f"  {e}" for e in out["errors"]]
-    return "\n".join(lines)
+    return "\n".join(lines + h.error_lines(out))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = h.parser(__doc__)
     ap.add_argument("--quick", action="store_true",
                     help="5 dense routes x 2 reps, MNIST top-20, one small CIFAR-config top-5")
     ap.add_argument("--routes", default=None,
@@ -1022,15 +837,11 @@ def main(argv=None):
     ap.add_argument("--torch-threads", default="auto", choices=("auto", "1", "2"))
     ap.add_argument("--ckpt", default="checkpoints/mnist_ddpm",
                     help="the MNIST DDPM export (repo-relative)")
-    ap.add_argument("--out", default=None, help="write the results JSON (and a .txt table)")
-    ap.add_argument("--jax-setting", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.jax_setting:
-        bu._serve(lambda: JaxWorker(args.jax_setting))
-    elif args.torch_worker:
-        bu._serve(TorchWorker)
-    else:
+    ap.add_argument("--steps", type=int, default=STEPS,
+                    help=f"reverse steps of the purifier (default {STEPS})")
+    h.add_worker_args(ap, smoke=SMOKE)
+    args = h.parse_args(ap, argv, SMOKE)
+    if not h.serve_if_worker(args, JaxWorker, TorchWorker):
         try:
             drive(args)
         except ValueError as e:

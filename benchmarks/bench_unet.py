@@ -24,6 +24,7 @@ over PyTorch time, medians over all calls; their spread is the range of per-repe
 
 Run (from the repository root)::
 
+    python benchmarks/bench_unet.py --smoke --out /tmp/bench_unet_smoke.json       # a check
     python benchmarks/bench_unet.py --quick --out benchmarks/results/quick.json      # ~3 min
     python benchmarks/bench_unet.py --out benchmarks/results/full.json               # ~12 min
 
@@ -33,21 +34,16 @@ JSON lines on stdin/stdout and are not meant to be run by hand.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import gc
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import _harness as h  # noqa: E402  (worker processes, timers, result files)
 
 # name -> (XLA host devices, disable YNN fusions, shard the batch over all devices)
 SETTINGS = {"default": (1, False, False), "noynn": (1, True, False), "2dev": (2, False, True),
@@ -57,123 +53,24 @@ SETTINGS = {"default": (1, False, False), "noynn": (1, True, False), "2dev": (2,
 EXTRA_SETTINGS = {"2dev_plain": (2, False, False), "2dev_noynn_plain": (2, True, False)}
 ALL_SETTINGS = {**SETTINGS, **EXTRA_SETTINGS}
 WORKLOADS = ("fwd", "grad_x", "train", "sampler")
-# glibc malloc tuning for PyTorch (PERF_NOTES.md section 3): must be in the environment when the
-# process starts, hence the PyTorch subprocess.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-              "MALLOC_TOP_PAD_": "1073741824"}
 TORCH_TOL = 1e-4          # max |fwd_torch - fwd_jax| on the mnist config
 SHARD_TOL = 1e-4          # max |fwd_2dev - fwd_1dev|
 REF_STEPS = 100           # sampler rows are also reported per REF_STEPS steps
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers shared by the workers
-# ----------------------------------------------------------------------------------------------
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}/{k}" if prefix else str(k)
-        out.update(_flatten(v, name) if isinstance(v, dict) else {name: v})
-    return out
-
-
-def _unflatten(flat):
-    tree = {}
-    for name, v in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _machine_busy_s():
-    """CPU-seconds all processes have spent busy since boot (/proc/stat; 0 if unavailable)."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(a) for a in f.readline().split()[1:9]]
-    except OSError:
-        return 0.0
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / _CLK_TCK   # all but idle and iowait
-
-
-def _timed_calls(fn, inner):
-    """Run ``fn`` ``inner`` times; per call [wall_s, own_cpu_s, foreign_cpu_s].
-
-    ``own_cpu_s`` counts all threads of this process; ``foreign_cpu_s`` is what every other
-    process on the machine used meanwhile (other agents, tests, idle-spinning workers), from
-    /proc/stat at 1/CLK_TCK resolution.
-    """
-    out = []
-    for _ in range(inner):
-        b0 = _machine_busy_s()
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        out.append([wall, cpu, max(0.0, _machine_busy_s() - b0 - cpu)])
-    return out
-
-
-def _inner_for(seconds, target, max_inner=20):
-    return max(1, min(max_inner, round(target / max(seconds, 1e-6))))
-
-
-def _serve(worker_factory):
-    """JSON-lines server on the original stdout; everything else printed goes to stderr."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    worker = worker_factory()
-    for line in sys.stdin:
-        msg = json.loads(line)
-        op = msg.pop("op")
-        if op == "exit":
-            break
-        try:
-            res = {"ok": True, **getattr(worker, op)(**msg)}
-        except Exception as e:  # reported to the driver, which records it and goes on
-            traceback.print_exc()
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        proto.write(json.dumps(res) + "\n")
+SCHED_KEYS = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "posterior_coef_x0",
+              "posterior_coef_xt", "posterior_variance", "model_steps")
 
 
 # ----------------------------------------------------------------------------------------------
 # JAX worker
 # ----------------------------------------------------------------------------------------------
-class JaxWorker:
+class JaxWorker(h.JaxWorker):
     def __init__(self, setting):
-        from jaxrob import parallel
-
         n_dev, no_ynn, shard = ALL_SETTINGS[setting]
-        parallel.configure_cpu(device_count=n_dev, disable_ynn=no_ynn)
-        import jax
-
-        cache = os.environ.get("JAXROB_BENCH_COMPILE_CACHE")
-        if cache:   # --compile-cache: reruns load executables instead of compiling them
-            jax.config.update("jax_compilation_cache_dir", cache)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        if len(jax.devices()) != n_dev:
-            raise RuntimeError(f"{setting}: expected {n_dev} devices, got {jax.devices()}")
-        self.setting = setting
-        self.parallel = parallel
-        self.mesh = parallel.make_mesh() if shard and n_dev > 1 else None
-        self.fns = {}
+        super().__init__(setting, n_dev, "off" if no_ynn else "all", shard=shard)
         self.compiled = {}
 
     def hello(self):
-        import flax
-        import jax
-        import jaxlib
-        import optax
-
-        return {"devices": len(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                             "flax": flax.__version__, "optax": optax.__version__}}
+        return super().hello(extra=("optax",))
 
     def _jit(self, fn, in_specs, out_spec):
         """jax.jit; on a mesh with explicit shardings ('d' = batch over data, 'r' = replicated)."""
@@ -196,32 +93,25 @@ class JaxWorker:
         return jax.device_put(arr, sh)
 
     @staticmethod
-    def _analyse(compiled):
+    def _flops(compiled):
         ca = compiled.cost_analysis()
         if isinstance(ca, list | tuple):
             ca = ca[0]
-        flops = float(ca.get("flops", float("nan"))) if ca else float("nan")
-        try:
-            temp = int(compiled.memory_analysis().temp_size_in_bytes)
-        except Exception:
-            temp = None
-        return flops, temp
+        return float(ca.get("flops", float("nan"))) if ca else float("nan")
 
     def _add(self, name, jitted, args, run, *, warmup, inner_target, flops_mult=1):
         """Lower + compile (timed), then warm up; registers ``run(compiled)`` as the workload."""
-        t0 = time.perf_counter()
-        lowered = jitted.lower(*args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-        flops, temp = self._analyse(compiled)
+        c = h.compile_timed(jitted, args)
+        compiled = c.pop("compiled")
+        flops = self._flops(compiled)
         call = run(compiled)
-        warm = _timed_calls(call, warmup)
+        warm = h.timed_calls(call, warmup)
         self.fns[name] = call
         self.compiled[name] = compiled
-        return {"lower_s": t1 - t0, "compile_s": t2 - t1, "first_call_s": warm[0][0],
+        return {"lower_s": c["lower_s"], "compile_s": c["compile_s"], "first_call_s": warm[0][0],
                 "flops_reported": flops, "flops": flops * flops_mult, "flops_mult": flops_mult,
-                "xla_temp_bytes": temp, "inner": _inner_for(warm[-1][0], inner_target)}
+                "xla_temp_bytes": c["xla_temp_bytes"],
+                "inner": h.inner_for(warm[-1][0], inner_target)}
 
     def setup(self, config, batch, workloads, sampler_steps, dir, inner_target,
               config_kwargs=None):
@@ -232,7 +122,7 @@ class JaxWorker:
 
         import jaxrob.diffusion as jd
         from jaxrob import training
-        from jaxrob.models import UNET_CONFIGS, unet_from_config
+        from jaxrob.models import UNET_CONFIGS, DiffusionModel, unet_from_config
 
         self.release()
         # The first worker reads UNET_CONFIGS; the driver hands its reading to the others, so
@@ -247,29 +137,29 @@ class JaxWorker:
         sched = jd.respace(sched_train, sampler_steps)
         if not os.path.exists(pfile):       # the first worker writes weights, inputs, schedules
             v = model.init(jr.key(0), jnp.zeros((1, size, size, ch)), jnp.zeros((1,), jnp.int32))
-            np.savez(pfile, **{k: np.asarray(a) for k, a in _flatten(v["params"]).items()})
+            h.save_tree(pfile, v["params"])
         if not os.path.exists(ifile):
             rng = np.random.default_rng(0)
             np.savez(ifile, x=rng.standard_normal((batch, size, size, ch), np.float32),
                      t=rng.integers(0, 1000, batch).astype(np.int32),
                      x01=rng.uniform(0, 1, (batch, size, size, ch)).astype(np.float32))
         if not os.path.exists(sfile):
-            keys = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "posterior_coef_x0",
-                    "posterior_coef_xt", "posterior_variance", "model_steps")
-            np.savez(sfile, **{k: np.asarray(getattr(sched, k)) for k in keys},
-                     train_sqrt_ab=np.asarray(sched_train.sqrt_alphas_cumprod),
-                     train_sqrt_1m_ab=np.asarray(sched_train.sqrt_one_minus_alphas_cumprod))
-        params = _unflatten({k: jnp.asarray(a) for k, a in np.load(pfile).items()})
+            h.save_fields(sfile, sched, SCHED_KEYS,
+                          train_sqrt_ab=sched_train.sqrt_alphas_cumprod,
+                          train_sqrt_1m_ab=sched_train.sqrt_one_minus_alphas_cumprod)
+        params = h.load_tree(pfile, jnp.asarray)
         inp = np.load(ifile)
         v = self._place({"params": params}, "r")
         x, t = self._place(inp["x"], "d"), self._place(inp["t"], "d")
         block = jax.block_until_ready
         info = {"config_kwargs": {k: list(a) if isinstance(a, tuple) else a
                                   for k, a in cfg.items()},
-                "num_params": int(sum(a.size for a in jax.tree.leaves(params)))}
+                "num_params": h.count_params(params)}
+        # the eps-model with the variables of the call (a jit argument, not a constant)
+        ddpm = lambda v: DiffusionModel(model, v, sched_train)
 
-        fwd = self._jit(lambda v, x, t: model.apply(v, x, t), "rdd", "d")
-        loss_x = lambda x, v, t: 0.5 * jnp.sum(jnp.square(model.apply(v, x, t)))
+        fwd = self._jit(lambda v, x, t: ddpm(v)(x, t), "rdd", "d")
+        loss_x = lambda x, v, t: 0.5 * jnp.sum(jnp.square(ddpm(v)(x, t)))
         grad_x = self._jit(jax.grad(loss_x), "drd", "d")
         warm = 2
         info["fwd"] = self._add("fwd", fwd, (v, x, t), lambda c: lambda: block(c(v, x, t)),
@@ -286,11 +176,7 @@ class JaxWorker:
                 del self.fns[name], info[name]
         if "sampler" in workloads:
             key = self._place(jr.key(0), "r")
-
-            def sample(v, x, key):
-                eps_fn = lambda xx, step: model.apply(v, xx, step)
-                return jd.ddpm_sample(eps_fn, x, key, sched)
-
+            sample = lambda v, x, key: jd.ddpm_sample(ddpm(v), x, key, sched)
             # cost_analysis counts the scan body once: multiply by the trip count.
             info["sampler"] = self._add("sampler", self._jit(sample, "rdr", "d"), (v, x, key),
                                         lambda c: lambda: block(c(v, x, key)), warmup=1,
@@ -330,42 +216,24 @@ class JaxWorker:
         info["flops_formula"] = 2.0 * n ** 3
         return info
 
-    def run(self, workload, inner):
-        return {"calls": _timed_calls(self.fns[workload], inner)}
-
     def release(self):
-        import jax
-
-        self.fns.clear()
         self.compiled.clear()
-        gc.collect()
-        jax.clear_caches()
-        return {}
+        return super().release()
 
 
 # ----------------------------------------------------------------------------------------------
 # PyTorch worker
 # ----------------------------------------------------------------------------------------------
-class TorchWorker:
+class TorchWorker(h.TorchWorker):
     WARMUP = 3   # oneDNN builds kernels per shape; fewer warm-up calls gave 10x-off medians
 
-    def __init__(self):
-        import torch
-
-        torch.set_num_threads(2)
-        sys.path.insert(0, HERE)
-        self.torch = torch
-        self.fns = {}
-
     def hello(self):
-        torch = self.torch
-        return {"versions": {"torch": torch.__version__}, "threads": torch.get_num_threads(),
-                "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV}}
+        return {**super().hello(), "threads": self.torch.get_num_threads()}
 
     def _add(self, name, call, warmup, inner_target):
-        warm = _timed_calls(call, warmup)
+        warm = h.timed_calls(call, warmup)
         self.fns[name] = call
-        return {"first_call_s": warm[0][0], "inner": _inner_for(warm[-1][0], inner_target),
+        return {"first_call_s": warm[0][0], "inner": h.inner_for(warm[-1][0], inner_target),
                 "warmup_calls": warmup}
 
     def setup(self, config, config_kwargs, batch, workloads, sampler_steps, dir, inner_target):
@@ -377,14 +245,11 @@ class TorchWorker:
         from torch_unet import TorchUNet, load_jax_params
 
         self.release()
-        params = _unflatten(dict(np.load(os.path.join(dir, f"params_{config}.npz"))))
+        params = h.load_tree(os.path.join(dir, f"params_{config}.npz"))
         inp = np.load(os.path.join(dir, f"inputs_{config}_{batch}.npz"))
         sch = np.load(os.path.join(dir, f"sched_{config}_{sampler_steps}.npz"))
         cl = torch.channels_last
-        nchw = lambda a: torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous(
-            memory_format=cl)
-        nhwc = lambda t: t.detach().permute(0, 2, 3, 1).contiguous().numpy()
-        x, x01 = nchw(inp["x"]), nchw(inp["x01"])
+        x, x01 = h.nchw(inp["x"]), h.nchw(inp["x01"])
         t = torch.from_numpy(np.array(inp["t"])).long()
 
         model = load_jax_params(TorchUNet(**config_kwargs), params).to(memory_format=cl).eval()
@@ -402,8 +267,8 @@ class TorchWorker:
             (0.5 * (y * y).sum()).backward()
             return xx.grad
 
-        np.save(os.path.join(dir, f"out_fwd_{config}_torch.npy"), nhwc(fwd()))
-        np.save(os.path.join(dir, f"out_grad_x_{config}_torch.npy"), nhwc(grad_x()))
+        np.save(os.path.join(dir, f"out_fwd_{config}_torch.npy"), h.nhwc(fwd()))
+        np.save(os.path.join(dir, f"out_grad_x_{config}_torch.npy"), h.nhwc(grad_x()))
         info = {"num_params": int(sum(p.numel() for p in model.parameters()))}
         if "fwd" in workloads:
             info["fwd"] = self._add("fwd", fwd, self.WARMUP, inner_target)
@@ -464,85 +329,10 @@ class TorchWorker:
         info["flops_formula"] = 2.0 * n ** 3
         return info
 
-    def run(self, workload, inner):
-        return {"calls": _timed_calls(self.fns[workload], inner)}
-
-    def release(self):
-        self.fns.clear()
-        gc.collect()
-        return {}
-
 
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-class WorkerFailed(RuntimeError):
-    pass
-
-
-class Proc:
-    def __init__(self, name, argv, env, log_path):
-        self.name = name
-        self.log_path = log_path
-        self.log = open(log_path, "w")  # open as long as the process runs
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=self.log, env=env, text=True, bufsize=1, cwd=REPO)
-        self.dead = None
-
-    def send(self, op, **kw):
-        if self.dead:
-            raise WorkerFailed(f"{self.name}: dead ({self.dead})")
-        self.p.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.p.stdin.flush()
-        self.pending = op
-
-    def recv(self):
-        if self.dead:
-            raise WorkerFailed(f"{self.name}: dead ({self.dead})")
-        line = self.p.stdout.readline()
-        if not line:
-            self.p.wait()
-            with open(self.log_path) as f:
-                tail = f.read()[-1500:]
-            self.dead = f"exited rc={self.p.returncode}"
-            raise WorkerFailed(f"{self.name}: worker exited rc={self.p.returncode}\n{tail}")
-        res = json.loads(line)
-        if not res.pop("ok"):
-            raise WorkerFailed(f"{self.name}: {self.pending}: {res['error']}")
-        return res
-
-    def call(self, op, **kw):
-        self.send(op, **kw)
-        return self.recv()
-
-    def close(self):
-        if self.p.poll() is None:
-            try:
-                self.p.stdin.write('{"op": "exit"}\n')
-                self.p.stdin.flush()
-                self.p.wait(timeout=30)
-            except Exception:
-                self.p.kill()
-        self.log.close()
-
-
-def _start_workers(settings, with_torch, tmp, compile_cache=None):
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("XLA_FLAGS", "JAXROB_CPU_DEVICES", "JAXROB_CPU_NO_YNN",
-                         "JAXROB_BENCH_COMPILE_CACHE", *MALLOC_ENV)}
-    if compile_cache:
-        base["JAXROB_BENCH_COMPILE_CACHE"] = os.path.abspath(compile_cache)
-    me = [sys.executable, os.path.abspath(__file__)]
-    procs = {}
-    for s in settings:
-        procs[s] = Proc(s, [*me, "--jax-setting", s], dict(base),
-                        os.path.join(tmp, f"worker_{s}.log"))
-    if with_torch:
-        procs["torch"] = Proc("torch", [*me, "--torch-worker"], {**base, **MALLOC_ENV},
-                              os.path.join(tmp, "worker_torch.log"))
-    return procs
-
-
 QUIET = 0.25   # a repetition is "quiet" when other processes used < this many cores meanwhile
 
 
@@ -586,14 +376,14 @@ def _ratios(r, t):
 
 
 def _max_diff(dir, name, config, a, b):
+    """max |out_b - out_a| and max |out_a| of one workload's saved outputs (None if absent)."""
     import numpy as np
 
     fa = os.path.join(dir, f"out_{name}_{config}_{a}.npy")
     fb = os.path.join(dir, f"out_{name}_{config}_{b}.npy")
     if not (os.path.exists(fa) and os.path.exists(fb)):
         return None
-    x, y = np.load(fa), np.load(fb)
-    return {"max_abs_diff": float(np.abs(x - y).max()), "max_abs_ref": float(np.abs(x).max())}
+    return h.diff(np.load(fb), np.load(fa))
 
 
 class QuietWaiter:
@@ -606,15 +396,15 @@ class QuietWaiter:
 
     def __call__(self):
         while self.waited < self.budget:
-            b0, t0 = _machine_busy_s(), time.perf_counter()
+            b0, t0 = h.machine_busy_s(), time.perf_counter()
             time.sleep(1.0)
             dt = time.perf_counter() - t0
             self.waited += dt
-            if (_machine_busy_s() - b0) / dt < QUIET:
+            if (h.machine_busy_s() - b0) / dt < QUIET:
                 return
 
 
-def _interleave(procs, group, names, workloads, reps_for, inner, results, log, wait):
+def _interleave(procs, group, names, workloads, reps_for, inner, results, wait):
     """For each repetition and workload, one timed batch of calls in every process in turn."""
     max_reps = max(reps_for(w) for w in workloads)
     for rep in range(max_reps):
@@ -622,28 +412,30 @@ def _interleave(procs, group, names, workloads, reps_for, inner, results, log, w
             if rep >= reps_for(wl):
                 continue
             wait()
-            k = (rep + wi) % len(names)
-            for name in names[k:] + names[:k]:
-                if (wl, name) not in inner:
-                    continue
-                try:
-                    res = procs[name].call("run", workload=wl, inner=inner[(wl, name)])
-                except WorkerFailed as e:
-                    log(f"  ! {e}")
-                    inner.pop((wl, name))
-                    results.setdefault("errors", []).append(f"{group}/{wl}/{name}: {e}")
-                    continue
-                results.setdefault((wl, name), []).append(res["calls"])
-        log(f"  rep {rep + 1}/{max_reps} done")
+            runs = {n: (n, {"name": wl, "inner": inner[(wl, n)]}) for n in names
+                    if (wl, n) in inner}
+            got = h.timed_round(procs, runs, rep + wi, results.setdefault("errors", []),
+                                f"{group}/{wl}/")
+            for n in names:
+                if (wl, n) in inner and n not in runs:     # its worker failed
+                    inner.pop((wl, n))
+            for n, calls in got.items():
+                results.setdefault((wl, n), []).append(calls)
+        h.log(f"  rep {rep + 1}/{max_reps} done")
 
 
 def _fmt_s(s):
     return f"{s * 1e3:.1f}ms" if s < 1 else f"{s:.2f}s"
 
 
+# --smoke: the smallest run of every code path (the "digits" UNet, one sharded JAX setting)
+SMOKE = dict(configs="digits", settings="2dev", batch=4, reps=1, sampler_reps=1,
+             sampler_steps=2, matmul_n=256, setup_jobs=2, max_wait=0)
+
+
 def drive(args):
     t_start = time.time()
-    quick = args.quick
+    quick = args.quick or args.smoke
     configs = [c for c in (args.configs or ("mnist" if quick else "mnist,cifar10")).split(",")
                if c]
     settings = [s for s in args.settings.split(",") if s]
@@ -654,21 +446,18 @@ def drive(args):
     reps = args.reps if args.reps else (3 if quick else 5)
     args.setup_jobs = args.setup_jobs or (2 if quick else 1)
     sampler_reps = args.sampler_reps if args.sampler_reps else max(2, min(reps, 3))
-    inner_target = 0.3 if quick else 0.5
+    inner_target = 0.05 if args.smoke else 0.3 if quick else 0.5
     mm_n = args.matmul_n or (2048 if quick else 4096)
-    log = lambda m: print(m, file=sys.stderr, flush=True)
+    log = h.log
 
     wait = QuietWaiter(args.max_wait if args.max_wait >= 0 else (30 if quick else 120))
     tmp = tempfile.mkdtemp(prefix="jaxrob_bench_unet_")
-    procs = _start_workers(settings, not args.no_torch, tmp, args.compile_cache)
+    procs = h.start_workers(__file__, settings, tmp, torch=not args.no_torch,
+                            compile_cache=args.compile_cache)
     names = list(procs)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "host": platform.node(), "cpu_count": os.cpu_count(),
-            "cpu_model": _cpu_model(), "python": platform.python_version(),
-            "argv": sys.argv[1:], "quick": quick, "reps": reps, "sampler_reps": sampler_reps,
-            "inner_target_s": inner_target, "loadavg_start": os.getloadavg(),
-            "compile_cache": args.compile_cache, "setup_jobs": args.setup_jobs,
-            "workers": {}}
+    meta = h.run_meta(quick=quick, smoke=args.smoke, reps=reps, sampler_reps=sampler_reps,
+                      inner_target_s=inner_target, compile_cache=args.compile_cache,
+                      setup_jobs=args.setup_jobs)
     out = {"meta": meta, "matmul": {}, "configs": {}, "errors": []}
     try:
         for n, p in procs.items():
@@ -681,7 +470,7 @@ def drive(args):
         for n in names:
             info[n] = procs[n].call("setup_matmul", n=mm_n, inner_target=inner_target)
             inner[("matmul", n)] = info[n]["inner"]
-        _interleave(procs, "matmul", names, ["matmul"], lambda w: reps, inner, res, log, wait)
+        _interleave(procs, "matmul", names, ["matmul"], lambda w: reps, inner, res, wait)
         out["errors"] += res.pop("errors", [])
         for n in names:
             if ("matmul", n) in res:
@@ -727,12 +516,12 @@ def drive(args):
                     try:
                         procs[n].send("setup", **kw)
                         sent.append(n)
-                    except WorkerFailed as e:
+                    except h.WorkerFailed as e:
                         out["errors"].append(f"{config}/setup/{n}: {e}")
                 for n in sent:
                     try:
                         si = procs[n].recv()
-                    except WorkerFailed as e:
+                    except h.WorkerFailed as e:
                         log(f"  ! {e}")
                         out["errors"].append(f"{config}/setup/{n}: {e}")
                         continue
@@ -766,8 +555,7 @@ def drive(args):
             # ---- timing ----
             res = {}
             _interleave(procs, config, ok, workloads,
-                        lambda w: sampler_reps if w == "sampler" else reps, inner, res, log,
-                        wait)
+                        lambda w: sampler_reps if w == "sampler" else reps, inner, res, wait)
             out["errors"] += res.pop("errors", [])
             for wl in workloads:
                 ref_flops = cres["setup"].get(ref, {}).get(wl, {}).get("flops", float("nan"))
@@ -784,36 +572,13 @@ def drive(args):
             for n in ok:
                 try:
                     procs[n].call("release")
-                except WorkerFailed as e:
+                except h.WorkerFailed as e:
                     out["errors"].append(f"{config}/release/{n}: {e}")
     finally:
-        for p in procs.values():
-            p.close()
-    meta["loadavg_end"] = os.getloadavg()
-    meta["wall_s"] = time.time() - t_start
+        h.close_all(procs)
     meta["quiet_wait_s"] = wait.waited
     meta["worker_logs"] = tmp
-    text = render(out)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-        with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
-            f.write(text + "\n")
-        log(f"wrote {args.out}")
-    return out
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return h.finish(out, render, args.out, t_start)
 
 
 def _ratio_cell(r):
@@ -827,14 +592,10 @@ def _ratio_cell(r):
 def render(out):
     """The tables printed at the end (and saved next to the JSON as .txt)."""
     m = out["meta"]
-    lines = [f"bench_unet  {m['date']}  {m['cpu_model']} x{m['cpu_count']}  "
-             f"wall {m.get('wall_s', 0):.0f}s  loadavg {m['loadavg_start'][0]:.1f}"
-             f"->{m.get('loadavg_end', [float('nan')])[0]:.1f}  reps {m['reps']} "
-             f"(sampler {m['sampler_reps']})  waited {m.get('quiet_wait_s', 0):.0f}s for quiet"]
-    versions = {}
-    for w in m["workers"].values():
-        versions.update(w.get("versions", {}))
-    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    lines = h.header("bench_unet", m)
+    lines[0] += (f"  reps {m['reps']} (sampler {m['sampler_reps']})  waited "
+                 f"{m.get('quiet_wait_s', 0):.0f}s for quiet" + ("  (--smoke)" if m.get("smoke")
+                                                                  else ""))
     lines.append("util = own CPU-s per wall-s; fgn = cores used by other processes meanwhile; "
                  f"q = ratio over repetitions where both sides had fgn < {QUIET}")
     if m.get("compile_cache"):
@@ -890,15 +651,11 @@ def render(out):
             lines.append(f"{n:<12}" + "  ".join(
                 f"{w}: {d['max_abs_diff']:.2e} ({d['max_abs_ref']:.2g})"
                 for w, d in chk.items() if d))
-    if out["errors"]:
-        lines.append("\nERRORS:")
-        lines += [f"  {e}" for e in out["errors"]]
-    return "\n".join(lines)
+    return "\n".join(lines + h.error_lines(out))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = h.parser(__doc__)
     ap.add_argument("--configs", default=None,
                     help="comma-separated UNET_CONFIGS names (default: mnist,cifar10; "
                          "--quick: mnist)")
@@ -927,15 +684,9 @@ def main(argv=None):
     ap.add_argument("--compile-cache", default=None, metavar="DIR",
                     help="JAX persistent compilation cache for the workers (reruns skip XLA "
                          "compiles; the compile column then shows cache loads)")
-    ap.add_argument("--out", default=None, help="write the results JSON (and a .txt table) here")
-    ap.add_argument("--jax-setting", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.jax_setting:
-        _serve(lambda: JaxWorker(args.jax_setting))
-    elif args.torch_worker:
-        _serve(TorchWorker)
-    else:
+    h.add_worker_args(ap, smoke=SMOKE)
+    args = h.parse_args(ap, argv, SMOKE)
+    if not h.serve_if_worker(args, JaxWorker, TorchWorker):
         drive(args)
 
 

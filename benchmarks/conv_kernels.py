@@ -4,55 +4,66 @@ One process per ``jaxrob.parallel.YNN_MODES`` entry (the flag is read when XLA s
 device, batch 112 (one ``vjp_chunks`` chunk of the dense-Jacobian benchmark):
 
     python benchmarks/conv_kernels.py            # ~1 min
+    python benchmarks/conv_kernels.py --smoke    # batch 8, 3 calls: a check
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
 import subprocess
 import sys
-import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _harness as h  # noqa: E402  (worker environment, timers)
 
 SHAPES = ((28, 16, 16), (28, 32, 32), (28, 48, 16), (14, 32, 32), (14, 64, 32), (7, 32, 32),
           (7, 64, 32))   # (size, C_in, C_out) of convolutions in the MNIST UNet and its VJP
 BATCH = 112
+CALLS = 20
 
 
-def _worker(mode):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def _worker(mode, batch, calls):
     from jaxrob import parallel
 
     parallel.configure_cpu(device_count=1, ynn=mode)
     import jax
-    import numpy as np
     from jax import lax
 
     conv = jax.jit(lambda x, w: lax.conv_general_dilated(
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
     out = []
     for size, cin, cout in SHAPES:
-        x = jax.random.normal(jax.random.key(0), (BATCH, size, size, cin))
+        x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
         w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
-        jax.block_until_ready(conv(x, w))
-        ts = []
-        for _ in range(20):
-            t = time.perf_counter()
-            jax.block_until_ready(conv(x, w))
-            ts.append(time.perf_counter() - t)
-        flop = 2 * BATCH * size * size * 9 * cin * cout
-        out.append(f"{flop / np.median(ts) / 1e9:6.0f}")
+        call = lambda: jax.block_until_ready(conv(x, w))  # noqa: B023
+        call()
+        wall = statistics.median(c[0] for c in h.timed_calls(call, calls))
+        flop = 2 * batch * size * size * 9 * cin * cout
+        out.append(f"{flop / wall / 1e9:6.0f}")
     print(" ".join(out))
 
 
 def main():
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        return _worker(sys.argv[2])
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    print(f"3x3 conv, batch {BATCH}, 1 device: GFLOP/s (median of 20 calls)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--calls", type=int, default=CALLS, help="timed calls per shape")
+    ap.add_argument("--smoke", action="store_true", help="--batch 8 --calls 3: a check")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.smoke:
+        args.batch, args.calls = 8, 3
+    if args.worker:
+        return _worker(args.worker, args.batch, args.calls)
+    print(f"3x3 conv, batch {args.batch}, 1 device: GFLOP/s (median of {args.calls} calls)")
     print("mode     " + " ".join(f"{f'{s}:{a}>{b}':>6s}" for s, a, b in SHAPES))
     for mode in ("all", "no_conv", "off"):
-        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", mode],
-                             env=env, capture_output=True, text=True, check=True)
+        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", mode,
+                              "--batch", str(args.batch), "--calls", str(args.calls)],
+                             env=h.worker_env(), capture_output=True, text=True, check=True)
         print(f"{mode:8s} {res.stdout.strip()}")
 
 

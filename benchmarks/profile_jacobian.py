@@ -11,6 +11,7 @@ can exceed the wall time; the shares are what to read.
     python benchmarks/profile_jacobian.py                         # vjp_chunks/112, 1 device
     python benchmarks/profile_jacobian.py --plain-layers          # nn.GroupNorm + plain upsample
     python benchmarks/profile_jacobian.py --ynn no_conv --devices 2
+    python benchmarks/profile_jacobian.py --smoke                 # 2 steps, 1 rep: a check
 
 ``--plain-layers`` builds the ``fast_vjp=True`` UNet with Flax's GroupNorm and the plain
 upsample+conv (autodiff VJPs), i.e. the model before ``jaxrob.models._fast_vjp_ops``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -29,7 +31,11 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _harness as h  # noqa: E402  (the benchmark's input image)
+
 KINDS = (("conv", r"conv_general_dilated"), ("upsample", r"_upsample"),
          ("groupnorm", r"norm\w*/"), ("attention", r"attn"), ("silu", r"silu"),
          ("downsample", r"_downsample"), ("skip split/concat", r"/(split|concatenate)$"))
@@ -57,13 +63,16 @@ def main():
     ap.add_argument("--ynn", default="all", help="jaxrob.parallel.YNN_MODES key")
     ap.add_argument("--plain-layers", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="reverse steps of the purifier")
+    ap.add_argument("--smoke", action="store_true", help="--steps 2 --reps 1: a check")
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.reps = 2, 1
 
     tmp = tempfile.mkdtemp(prefix="profile_jacobian_")
     dump = os.path.join(tmp, "hlo")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_dump_to={dump} --xla_dump_hlo_as_text").strip()
-    sys.path.insert(0, REPO)
     from jaxrob import parallel
 
     parallel.configure_cpu(device_count=args.devices, ynn=args.ynn)
@@ -72,13 +81,12 @@ def main():
     import jax.numpy as jnp
     import jax.random as jr
 
-    import jaxrob.diffusion as jd
     from jaxrob.analysis import jacobian
-    from jaxrob.checkpoint import load_params
-    from jaxrob.data import load_dataset
-    from jaxrob.models import UNET_CONFIGS, UNet, _unet
+    from jaxrob.models import UNet, _unet, load
     from jaxrob.purify import diffpure
 
+    ddpm = load(os.path.join(h.REPO, "checkpoints", "mnist_ddpm"), kind="ddpm",
+                fast_vjp=args.method == "vjp_chunks")
     if args.plain_layers:
         _unet._group_norm = lambda g, eps, fast, name: nn.GroupNorm(  # noqa: SLF001
             num_groups=g, epsilon=eps, use_fast_variance=False, name=name)
@@ -87,15 +95,13 @@ def main():
             def _upsample(self, x, name):
                 up = _unet.upsample_nearest2x_plain(x)
                 return _unet._conv3(x.shape[-1], name, fast_vjp=self.fast_vjp)(up)  # noqa: SLF001
-    variables, meta = load_params(os.path.join(REPO, "checkpoints", "mnist_ddpm"))
-    over = {k: v for k, v in (meta["model"].get("overrides") or {}).items() if v is not None}
-    unet = UNet(**{**UNET_CONFIGS[meta["model"]["config"]], **over, "dropout": 0.0},
-                fast_vjp=args.method == "vjp_chunks")
-    sched = jd.linear_schedule(int(meta.get("diffusion", {}).get("num_steps", 1000)))
-    data_dir = os.environ.get("JAXROB_DATA_DIR", os.path.join(REPO, "..", "shared", "datasets"))
-    x = jnp.asarray(load_dataset("mnist", "test[:1]", data_dir=data_dir).images[:1])
-    pur = diffpure(lambda z, s: unet.apply(variables, z, s), sched, t_star=0.1, num_steps=10,
-                   sampler="ddpm")
+
+        fields = {f.name: getattr(ddpm.module, f.name) for f in dataclasses.fields(ddpm.module)
+                  if f.name not in ("parent", "name")}
+        ddpm = ddpm.replace(module=UNet(**fields))
+    x_np, source = h.mnist_test_image()
+    x = jnp.asarray(x_np)
+    pur = diffpure(ddpm, t_star=0.1, num_steps=args.steps, sampler="ddpm")
     mesh = parallel.make_mesh() if args.devices > 1 else None
     fn = jax.jit(lambda z: jacobian(lambda u: pur(u, jr.key(0)), z, method=args.method,
                                     chunk=args.chunk, mesh=mesh))
@@ -118,7 +124,8 @@ def main():
             per_kind[_kind(names[op])] += ev["dur"] / 1e6
     total = sum(per_kind.values())
     label = "plain layers" if args.plain_layers else "fast-VJP layers"
-    print(f"{args.method}/{args.chunk}, {args.devices} device(s), ynn={args.ynn}, {label}: "
+    print(f"{args.method}/{args.chunk}, {args.devices} device(s), ynn={args.ynn}, {label}, "
+          f"{args.steps} steps, input {source}: "
           f"{', '.join(f'{t:.2f}' for t in times)} s per Jacobian (profiled call: op time "
           f"{total:.2f} s)")
     for kind, t in per_kind.most_common():

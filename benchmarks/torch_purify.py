@@ -20,15 +20,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _harness import CHAIN_KEYS
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["TorchSmallCNN", "load_jax_classifier", "Chain", "purify", "attack_iteration",
            "purify_classify_grad"]
-
-CHAIN_KEYS = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "posterior_coef_x0",
-              "posterior_coef_xt", "posterior_variance", "alphas_cumprod_prev",
-              "one_minus_alphas_cumprod_prev", "model_steps")
 
 
 class TorchSmallCNN(nn.Module):

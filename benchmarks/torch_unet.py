@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _harness import flatten
 from torch import nn
 
-__all__ = ["TorchUNet", "load_jax_params", "flatten_params", "unflatten_params",
-           "timestep_embedding"]
+__all__ = ["TorchUNet", "load_jax_params", "timestep_embedding"]
 
 
 def timestep_embedding(step_B: torch.Tensor, dim: int, *, freq_shift: float = 1.0,
@@ -184,30 +184,6 @@ class TorchUNet(nn.Module):
         return m["conv_out"](F.silu(m["norm_out"](h)))
 
 
-def flatten_params(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dict of arrays -> ``{"a/b/c": ndarray}`` (for ``np.savez``)."""
-    out: dict[str, np.ndarray] = {}
-    for k, v in tree.items():
-        name = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten_params(v, name))
-        else:
-            out[name] = np.asarray(v)
-    return out
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict:
-    """Inverse of :func:`flatten_params`."""
-    tree: dict = {}
-    for name, v in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = np.asarray(v)
-    return tree
-
-
 def _torch_leaf(module: nn.Module, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     """Flax leaf name + value -> torch parameter name + value in torch layout."""
     if isinstance(module, nn.Conv2d):
@@ -229,7 +205,7 @@ def load_jax_params(model: TorchUNet, params: Mapping) -> TorchUNet:
     Every Flax leaf must land on exactly one torch parameter of the same number of elements and
     every torch parameter must be written; anything else raises ``ValueError``.
     """
-    flat = flatten_params(params)
+    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
     named = dict(model.named_parameters())
     written: set[str] = set()
     modules = dict(model.named_modules())
