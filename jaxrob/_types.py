@@ -1,13 +1,35 @@
-"""jaxtyping aliases shared by every public primitive."""
+"""Every type of the library's public boundaries, in one place (jaxtyping shape annotations).
 
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+The test suite checks them at run time (jaxtyping's import hook with beartype, see
+``tests/conftest.py``), so a shape error fails at the boundary that received it. Host arrays
+(numpy) are accepted where a function takes data (images, labels), device arrays everywhere.
+Callable types: ``EpsFn`` (diffusion model), ``LogitsFn`` (anything an attack attacks),
+``PurifyFn`` (a purifier); the fold_in tags of every random draw are in :mod:`jaxrob._keys`.
+"""
 
-Images = Float[Array, "b h w c"]  # float32 NHWC in [0, 1] at public boundaries
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jaxtyping import Float, Int, PRNGKeyArray
+from jaxtyping import Key as _KeyArray
+
+Array = jax.Array | np.ndarray  # a device array, or a host array where the function takes one
+_Data = Array
+
+Images = Float[_Data, "b h w c"]  # float32 NHWC in [0, 1] at public boundaries
 Latents = Float[Array, "b h w c"]  # diffusion-space tensors (x_t), usually in about [-1, 1]
-Steps = Int[Array, " b"] | Float[Array, " b"]
-Labels = Int[Array, " b"]
+Steps = Int[Array, " b"] | Float[Array, " b"] | Int[Array, ""] | int
+Labels = Int[_Data, " b"]
 Logits = Float[Array, "b k"]
 PerExample = Float[Array, " b"]
-Key = PRNGKeyArray
+Key = PRNGKeyArray  # one key
+Keys = _KeyArray[Array, " b"]  # one key per example
+AnyKey = Key | Keys  # either: purifiers and defended models take both
 
-__all__ = ["Array", "Images", "Key", "Labels", "Latents", "Logits", "PerExample", "Steps"]
+EpsFn = Callable[[Array, Array], Array]  # eps_fn(x_t, model_step) -> eps
+LogitsFn = Callable[[Array, Array], Array]  # logits_fn(x, key) -> (B, K); the attacked thing
+PurifyFn = Callable[[Array, Array], Array]  # purify(x, key) -> x_purified
+
+__all__ = ["AnyKey", "Array", "EpsFn", "Images", "Key", "Keys", "Labels", "Latents", "Logits",
+           "LogitsFn", "PerExample", "PurifyFn", "Steps"]

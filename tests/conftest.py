@@ -15,6 +15,34 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Shape annotations of the public primitives (``jaxrob._types``, jaxtyping) are checked at run
+# time in the tests, so a shape error fails at the boundary that received it. Set
+# JAXROB_TYPECHECK=0 to turn it off (e.g. to time a test).
+_TYPECHECK = os.environ.get("JAXROB_TYPECHECK", "1") != "0"
+if _TYPECHECK:
+    from jaxtyping import install_import_hook
+
+    install_import_hook("jaxrob", "beartype.beartype")
+
+# Bad-input tests check the library's own error messages (what a user without the hook sees),
+# which come after the annotations' check: they run with it off.
+_OWN_ERRORS = ("bad", "error", "raise", "refuse", "invalid", "reject", "fails", "wrong",
+               "nonsense", "mistyped", "missing", "clear")
+
+
+@pytest.fixture(autouse=True)
+def _shape_checks(request):
+    if not _TYPECHECK or not any(w in request.node.name.lower() for w in _OWN_ERRORS):
+        yield
+        return
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:

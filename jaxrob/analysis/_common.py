@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from jaxrob._checks import check_choice
+from jaxrob._types import Array
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12
@@ -70,12 +71,12 @@ def check_ball_study(x, *, num, norm, eps, chunk, indices):
     return num, chunk, jnp.asarray(eps, jnp.float32), jnp.asarray(indices, jnp.uint32)
 
 
-def flat_norm(d: jax.Array) -> jax.Array:
+def flat_norm(d: Array) -> Array:
     """L2 norm over every axis but the first: (N, ...) -> (N,)."""
     return jnp.sqrt(jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1))
 
 
-def ball_point(key, x_1HWC: jax.Array, eps, norm: str) -> jax.Array:
+def ball_point(key, x_1HWC: Array, eps, norm: str) -> Array:
     """One point uniform in the ``norm`` eps-ball around a single image, clipped to [0, 1].
 
     L2 points are ``eps * u**(1/D) * g / ||g||`` (``g`` Gaussian, ``u`` uniform), the uniform
@@ -91,7 +92,7 @@ def ball_point(key, x_1HWC: jax.Array, eps, norm: str) -> jax.Array:
     return jnp.clip(x_1HWC + d, 0.0, 1.0)
 
 
-def radius(points_ND: jax.Array) -> jax.Array:
+def radius(points_ND: Array) -> Array:
     """Mean L2 distance of ``N`` points (rows) to their centroid, a scalar."""
     centred = points_ND - jnp.mean(points_ND, axis=0, keepdims=True)
     return jnp.mean(flat_norm(centred))

@@ -58,7 +58,7 @@ def linf_distance(x: Images, y: Images) -> PerExample:
     return jnp.max(jnp.abs(x - y).reshape(x.shape[0], -1), axis=1)
 
 
-def _gaussian_window(size: int, sigma: float) -> jax.Array:
+def _gaussian_window(size: int, sigma: float) -> Array:
     r = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0
     g = jnp.exp(-jnp.square(r) / (2.0 * sigma * sigma))
     return g / jnp.sum(g)

@@ -14,10 +14,8 @@ import jax.numpy as jnp
 
 from jaxrob._checks import check_choice
 from jaxrob._pytree import pytree_dataclass, static_field
-from jaxrob._types import Array, Images, Key, Labels, Logits, PerExample
+from jaxrob._types import AnyKey, Array, Images, Labels, Logits, LogitsFn, PerExample
 
-LogitsFn = Callable[[Array, Array], Array]
-"""``logits_fn(x, key) -> logits (B, K)``; deterministic models ignore ``key``."""
 LossFn = Callable[[Array, Array, Array], Array]
 """``loss_fn(x, y, key) -> per-example loss (B,)``, maximised by the attacker."""
 
@@ -119,7 +117,7 @@ class LogitsLoss:
     name: str | Callable = static_field(default="ce")
     kappa: float | None = static_field(default=None)
 
-    def __call__(self, x: Images, y: Labels, key: Key) -> PerExample:
+    def __call__(self, x: Images, y: Labels, key: AnyKey | None) -> PerExample:
         logits = self.logits_fn(x, key)
         if callable(self.name):
             return self.name(logits, y)

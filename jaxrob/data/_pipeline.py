@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrob._types import Array
 from jaxrob.data._readers import ArrayDataset
 from jaxrob.parallel import DATA_AXIS
 
@@ -193,5 +194,5 @@ def _place(host, global_batch_size, sharding):
         yield {key: _to_global(v, sharding) for key, v in batch.items()}
 
 
-def _to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def _to_global(x: np.ndarray, sharding: NamedSharding) -> Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])

@@ -23,7 +23,7 @@ def from_model_space(x: Array, *, clip: bool = True) -> Array:
     return jnp.clip(y, 0.0, 1.0) if clip else y
 
 
-def gather(values: Array, n: Array, like: Array) -> Array:
+def gather(values: Array, n: int | Array, like: Array) -> Array:
     """``values[n]`` shaped to broadcast against ``like`` (batch first, then singleton axes)."""
     n = jnp.asarray(n)
     v = values[n]
@@ -38,7 +38,7 @@ def broadcast_steps(n, batch: int) -> Array:
     return jnp.broadcast_to(n, (batch,)) if n.ndim == 0 else n
 
 
-def q_sample(x0: Array, n: Array, noise: Array, schedule: Schedule) -> Array:
+def q_sample(x0: Array, n: int | Array, noise: Array, schedule: Schedule) -> Array:
     """Sample ``x_n ~ q(x_n | x_0) = N(sqrt(abar_n) x_0, (1 - abar_n) I)`` by reparameterisation.
 
     Args:
@@ -55,7 +55,7 @@ def q_sample(x0: Array, n: Array, noise: Array, schedule: Schedule) -> Array:
             + gather(schedule.sqrt_one_minus_alphas_cumprod, n, x0) * noise)
 
 
-def q_mean_std(n: Array, schedule: Schedule) -> tuple[Array, Array]:
+def q_mean_std(n: int | Array, schedule: Schedule) -> tuple[Array, Array]:
     """Closed-form marginal coefficients ``(sqrt(abar_n), sqrt(1 - abar_n))``."""
     return schedule.sqrt_alphas_cumprod[n], schedule.sqrt_one_minus_alphas_cumprod[n]
 
@@ -67,20 +67,20 @@ def predict_x0(x_t: Array, n: Array, eps: Array, schedule: Schedule) -> Array:
             / gather(schedule.sqrt_alphas_cumprod, n, x_t))
 
 
-def predict_eps(x_t: Array, n: Array, x0: Array, schedule: Schedule) -> Array:
+def predict_eps(x_t: Array, n: int | Array, x0: Array, schedule: Schedule) -> Array:
     """Inverse of :func:`predict_x0`: ``eps = (x_n - sqrt(abar_n) x0) / sqrt(1 - abar_n)``."""
     n = broadcast_steps(n, x_t.shape[0])
     return ((x_t - gather(schedule.sqrt_alphas_cumprod, n, x_t) * x0)
             / gather(schedule.sqrt_one_minus_alphas_cumprod, n, x_t))
 
 
-def eps_to_score(eps: Array, n: Array, schedule: Schedule) -> Array:
+def eps_to_score(eps: Array, n: int | Array, schedule: Schedule) -> Array:
     """``grad log q(x_n) = -eps / sqrt(1 - abar_n)``."""
     return -eps / gather(schedule.sqrt_one_minus_alphas_cumprod,
                          broadcast_steps(n, eps.shape[0]), eps)
 
 
-def score_to_eps(score: Array, n: Array, schedule: Schedule) -> Array:
+def score_to_eps(score: Array, n: int | Array, schedule: Schedule) -> Array:
     """Inverse of :func:`eps_to_score`."""
     return -gather(schedule.sqrt_one_minus_alphas_cumprod,
                    broadcast_steps(n, score.shape[0]), score) * score

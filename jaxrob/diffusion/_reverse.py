@@ -12,7 +12,7 @@ from jaxrob.diffusion._schedules import Schedule
 VARIANCES = ("fixed_small", "fixed_large")
 
 
-def posterior_mean_var(x0: Array, x_t: Array, n: Array, schedule: Schedule):
+def posterior_mean_var(x0: Array, x_t: Array, n: int | Array, schedule: Schedule):
     """Mean and variance of ``q(x_{n-1} | x_n, x_0)`` (Ho et al. 2020, eq. 6-7).
 
     ``mean = sqrt(abar_{n-1}) beta_n / (1 - abar_n) x0 + sqrt(alpha_n) (1 - abar_{n-1}) /
@@ -27,7 +27,7 @@ def posterior_mean_var(x0: Array, x_t: Array, n: Array, schedule: Schedule):
     return c0 * x0 + ct * x_t, gather(schedule.posterior_variance, n, x_t)
 
 
-def ddpm_step(x_t: Array, n: Array, eps: Array, noise: Array, schedule: Schedule, *,
+def ddpm_step(x_t: Array, n: int | Array, eps: Array, noise: Array, schedule: Schedule, *,
               variance: str = "fixed_small", clip_x0: bool = False) -> Array:
     """One ancestral step ``x_n -> x_{n-1}`` of a DDPM with predicted noise ``eps``.
 
@@ -57,7 +57,7 @@ def ddpm_step(x_t: Array, n: Array, eps: Array, noise: Array, schedule: Schedule
     return mean + nonzero * jnp.sqrt(var) * noise
 
 
-def ddim_step(x_t: Array, n: Array, eps: Array, noise: Array, schedule: Schedule, *,
+def ddim_step(x_t: Array, n: int | Array, eps: Array, noise: Array, schedule: Schedule, *,
               eta: float = 0.0, clip_x0: bool = False) -> Array:
     """One DDIM step from position ``n`` to ``n - 1`` of ``schedule`` (Song et al. 2021, eq. 12).
 

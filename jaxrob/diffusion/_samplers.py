@@ -7,19 +7,16 @@ The noise of reverse step ``n`` is ``normal(fold_in(key, n))`` so a sampler is a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 
 from jaxrob._checks import check_choice, check_positive_int, check_t_star
-from jaxrob._types import Array, Key
+from jaxrob._types import Array, EpsFn, Key
 from jaxrob.diffusion._reverse import ddim_step, ddpm_step
 from jaxrob.diffusion._schedules import Schedule
 from jaxrob.diffusion._vpsde import VPSDE
 
-EpsFn = Callable[[Array, Array], Array]
 SAMPLERS = ("ddpm", "ddim", "sde", "ode")
 
 

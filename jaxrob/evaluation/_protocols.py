@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from jaxrob._types import Images, Key, Labels, PerExample
+from jaxrob._types import Array, Images, Keys, Labels, LogitsFn, PerExample
 
 PROTOCOLS = ("one_shot", "majority_vote", "worst_of", "average")
 RANDOMNESS = ("stochastic", "fixed")
 
-DefendedLogits = Callable[[Images, Key], jax.Array]
+DefendedLogits = LogitsFn
 
 
 def parse_protocol(protocol: str) -> tuple[str, int]:
@@ -51,14 +50,14 @@ def check_randomness(randomness: str) -> str:
     return randomness
 
 
-def sample_keys(example_keys: Key, num: int) -> Key:
+def sample_keys(example_keys: Keys, num: int) -> Array:
     """(num, B) keys: ``fold_in(example_keys[i], v)`` for v < num."""
     return jax.vmap(lambda v: jax.vmap(lambda k: jr.fold_in(k, v))(example_keys))(
         jnp.arange(num))
 
 
-def predictions(defended: DefendedLogits, x: Images, example_keys: Key, *, num: int,
-                chunk: int | None = None) -> jax.Array:
+def predictions(defended: DefendedLogits, x: Images, example_keys: Keys, *, num: int,
+                chunk: int | None = None) -> Array:
     """(num, B) predicted labels of ``num`` purifications (sample ``v`` uses
     ``fold_in(example_keys[i], v)``), computed ``chunk`` purifications at a time."""
     chunk = num if chunk is None else max(1, min(int(chunk), num))
@@ -66,7 +65,7 @@ def predictions(defended: DefendedLogits, x: Images, example_keys: Key, *, num: 
                        sample_keys(example_keys, num), batch_size=chunk)
 
 
-def score_predictions(preds_NB: jax.Array, y: Labels, protocol: str, *,
+def score_predictions(preds_NB: Array, y: Labels, protocol: str, *,
                       num_classes: int | None = None) -> PerExample:
     """Per-example score under ``protocol`` from (N', B) predictions with N' >= N.
 
@@ -93,7 +92,7 @@ def score_predictions(preds_NB: jax.Array, y: Labels, protocol: str, *,
     return score.astype(xp.float32)
 
 
-def protocol_scores(defended: DefendedLogits, x: Images, y: Labels, example_keys: Key, *,
+def protocol_scores(defended: DefendedLogits, x: Images, y: Labels, example_keys: Keys, *,
                     protocol: str, chunk: int | None = None) -> tuple[PerExample, jax.Array]:
     """Per-example score of a defended classifier under ``protocol``.
 

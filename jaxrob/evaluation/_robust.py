@@ -30,7 +30,7 @@ import numpy as np
 import jaxrob._keys as tags
 from jaxrob._checks import check_images
 from jaxrob._keys import example_keys
-from jaxrob._types import Images, Key, Labels
+from jaxrob._types import Images, Key, Keys, Labels, LogitsFn
 from jaxrob.attacks._common import AttackResult, check_num_classes
 from jaxrob.evaluation._protocols import (
     check_randomness,
@@ -42,13 +42,13 @@ from jaxrob.evaluation._protocols import (
 from jaxrob.evaluation._runner import run_chunks
 from jaxrob.evaluation._store import ChunkStore
 
-Model = Callable[[Images, Key], jax.Array]
+Model = LogitsFn
 Attack = Callable[[Model, Images, Labels, Key], AttackResult]
 
 _ATTACK, _CLEAN, _ADV, _FIXED = tags.ATTACK, tags.CLEAN, tags.ADV, tags.FIXED
 
 
-def fixed_purifier_keys(key: Key, indices) -> Key:
+def fixed_purifier_keys(key: Key, indices) -> Keys:
     """The purifier keys of ``randomness="fixed"``: ``fold_in(fold_in(key, index_i), 4)``.
 
     With these keys :func:`evaluate_robustness` attacks and scores example ``i`` (same
@@ -69,7 +69,7 @@ def fixed_purifier_keys(key: Key, indices) -> Key:
     return jax.vmap(lambda i: jr.fold_in(jr.fold_in(key, i), _FIXED))(idx)
 
 
-def _fold_all(keys_B: Key, data) -> Key:
+def _fold_all(keys_B: Keys, data) -> Keys:
     return jax.vmap(lambda k: jr.fold_in(k, data))(keys_B)
 
 
@@ -84,7 +84,7 @@ def _num_samples(protocols, randomness: str) -> int:
 
 
 def robust_scores(defended: Model, attack: Attack | None, x: Images, y: Labels,
-                  example_keys: Key, *, protocols=("one_shot",),
+                  example_keys: Keys, *, protocols=("one_shot",),
                   randomness: str = "stochastic", vote_chunk: int | None = None) -> dict:
     """Attack one batch and predict its clean and adversarial inputs (jit-able).
 

@@ -25,7 +25,7 @@ import jax
 
 import jaxrob.diffusion as jd
 from jaxrob._pytree import pytree_dataclass, static_field
-from jaxrob._types import Images, Key, Latents, Logits, Steps
+from jaxrob._types import AnyKey, Images, Latents, Logits, Steps
 
 KINDS = ("ddpm", "classifier")
 
@@ -78,7 +78,7 @@ class Classifier:
     module: nn.Module = static_field()
     variables: Any
 
-    def __call__(self, x: Images, key: Key | None = None) -> Logits:
+    def __call__(self, x: Images, key: AnyKey | None = None) -> Logits:
         del key  # deterministic
         return self.module.apply(self.variables, x, train=False)
 

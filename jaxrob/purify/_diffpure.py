@@ -39,12 +39,11 @@ from jaxrob._checks import check_choice, check_images, check_positive_int, check
 from jaxrob._keys import CLASSIFIER, fold
 from jaxrob._keys import example_keys as example_keys
 from jaxrob._pytree import pytree_dataclass, static_field
-from jaxrob._types import Images, Key
+from jaxrob._types import AnyKey, Array, Images, Key, PurifyFn
 
 SAMPLERS = ("ddpm", "ddim", "sde", "ode")
 GRADIENTS = ("exact", "bpda", "surrogate")
 
-PurifyFn = Callable[[Images, Key], Images]
 _OPTIONS = ("sampler", "gradient", "surrogate_steps", "variance", "eta", "remat", "unroll")
 
 
@@ -174,7 +173,7 @@ class Purifier:
                 "nfe_forward": int(self.nfe), "nfe_backward": int(self.nfe_backward)}
 
     # ------------------------------------------------------------------ the function
-    def __call__(self, x: Images, key: Key) -> Images:
+    def __call__(self, x: Images, key: AnyKey) -> Images:
         """Purify ``x`` (float32 NHWC in [0, 1]) with randomness ``key``.
 
         Args:
@@ -330,7 +329,7 @@ class DefendedModel:
     classifier: Callable
     purifier: PurifyFn | None = None
 
-    def __call__(self, x: Images, key: Key) -> jax.Array:
+    def __call__(self, x: Images, key: AnyKey) -> Array:
         if self.purifier is not None:
             x = self.purifier(x, key)
         return self.classifier(x, fold(key, CLASSIFIER))
@@ -353,9 +352,9 @@ class FixedRandomness:
     """
 
     model: Callable
-    keys: Key
+    keys: AnyKey
 
-    def __call__(self, x: Images, key: Key | None = None) -> jax.Array:
+    def __call__(self, x: Images, key: AnyKey | None = None) -> Array:
         del key
         return self.model(x, self.keys)
 
@@ -373,8 +372,8 @@ def purified_logits(logits_fn: Callable, purify: PurifyFn | None) -> DefendedMod
     return DefendedModel(logits_fn, purify)
 
 
-def majority_vote(defended: Callable, x: Images, key: Key, *, num_votes: int,
-                  chunk: int | None = None) -> jax.Array:
+def majority_vote(defended: Callable, x: Images, key: AnyKey, *, num_votes: int,
+                  chunk: int | None = None) -> Array:
     """Vote counts of ``num_votes`` independent purifications (Lee & Kim's ensemble defence).
 
     ``defended(x, key) -> logits`` is the purified classifier (:class:`DefendedModel`).

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from jaxrob._checks import check_images
-from jaxrob._types import Array, Images, Key, Labels
+from jaxrob._types import Array, Images, Key, Labels, LogitsFn
 from jaxrob.training._state import (
     TrainState,
     check_ema_decay,
@@ -22,7 +22,6 @@ from jaxrob.training._state import (
 )
 
 ApplyFn = Callable[..., Any]
-LogitsFn = Callable[[Array], Array]
 
 
 def cross_entropy(logits: Array, labels: Labels, *, label_smoothing: float = 0.0) -> Array:
