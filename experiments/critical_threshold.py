@@ -355,12 +355,11 @@ def analyse(per, grid, s) -> tuple[dict, dict]:
             {k: v[:, 1:] for k, v in cross.items()})
     adv_mis = per["pred_fuzzy"] != labels[:, None]
     success = adv_mis.mean(-1)
-    # jnp arrays: fuzzy_robustness is annotated (and type-checked in the tests) for jax arrays
-    fz = fuzzy_robustness(jnp.asarray(success))
+    fz = fuzzy_robustness(success)
     along = []
     for j, step in enumerate(grid):
         q = (pred[:, 0, j, :] != labels[:, None]).mean(-1)
-        f = fuzzy_robustness(jnp.asarray(q), grid=jnp.zeros(1))
+        f = fuzzy_robustness(q, grid=np.array([0.0]))
         along.append({"step": float(step), "never_broken": float(f.curve[0]),
                       "area": float(f.area)})
     summary["fuzzy"] = {
@@ -462,7 +461,7 @@ def _plot_fuzzy(path, summary, arrays, grid, num_keys):
     picks = np.unique([int(np.argmin(np.abs(grid - f * radius))) for f in (0, 1 / 3, 2 / 3, 1)])
     for c, j in enumerate(picks):
         q = flips[:, 0, j] / num_keys
-        f = fuzzy_robustness(jnp.asarray(q))
+        f = fuzzy_robustness(q)
         ax.step(np.asarray(f.p), np.asarray(f.curve), where="post", color=f"C{c}", lw=1,
                 label=f"along u, s={grid[j]:.2f}")
     ax.set_xlabel("attack-success probability p")
