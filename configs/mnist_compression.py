@@ -25,7 +25,7 @@ from configs import _common
 
 
 def settings(samplers_t_stars, num_steps=10):
-    """``{"name", "purifier.*"}`` dicts, one per (sampler, t_star)."""
+    """``{"name", "purifier": {...}}`` rows, one per (sampler, t_star)."""
     return tuple({"name": f"{sp}_t{t:g}",
                   "purifier": {"sampler": sp, "t_star": t, "num_steps": num_steps}}
                  for sp, t in samplers_t_stars)

@@ -387,8 +387,12 @@ def make_purifier(purifier_config, model):
 
 
 def make_attack(attack_config):
-    """``attack(model, x, y, key) -> AttackResult`` from ``config.attack`` (None for "none")."""
-    import functools
+    """``attack(model, x, y, key) -> AttackResult`` from ``config.attack`` (None for "none").
+
+    A ``jax.tree_util.Partial``: the attack function is static and its options hash by value,
+    so two attacks built from the same config share one compilation.
+    """
+    from jax.tree_util import Partial
 
     from jaxrob import attacks
 
@@ -407,15 +411,13 @@ def make_attack(attack_config):
                          f"{eot_samples}, got {eot_chunk}")
     common = dict(eps=eps, loss=a.loss, eot_samples=eot_samples, eot_chunk=eot_chunk)
     if name == "fgsm":
-        return functools.partial(attacks.fgsm, **common)
+        return Partial(attacks.fgsm, **common)
     if name == "pgd":
-        return functools.partial(attacks.pgd, norm=a.norm, num_steps=int(a.num_steps),
-                                 step_size=a.get("step_size"),
-                                 random_start=bool(a.random_start),
-                                 num_restarts=int(a.num_restarts), **common)
-    return functools.partial(attacks.apgd, norm=a.norm, num_steps=int(a.num_steps),
-                             random_start=bool(a.random_start),
-                             num_restarts=int(a.num_restarts), **common)
+        return Partial(attacks.pgd, norm=a.norm, num_steps=int(a.num_steps),
+                       step_size=a.get("step_size"), random_start=bool(a.random_start),
+                       num_restarts=int(a.num_restarts), **common)
+    return Partial(attacks.apgd, norm=a.norm, num_steps=int(a.num_steps),
+                   random_start=bool(a.random_start), num_restarts=int(a.num_restarts), **common)
 
 
 def row_config(config, row):

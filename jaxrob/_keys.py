@@ -21,7 +21,9 @@ ATTACK = 1  # the attack's own randomness, and in stochastic mode its purifier k
 CLEAN = 2  # the purifications that score the clean input
 ADV = 3  # the purifications that score the adversarial input
 FIXED = 4  # the one purifier key of randomness="fixed" (attack and scoring alike)
-CLASSIFIER = 5  # a randomised classifier's key inside a defended model
+# a randomised classifier's key inside a defended model: folded into the same key as the
+# purifier's stage index (multistage), so far above any number of stages
+CLASSIFIER = 1_000_005
 STUDY = 6  # a study's own randomness (directions, probes) beside the purifier's
 
 

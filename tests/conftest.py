@@ -20,9 +20,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # JAXROB_TYPECHECK=0 to turn it off (e.g. to time a test).
 _TYPECHECK = os.environ.get("JAXROB_TYPECHECK", "1") != "0"
 if _TYPECHECK:
+    import sys
+
     from jaxtyping import install_import_hook
 
-    install_import_hook("jaxrob", "beartype.beartype")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _jaxrob_typecheck
+    install_import_hook("jaxrob", "_jaxrob_typecheck.typechecker")
 
 # Bad-input tests check the library's own error messages (what a user without the hook sees),
 # which come after the annotations' check: they run with it off.

@@ -232,7 +232,7 @@ class Purifier:
             return to01(x_t), to01(out[1])
         return jd.from_model_space(out, clip=True)
 
-    def trajectory(self, x: Images, key: Key) -> tuple[Images, Images]:
+    def trajectory(self, x: Images, key: Key) -> tuple[Images, Array]:
         """The states of a single-stage purification, for distance-to-clean studies.
 
         Args:
