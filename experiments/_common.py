@@ -453,6 +453,17 @@ def row_config(config, row):
     return c
 
 
+def begin(config, workdir, *, write_config: bool = True):
+    """The start of every run: ``(timer, workdir, mesh)``, the workdir created and (unless
+    ``write_config=False``, for runs that check a checkpoint first) ``config.json`` written."""
+    timer = Timer()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if write_config:
+        write_json(workdir / "config.json", config)
+    return timer, workdir, get_mesh(config.mesh)
+
+
 def start_study(config, workdir, what: str, *, single_stage: bool = False,
                 fast_vjp: bool = False):
     """Common start of the purifier studies: workdir, config.json, test split, DDPM, purifier.
@@ -462,10 +473,7 @@ def start_study(config, workdir, what: str, *, single_stage: bool = False,
     ``fast_vjp``: build the purifier over the UNet's reverse-mode twin (same parameters; for
     studies that differentiate through it in reverse mode only).
     """
-    timer = Timer()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "config.json", config)
+    timer, workdir, _ = begin(config, workdir)
     test = load_split(config.data, config.data.test_split,
                       num_images=int(config.data.num_images))
     ddpm, ddpm_info = load_ddpm(config.ddpm, tuple(test.image_shape), fast_vjp=fast_vjp)

@@ -1,21 +1,5 @@
-"""What ``experiments/robust_eval.py`` runs (shared with the other entry points).
-
-Robust accuracy of DiffPure-style purification + classifier under an adaptive attack.
-
-    python experiments/robust_eval.py --config configs/mnist_robust.py --workdir runs/mnist_robust
-
-One run evaluates the settings listed in ``config.rows`` (each a dict of overrides of the base
-config: purifier, attack, randomness) on the same images, one sub-workdir per row, and writes
-``results.json`` (per row: clean and robust accuracy with 95% intervals under every protocol
-of ``config.eval.protocols``, the full manifest of DESIGN.md, NFEs, wall time) and
-``table.md``. Per-example records are kept under ``<row>/chunks/`` (resumable: kill the run,
-rerun the same command, finished chunks are kept and nothing is counted twice) and as
-``<row>/per_example.npz``.
-
-Randomness modes: ``stochastic`` (fresh purifier noise in every attack step and in scoring)
-and ``fixed`` (one purifier key per image shared by attack and scoring: the deterministic
-white-box setting). Gradient methods: ``exact`` (scan + remat through every step), ``bpda``
-(identity backward), ``surrogate`` (gradient of a shorter chain).
+"""The implementation behind ``experiments/robust_eval.py`` (its docstring says what the run
+does); a private module, so the other entry points can share it without importing an entry point.
 """
 
 from __future__ import annotations
@@ -191,11 +175,7 @@ def run(config, workdir) -> dict:
     """Evaluate every row of ``config.rows``; returns (and writes) ``results.json``."""
     from jaxrob.evaluation import check_randomness, parse_protocol
 
-    timer = _common.Timer()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _common.write_json(workdir / "config.json", config)
-    mesh = _common.get_mesh(config.mesh)
+    timer, workdir, mesh = _common.begin(config, workdir)
     test = _common.load_split(config.data, config.data.test_split,
                               num_images=int(config.data.num_images))
     image_shape = tuple(test.image_shape)

@@ -1,19 +1,8 @@
-"""What ``experiments/train_classifier.py`` runs (shared with the other entry points).
-
-Train an image classifier, report its test accuracy and export it.
-
-    python experiments/train_classifier.py \\
-        --config configs/digits_classifier.py --workdir runs/digits_classifier
-
-Writes into ``--workdir``: ``config.json``, ``metrics.jsonl``, ``checkpoints/<step>/`` (rerunning
-after a kill resumes), ``export/`` (Flax variables: params + batch_stats, with metadata),
-``predictions.npz`` (per-example test predictions) and ``results.json`` (manifest, training
-summary, test accuracy with a 95 % Wilson interval).
+"""The implementation behind ``experiments/train_classifier.py`` (its docstring says what the run
+does); a private module, so the other entry points can share it without importing an entry point.
 """
 
 from __future__ import annotations
-
-import pathlib
 
 import jax
 import jax.random as jr
@@ -62,10 +51,7 @@ def run(config, workdir) -> dict:
         train_loop,
     )
 
-    timer = _common.Timer()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = _common.get_mesh(config.mesh)
+    timer, workdir, mesh = _common.begin(config, workdir, write_config=False)
     tc = config.train
     batch_size = _common.check_batch_size(tc.batch_size, mesh, "train.batch_size")
     num_steps = _common.check_positive(tc.num_steps, "train.num_steps")

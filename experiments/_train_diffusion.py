@@ -1,19 +1,8 @@
-"""What ``experiments/train_diffusion.py`` runs (shared with the other entry points).
-
-Train a DDPM eps-model, then export its EMA params, sample a grid and measure denoising.
-
-    python experiments/train_diffusion.py \\
-        --config configs/digits_ddpm.py --workdir runs/digits_ddpm
-
-Writes into ``--workdir``: ``config.json``, ``metrics.jsonl``, ``checkpoints/<step>/`` (rerunning
-the same command after a kill resumes from the latest one), ``export/`` (EMA params + metadata,
-see ``jaxrob.checkpoint.save_params``), ``samples.png`` / ``samples.npz`` and ``results.json``
-(manifest, training summary, denoising MSE at each ``eval.t_stars`` on the test split).
+"""The implementation behind ``experiments/train_diffusion.py`` (its docstring says what the run
+does); a private module, so the other entry points can share it without importing an entry point.
 """
 
 from __future__ import annotations
-
-import pathlib
 
 import jax
 import jax.random as jr
@@ -130,10 +119,7 @@ def run(config, workdir, *, evaluate: bool = True) -> dict:
         train_loop,
     )
 
-    timer = _common.Timer()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = _common.get_mesh(config.mesh)
+    timer, workdir, mesh = _common.begin(config, workdir, write_config=False)
     tc = config.train
     batch_size = _common.check_batch_size(tc.batch_size, mesh, "train.batch_size")
     num_steps = _common.check_positive(tc.num_steps, "train.num_steps")

@@ -25,11 +25,7 @@ from experiments import _train_classifier as _tc
 
 def run(config, workdir) -> dict:
     """Evaluate; returns (and writes) ``results.json``'s content."""
-    timer = _common.Timer()
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _common.write_json(workdir / "config.json", config)
-    mesh = _common.get_mesh(config.mesh)
+    timer, workdir, mesh = _common.begin(config, workdir)
     batch_size = _common.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     model, source = _common.load_classifier(config.model, config.data)
     ds = _common.load_split(config.data, config.data.test_split,
