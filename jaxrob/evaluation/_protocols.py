@@ -59,10 +59,33 @@ def sample_keys(example_keys: Keys, num: int) -> Array:
 def predictions(defended: DefendedLogits, x: Images, example_keys: Keys, *, num: int,
                 chunk: int | None = None) -> Array:
     """(num, B) predicted labels of ``num`` purifications (sample ``v`` uses
-    ``fold_in(example_keys[i], v)``), computed ``chunk`` purifications at a time."""
+    ``fold_in(example_keys[i], v)``), computed ``chunk`` purifications at a time.
+
+    Each step calls ``defended`` once on ``B * c`` inputs ordered example-major (row
+    ``i * c + v``: example ``i``, purification ``v``), so when ``x`` is split over a mesh's
+    ``data`` axis every device purifies only its own examples. (Sample-major order, a map over
+    purifications outside the per-example batch, merges a (c, B) batch whose sharded axis is
+    the minor one: the partitioner then gathered the whole batch onto every device, purified it
+    there and sliced its share back -- the work times the device count, and collectives in the
+    chunk program that XLA:CPU miscompiled with its YNNPACK fusions off; docs/known_faults.md.)
+    """
     chunk = num if chunk is None else max(1, min(int(chunk), num))
-    return jax.lax.map(lambda k: jnp.argmax(defended(x, k), -1).astype(jnp.int32),
-                       sample_keys(example_keys, num), batch_size=chunk)
+    keys_NB = sample_keys(example_keys, num)
+    b = x.shape[0]
+
+    def step(keys_CB):  # (c, B) keys -> (c, B) labels
+        c = keys_CB.shape[0]
+        logits = defended(jnp.repeat(x, c, axis=0), keys_CB.T.reshape(b * c))
+        return jnp.argmax(logits, -1).astype(jnp.int32).reshape(b, c).T
+
+    full, rest = divmod(num, chunk)
+    parts = []
+    if full:
+        keys_SCB = keys_NB[: full * chunk].reshape(full, chunk, b)
+        parts.append(jax.lax.map(step, keys_SCB).reshape(full * chunk, b))
+    if rest:
+        parts.append(step(keys_NB[full * chunk:]))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def score_predictions(preds_NB: Array, y: Labels, protocol: str, *,
