@@ -60,7 +60,7 @@ def q_mean_std(n: int | Array, schedule: Schedule) -> tuple[Array, Array]:
     return schedule.sqrt_alphas_cumprod[n], schedule.sqrt_one_minus_alphas_cumprod[n]
 
 
-def predict_x0(x_t: Array, n: Array, eps: Array, schedule: Schedule) -> Array:
+def predict_x0(x_t: Array, n: int | Array, eps: Array, schedule: Schedule) -> Array:
     """``x0 = (x_n - sqrt(1 - abar_n) eps) / sqrt(abar_n)`` (Tweedie's estimate for exact eps)."""
     n = broadcast_steps(n, x_t.shape[0])
     return ((x_t - gather(schedule.sqrt_one_minus_alphas_cumprod, n, x_t) * eps)

@@ -311,12 +311,12 @@ def test_bad_inputs_raise_clear_errors(call, match):
         call()
 
 
-def test_loss_must_be_per_example():
+def test_loss_must_be_per_example_or_raise_an_error():
     with pytest.raises(ValueError, match="per-example loss of shape"):
         ja.pgd(_F, _X, _Y, jr.key(0), eps=0.1, loss=lambda logits, y: logits.sum())
 
 
-def test_model_must_be_a_logits_fn_and_labels_in_range():
+def test_model_must_be_a_logits_fn_and_labels_in_range_errors():
     # the old overload (a loss_fn(x, y, key) as first argument) gets a clear error
     with pytest.raises(TypeError, match=r"logits_fn\(x, key\) -> logits"):
         ja.pgd(lambda x, y, k: x.sum(), _X, _Y, jr.key(0), eps=0.1)
