@@ -25,7 +25,16 @@ if _TYPECHECK:
     from jaxtyping import install_import_hook
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _jaxrob_typecheck
-    install_import_hook("jaxrob", "_jaxrob_typecheck.typechecker")
+    # Not the two flax.struct dataclasses (TrainState, Schedule): JAX rebuilds them through
+    # __init__ with placeholder leaves (None shardings, abstract templates), which a checked
+    # __init__ would reject. jaxrob's own pytrees (jaxrob._pytree) bypass __init__ on unflatten.
+    install_import_hook(
+        ["jaxrob.analysis", "jaxrob.attacks", "jaxrob.checkpoint", "jaxrob.data",
+         "jaxrob.diffusion._forward", "jaxrob.diffusion._reverse", "jaxrob.diffusion._samplers",
+         "jaxrob.diffusion._vpsde", "jaxrob.evaluation", "jaxrob.models", "jaxrob.parallel",
+         "jaxrob.purify", "jaxrob.training._classifier", "jaxrob.training._ddpm",
+         "jaxrob.training._loop"],
+        "_jaxrob_typecheck.typechecker")
 
 # Bad-input tests check the library's own error messages (what a user without the hook sees),
 # which come after the annotations' check: they run with it off.

@@ -26,8 +26,8 @@ def test_every_config_builds(name):
             from jaxrob.models import DiffusionModel
 
             schedule = schedule_from_metadata(_common.to_plain(cfg.ddpm.diffusion))
-            unet_from_metadata(_common.to_plain(cfg.ddpm.model))
-            model = DiffusionModel(None, None, schedule)  # options are checked, not run
+            unet = unet_from_metadata(_common.to_plain(cfg.ddpm.model))
+            model = DiffusionModel(unet, {}, schedule)  # options are checked, nothing runs
             _common.make_purifier(cfg.purifier, model)
             for row in (*cfg.get("rows", ()), *cfg.get("settings", ())):
                 rc = _common.row_config(cfg, row)
