@@ -63,6 +63,7 @@ res_fixed = jaxrob.attacks.pgd(fixed, x, y, jr.key(1), eps=0.3, num_steps=5)
 print("fixed: correct after attack:", (fixed(res_fixed.x_adv).argmax(-1) == y).tolist())"""),
     ("md", "## 4. Score: one-shot and worst-of-N\n`evaluate_robustness` attacks every example alone (per-example keys), then scores fresh purifications; the record does not depend on batch size or devices."),
     ("code", """import functools
+
 attack = functools.partial(jaxrob.attacks.pgd, eps=0.3, num_steps=5, eot_samples=2)
 out = jaxrob.evaluation.evaluate_robustness(
     defended, attack, test.images, test.labels, test.indices, key=jr.key(0),
