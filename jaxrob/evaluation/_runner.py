@@ -28,7 +28,7 @@ import numpy as np
 from jaxrob._jit import filter_jit
 from jaxrob._keys import example_keys
 from jaxrob.evaluation._store import ChunkStore
-from jaxrob.parallel import DATA_AXIS, data_sharding, make_mesh
+from jaxrob.parallel import DATA_AXIS, data_sharding, make_mesh, replicated
 
 SECONDS = "seconds"  # per-example share of its chunk's compute time
 
@@ -134,6 +134,10 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
         raise ValueError(f"batch_size={batch_size} does not divide over the {ndev} devices; "
                          f"use a multiple of {ndev}")
     shard = data_sharding(mesh)
+    # the arguments' arrays (parameters) replicated over this mesh, wherever they lived before
+    rep = replicated(mesh)
+    args = jax.tree.map(lambda a: jax.device_put(a, rep) if isinstance(a, jax.Array) else a,
+                        tuple(args))
 
     done = np.zeros(n, bool)
     if store is not None:

@@ -49,10 +49,11 @@ def test_sharded_equals_single_device_and_learns():
     np.testing.assert_allclose(np.mean(preds == test["label"]), acc)
 
 
-def test_accuracy_of_oracle_and_label_checks():
+def test_accuracy_of_oracle_and_bad_labels():
     x = np.random.default_rng(0).uniform(size=(10, 4, 4, 1)).astype(np.float32)
     y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.int32)
-    oracle = lambda v: jax.nn.one_hot((jnp.mean(v, axis=(1, 2, 3)) > 0.5).astype(jnp.int32), 2)
+    oracle = lambda v, key=None: jax.nn.one_hot(
+        (jnp.mean(v, axis=(1, 2, 3)) > 0.5).astype(jnp.int32), 2)
     assert jt.classifier_accuracy(oracle, x, y, batch_size=4) == 1.0
     with pytest.raises(ValueError, match="labels"):
         jt.classifier_accuracy(oracle, x, y[:5])
