@@ -252,7 +252,7 @@ class UNet(nn.Module):
         return step
 
     @nn.compact
-    def __call__(self, x_t: Latents, step: Steps, train: bool = False) -> Latents:
+    def __call__(self, x_t: Latents, step: Steps, train: bool = False) -> Array:
         """Predict the noise in ``x_t``.
 
         Args:
