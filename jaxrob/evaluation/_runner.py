@@ -66,6 +66,22 @@ def _todo_ranges(done: np.ndarray, n: int, batch_size: int) -> list[tuple[int, i
     return out
 
 
+def _onto_mesh(args, mesh):
+    """The arguments' arrays committed to other devices than ``mesh``'s (parameters trained on
+    another mesh), replicated over it; the others are left as they are. Arrays are not
+    re-placed needlessly: a traced array carrying a mesh sharding cannot be indexed inside a
+    ``shard_map`` over another mesh (JAX 0.10), as ``jacobian(..., mesh=)`` does."""
+    devices = set(mesh.devices.flat)
+    rep = replicated(mesh)
+
+    def place(a):
+        if isinstance(a, jax.Array) and a.committed and a.sharding.device_set != devices:
+            return jax.device_put(a, rep)
+        return a
+
+    return jax.tree.map(place, args)
+
+
 @filter_jit
 def _program(fn, args, batch, key, sharding):
     # ``fn`` is static (the compile cache's key, by identity), ``args`` are traced: a second run
@@ -134,10 +150,7 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
         raise ValueError(f"batch_size={batch_size} does not divide over the {ndev} devices; "
                          f"use a multiple of {ndev}")
     shard = data_sharding(mesh)
-    # the arguments' arrays (parameters) replicated over this mesh, wherever they lived before
-    rep = replicated(mesh)
-    args = jax.tree.map(lambda a: jax.device_put(a, rep) if isinstance(a, jax.Array) else a,
-                        tuple(args))
+    args = _onto_mesh(tuple(args), mesh)
 
     done = np.zeros(n, bool)
     if store is not None:

@@ -211,3 +211,28 @@ def test_fixed_purifier_keys_are_the_fixed_modes_keys_and_check_indices():
     assert jr.key_data(keys[1]).tolist() == jr.key_data(want).tolist()
     with pytest.raises(ValueError, match="1-D integer array"):
         fixed_purifier_keys(jr.key(5), jnp.array([0.5]))
+
+
+def test_run_chunks_places_arguments_and_allows_shard_map_inside():
+    """Parameters committed to one device are replicated over the mesh; parameters already on
+    the mesh's devices are left alone, so ``fn`` may index them inside its own shard_map."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxrob.evaluation import run_chunks
+
+    mesh = make_mesh()
+    table = jnp.arange(8.0)
+    elsewhere = jax.device_put(jnp.float32(2.0), jax.devices()[-1])
+
+    def fn(table, scale, batch, keys):
+        def local(idx, x):
+            return table[idx] * x  # a traced index into a closed-over parameter
+
+        rows = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P()),
+                             out_specs=P("data"))(jnp.arange(8), scale)
+        return {"y": batch["x"] * jnp.sum(rows)}
+
+    data = {"x": np.arange(16, dtype=np.float32), "index": np.arange(16)}
+    out = run_chunks(fn, data, key=jr.key(0), args=(table, elsewhere), batch_size=8,
+                     mesh=mesh, progress=False)
+    np.testing.assert_allclose(out.records["y"], data["x"] * 2.0 * 28.0)

@@ -133,7 +133,9 @@ def test_bpda_and_surrogate_gradients():
     key = jr.key(11)
     full = diffpure(EPS, SCHED, t_star=0.1, num_steps=4)
     bpda = full.replace(gradient="bpda")
-    np.testing.assert_array_equal(jax.jit(bpda)(X, key), jax.jit(full)(X, key))
+    # two different XLA programs (the BPDA one wraps the chain in a custom_vjp): equal up to
+    # float32 rounding, not bitwise
+    np.testing.assert_allclose(jax.jit(bpda)(X, key), jax.jit(full)(X, key), atol=1e-6)
     u = jr.normal(jr.key(12), X.shape)
     g = jax.grad(lambda x: jnp.vdot(bpda(x, key), u))(X)
     np.testing.assert_allclose(g, u, atol=1e-6)  # identity backward
@@ -188,7 +190,8 @@ def test_purifiers_over_other_parameters_share_one_compilation():
     ya, yb = f(a, X), f(b, X)
     assert f.cache_size() == 1  # the parameters are traced leaves, not baked in
     assert not np.allclose(ya, yb)
-    np.testing.assert_array_equal(ya, jax.jit(lambda x: a(x, jr.key(0)))(X))
+    # weights traced vs baked in as constants: other fusions, same values up to rounding
+    np.testing.assert_allclose(ya, jax.jit(lambda x: a(x, jr.key(0)))(X), atol=1e-6)
     # another configuration is another compilation
     f(a.replace(stages=((0.1, 3),)), X)
     assert f.cache_size() == 2
