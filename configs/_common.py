@@ -18,21 +18,26 @@ def parse_arg(arg: str | None, variants=VARIANTS) -> str:
     return arg
 
 
-def mesh(cpu_no_ynn: bool | None = None) -> config_dict.ConfigDict:
+def mesh(cpu_no_ynn: bool | None = None, cpu_ynn: str | None = None
+         ) -> config_dict.ConfigDict:
     """Devices of a run.
 
     ``num_devices``: None = every device (on CPU: ``JAXROB_CPU_DEVICES``, default 2 host
-    devices). ``cpu_no_ynn``: turn off XLA:CPU's YNNPACK conv fusions (None: the
+    devices). ``cpu_no_ynn``: turn off XLA:CPU's YNNPACK fusions (None: the
     ``JAXROB_CPU_NO_YNN`` environment default); 1.3-1.7x faster training of the small UNets on
-    the 2-core CPU (PERF_NOTES §2, §7), no effect on accelerators. ``cpu_ynn``: the finer
-    choice of ``jaxrob.parallel.YNN_MODES`` (``"all"``, ``"no_conv"``, ``"off"``; None: from
-    ``cpu_no_ynn`` / the environment); ``"no_conv"`` is the fastest for reverse-mode Jacobians
-    and spectra of the fast-VJP UNets (``benchmarks/README.md``).
+    the 2-core CPU (PERF_NOTES §2, §7), no effect on accelerators, but on more than one host
+    device ``jaxrob.parallel.configure_cpu`` uses ``"no_conv"`` instead: XLA:CPU computes wrong
+    values with YNN off when several devices run at once (docs/known_faults.md). ``cpu_ynn``:
+    the finer choice of ``jaxrob.parallel.YNN_MODES`` (``"all"``, ``"no_conv"``, ``"off"``;
+    None: from ``cpu_no_ynn`` / the environment); ``"no_conv"`` (Eigen convolutions, YNNPACK for
+    the rest) is the fastest for reverse-mode Jacobians and spectra of the fast-VJP UNets
+    (``benchmarks/README.md``).
     """
     return config_dict.ConfigDict({"num_devices": config_dict.placeholder(int),
                                    "cpu_no_ynn": config_dict.placeholder(bool)
                                    if cpu_no_ynn is None else cpu_no_ynn,
-                                   "cpu_ynn": config_dict.placeholder(str)})
+                                   "cpu_ynn": config_dict.placeholder(str)
+                                   if cpu_ynn is None else cpu_ynn})
 
 
 def data(name: str, train_split: str, test_split: str) -> config_dict.ConfigDict:
@@ -101,7 +106,7 @@ def ddpm_base() -> config_dict.ConfigDict:
         "batch_size": 500,
         "seed": 2,
     })
-    c.mesh = mesh(cpu_no_ynn=True)
+    c.mesh = mesh(cpu_ynn="no_conv")  # not "off": docs/known_faults.md
     return c
 
 
@@ -215,7 +220,7 @@ def robust_base() -> config_dict.ConfigDict:
                                                "num_images": 64}),
     })
     c.fast_vjp = True  # reverse-mode twins of the models (jaxrob.models._conv)
-    c.mesh = mesh(cpu_no_ynn=True)
+    c.mesh = mesh(cpu_ynn="no_conv")  # not "off": docs/known_faults.md
     c.rows = ()  # nested dicts {"name": ..., "purifier": {...}, ...}; () = one row "base"
     return c
 

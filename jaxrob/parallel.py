@@ -11,6 +11,7 @@ and sharding the batch over them recovers most of the rest (see ``benchmarks/REA
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import jax
@@ -25,7 +26,9 @@ DATA_AXIS = "data"
 #   "all":     XLA's default (convolutions, dots, elementwise and reductions through YNNPACK)
 #   "no_conv": YNNPACK for dots, elementwise fusions and reductions, convolutions by XLA's own
 #              (Eigen) kernels: 1.5x faster convolutions on the 2-core CPU
-#   "off":     no YNNPACK fusions
+#   "off":     no YNNPACK fusions; one host device only: with two or more executing at the same
+#              time, XLA:CPU's own elementwise fusions returned wrong values (docs/known_faults.md),
+#              so configure_cpu turns "off" into "no_conv" on several devices
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 YNN_MODES = {"all": None, "no_conv": _YNN_FLAG + "dot,eltwise,reduce", "off": _YNN_FLAG}
 NO_YNN_FLAG = YNN_MODES["off"]
@@ -51,7 +54,9 @@ def configure_cpu(device_count: int | None = None, *, disable_ynn: bool | None =
       disable_ynn: shorthand for ``ynn="off"`` (default: ``JAXROB_CPU_NO_YNN=1``).
       ynn: XLA:CPU YNNPACK fusion mode, one of ``YNN_MODES`` (``"all"``, ``"no_conv"``,
         ``"off"``; default: ``JAXROB_CPU_YNN``, else ``disable_ynn``, else ``"all"``). Ignored
-        when ``XLA_FLAGS`` already sets ``--xla_cpu_experimental_ynn_fusion_type``.
+        when ``XLA_FLAGS`` already sets ``--xla_cpu_experimental_ynn_fusion_type``. ``"off"``
+        with more than one host device becomes ``"no_conv"`` (with a warning): that
+        combination computes wrong values (docs/known_faults.md).
     """
     if ynn is not None and disable_ynn is not None and (ynn == "off") != bool(disable_ynn):
         raise ValueError(f"configure_cpu: disable_ynn={disable_ynn} contradicts ynn={ynn!r}")
@@ -69,6 +74,13 @@ def configure_cpu(device_count: int | None = None, *, disable_ynn: bool | None =
     if device_count is None:
         device_count = int(os.environ.get("JAXROB_CPU_DEVICES", "2"))
     flags = os.environ.get("XLA_FLAGS", "")
+    forced = re.search(r"xla_force_host_platform_device_count=(\d+)", flags)
+    num_devices = int(forced.group(1)) if forced else device_count
+    if ynn == "off" and num_devices > 1 and "ynn_fusion_type" not in flags:
+        warnings.warn(f"configure_cpu: YNNPACK fusions off on {num_devices} host devices is a "
+                      "known XLA:CPU fault (wrong values when devices run concurrently, "
+                      "docs/known_faults.md); using ynn='no_conv'", stacklevel=2)
+        ynn = "no_conv"
     if YNN_MODES[ynn] is not None and "ynn_fusion_type" not in flags:
         os.environ["XLA_FLAGS"] = (flags + " " + YNN_MODES[ynn]).strip()
     if "xla_force_host_platform_device_count" not in flags and device_count > 1:

@@ -9,7 +9,7 @@ import pytest
 from jaxrob import parallel
 
 
-def _flags_after(call: str, env_extra=None) -> str:
+def _flags_after(call: str, env_extra=None, *, stderr: list | None = None) -> str:
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "JAXROB_CPU_YNN", "JAXROB_CPU_NO_YNN")}
     env.update(env_extra or {})
@@ -17,18 +17,34 @@ def _flags_after(call: str, env_extra=None) -> str:
             f"{call}; print(os.environ.get('XLA_FLAGS', ''))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
+    if stderr is not None:
+        stderr.append(out.stderr)
     return out.stdout.strip()
 
 
 def test_ynn_modes_set_the_xla_flag():
     assert _flags_after("configure_cpu(ynn='all')") == ""
     assert _flags_after("configure_cpu(ynn='no_conv')") == parallel.YNN_MODES["no_conv"]
-    assert _flags_after("configure_cpu(disable_ynn=True)") == parallel.NO_YNN_FLAG
+    assert _flags_after("configure_cpu(1, disable_ynn=True)") == parallel.NO_YNN_FLAG
     assert _flags_after("configure_cpu()", {"JAXROB_CPU_YNN": "no_conv"}) == \
         parallel.YNN_MODES["no_conv"]
     # a flag the user set wins
     mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
     assert _flags_after("configure_cpu(ynn='off')", {"XLA_FLAGS": mine}) == mine
+
+
+def test_ynn_off_on_several_devices_becomes_no_conv():
+    # XLA:CPU computes wrong values with YNN fusions off on concurrent host devices
+    # (docs/known_faults.md)
+    no_conv = parallel.YNN_MODES["no_conv"]
+    err = []
+    assert _flags_after("configure_cpu(disable_ynn=True)", stderr=err) == no_conv  # 2 devices
+    assert "known XLA:CPU fault" in err[0]
+    assert _flags_after("configure_cpu(4, ynn='off')") == no_conv
+    assert _flags_after("configure_cpu()", {"JAXROB_CPU_NO_YNN": "1"}) == no_conv
+    forced = "--xla_force_host_platform_device_count=8"
+    assert _flags_after("configure_cpu(1, ynn='off')", {"XLA_FLAGS": forced}) == \
+        f"{forced} {no_conv}"
 
 
 def test_bad_ynn_settings_are_refused():
