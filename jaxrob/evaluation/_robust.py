@@ -20,6 +20,7 @@ never depend on which other examples share its batch (vmap keeps the computation
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import jax
@@ -29,6 +30,7 @@ import numpy as np
 
 import jaxrob._keys as tags
 from jaxrob._checks import check_images
+from jaxrob._jit import filter_jit
 from jaxrob._keys import example_keys
 from jaxrob._types import Images, Key, Keys, Labels, LogitsFn
 from jaxrob.attacks._common import AttackResult, check_num_classes
@@ -41,6 +43,7 @@ from jaxrob.evaluation._protocols import (
 )
 from jaxrob.evaluation._runner import run_chunks
 from jaxrob.evaluation._store import ChunkStore
+from jaxrob.parallel import DATA_AXIS
 
 Model = LogitsFn
 Attack = Callable[[Model, Images, Labels, Key], AttackResult]
@@ -161,8 +164,8 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
                         randomness: str = "stochastic", batch_size: int = 64,
                         store: ChunkStore | None = None, mesh: jax.sharding.Mesh | None = None,
                         vote_chunk: int | None = None, keep_x_adv: bool = False,
-                        progress: bool = True, log: Callable[[str], None] | None = None
-                        ) -> dict:
+                        progress: bool = True, log: Callable[[str], None] | None = None,
+                        self_check: int = 4) -> dict:
     """Robust accuracy over a dataset, in resumable, sharded chunks of ``batch_size`` examples.
 
     The chunk function (attack + scoring) goes through :func:`run_chunks`: jitted once per
@@ -183,11 +186,15 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
       keep_x_adv: also return the adversarial images.
       progress: show a progress bar with ETA.
       log: called with a line per finished chunk.
+      self_check: recompute the first clean prediction of this many examples (the first of
+        each device's share of the first chunk, then the last example) outside the chunk
+        program, in a plain single-device jit, and compare (0: off). A guard against a
+        miscompiled chunk program (docs/known_faults.md); its verdict is ``"self_check"``.
 
     Returns:
       ``{"clean": {protocol: summary}, "adv": {protocol: summary}, "per_example": {...},
-      "wall_s", "total_s", "chunks_run", "chunks_total"}``; a summary holds accuracy, 95%
-      interval and count; ``per_example`` the arrays ``index``, ``label``,
+      "wall_s", "total_s", "chunks_run", "chunks_total", "self_check"}``; a summary holds
+      accuracy, 95% interval and count; ``per_example`` the arrays ``index``, ``label``,
       ``pred_clean``/``pred_adv`` (B, N), ``linf``, ``l2``, ``seconds``, the per-protocol
       scores ``clean@P``/``adv@P`` [and ``x_adv``]; ``total_s`` the compute seconds of the
       whole record (resumed chunks included), ``wall_s`` those of this call.
@@ -232,9 +239,50 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
         keep=lambda k: keep_x_adv or k != "x_adv", log=log_chunk)
     per = run.records
     per["label"] = labels
+    ndev = (mesh.shape[DATA_AXIS] if mesh is not None else jax.device_count())
+    check = _self_check(defended, images, labels, indices, per["pred_clean"][:, 0], key=key,
+                        randomness=randomness, num=self_check,
+                        stride=max(1, min(batch_size, n) // ndev))
+    if check["mismatches"]:
+        warnings.warn(f"evaluate_robustness: self-check failed: the chunk program's clean "
+                      f"predictions differ from a single-device recomputation at examples "
+                      f"{check['mismatches']} (docs/known_faults.md)", RuntimeWarning,
+                      stacklevel=2)
     return {**score_record(per, protocols, randomness), "per_example": per,
             "wall_s": run.wall_s, "total_s": run.total_s, "chunks_run": run.chunks_run,
-            "chunks_total": run.chunks_total}
+            "chunks_total": run.chunks_total, "self_check": check}
+
+
+@filter_jit
+def _recompute(defended, randomness, x, y, keys):
+    out = robust_scores(defended, None, x, y, keys, protocols=("one_shot",),
+                        randomness=randomness)
+    return out["pred_clean"][:, 0]
+
+
+def _self_check(defended, images, labels, indices, recorded, *, key, randomness, num: int,
+                stride: int) -> dict:
+    """Recompute the first clean prediction of a few examples in a plain single-device jit.
+
+    Positions ``0, stride, 2 * stride, ...`` (the first example of each device's share of the
+    first chunk, where XLA:CPU's concurrent-device fault struck) and the last one. Only the
+    predicted label is compared: another program may round differently in the last bit,
+    which can move a label only at an exact near-tie of two logits.
+    """
+    n = len(indices)
+    if num <= 0:
+        return {"checked": [], "agree": 0, "mismatches": []}
+    first = list(range(0, n, stride))[: max(num - 1, 1)]
+    pos = np.asarray(sorted(set(first) | {n - 1})[:num])
+    device = jax.devices()[0]
+    x = jax.device_put(np.asarray(images[pos], np.float32), device)
+    keys = jax.device_put(example_keys(key, indices[pos]), device)
+    y = jax.device_put(labels[pos].astype(np.int32), device)
+    got = np.asarray(_recompute(defended, randomness, x, y, keys))
+    want = np.asarray(recorded)[pos]
+    bad = pos[got != want]
+    return {"checked": [int(indices[p]) for p in pos], "agree": int((got == want).sum()),
+            "mismatches": [int(indices[p]) for p in bad]}
 
 
 def attack_nfe(purifier, *, iterations: int, restarts: int = 1, eot_samples: int = 1) -> int:

@@ -124,6 +124,10 @@ def test_record_is_independent_of_batch_size_and_devices():
                                        atol=1e-5, err_msg=k)
     adv = ref["adv"]["one_shot"]
     assert adv["num_images"] == N and 0 <= adv["accuracy"] <= 1
+    # the run-time self-check: first example of each device's share + the last one
+    check = out["self_check"]
+    assert check["checked"] == [100, 102, 104, 115] and check["mismatches"] == []
+    assert check["agree"] == 4
     assert ref["clean"]["one_shot"]["accuracy"] >= adv["accuracy"] - 0.25
 
 
@@ -236,3 +240,19 @@ def test_run_chunks_places_arguments_and_allows_shard_map_inside():
     out = run_chunks(fn, data, key=jr.key(0), args=(table, elsewhere), batch_size=8,
                      mesh=mesh, progress=False)
     np.testing.assert_allclose(out.records["y"], data["x"] * 2.0 * 28.0)
+
+
+def test_self_check_flags_a_record_that_differs_from_a_recomputation():
+    from jaxrob.evaluation._robust import _self_check
+
+    idx = np.arange(100, 100 + N)
+    keys_pred = _run(8, make_mesh(2), self_check=0)
+    assert keys_pred["self_check"]["checked"] == []
+    recorded = keys_pred["per_example"]["pred_clean"][:, 0].copy()
+    ok = _self_check(DEFENDED, np.asarray(X), np.asarray(Y), idx, recorded, key=jr.key(5),
+                     randomness="stochastic", num=3, stride=4)
+    assert ok["checked"] == [100, 104, 115] and not ok["mismatches"]
+    recorded[4] = (recorded[4] + 1) % 10  # what a miscompiled chunk program would leave
+    with_bad = _self_check(DEFENDED, np.asarray(X), np.asarray(Y), idx, recorded,
+                           key=jr.key(5), randomness="stochastic", num=3, stride=4)
+    assert with_bad["mismatches"] == [104] and with_bad["agree"] == 2
