@@ -104,7 +104,7 @@ def test_sharded_scoring_program_has_no_collectives():
     eps_fn = lambda x, s: jax.lax.conv_general_dilated(  # a conv merges the vmapped batch axes
         x, w_conv, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     w = jr.normal(jr.key(2), (64, 10))
-    defended = purified_logits(lambda z: z.reshape(z.shape[0], -1) @ w,
+    defended = purified_logits(lambda z, key=None: z.reshape(z.shape[0], -1) @ w,
                                diffpure(eps_fn, jd.linear_schedule(), t_star=0.1, num_steps=1))
     mesh = make_mesh(2)
     shard = data_sharding(mesh)
