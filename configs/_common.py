@@ -214,9 +214,10 @@ def robust_base() -> config_dict.ConfigDict:
         "randomness": "stochastic",  # stochastic | fixed
         "batch_size": 32,
         "vote_chunk": config_dict.placeholder(int),
-        # convergence check: rerun the first num_images with factor x the iterations (and
-        # x the EoT samples in stochastic rows); None: no check
+        # convergence check: rerun the first num_images with factor x the iterations and
+        # eot_factor x the EoT samples in stochastic rows (None: factor); factor None: no check
         "convergence": config_dict.ConfigDict({"factor": config_dict.placeholder(int),
+                                               "eot_factor": config_dict.placeholder(int),
                                                "num_images": 64}),
     })
     c.fast_vjp = True  # reverse-mode twins of the models (jaxrob.models._conv)

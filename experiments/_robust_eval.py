@@ -54,8 +54,9 @@ def _evaluate(config, workdir: pathlib.Path, defended, test, mesh, name: str) ->
         log=lambda line: logging.info("%s: %s", name, line))
 
 
-def _stronger(config, factor: int):
-    """The row's attack with ``factor`` x the iterations (and EoT samples when stochastic)."""
+def _stronger(config, factor: int, eot_factor: int | None = None):
+    """The row's attack with ``factor`` x the iterations and ``eot_factor`` (default
+    ``factor``) x the EoT samples when the row is stochastic."""
     c = config.copy_and_resolve_references()
     if c.attack.name in ("pgd", "apgd"):
         c.attack.num_steps = int(c.attack.num_steps) * factor
@@ -63,7 +64,8 @@ def _stronger(config, factor: int):
             # the default step 2.5 eps / T would shrink with T: keep the base run's step
             c.attack.step_size = 2.5 * float(c.attack.eps) / int(config.attack.num_steps)
     if c.eval.randomness == "stochastic" and c.purifier.enabled:
-        c.attack.eot_samples = int(c.attack.eot_samples) * factor
+        c.attack.eot_samples = int(c.attack.eot_samples) * (
+            factor if eot_factor is None else eot_factor)
         c.attack.eot_chunk = config.attack.get("eot_chunk")
     return c
 
@@ -80,10 +82,12 @@ def convergence_check(config, workdir: pathlib.Path, defended, test, base: dict,
     factor = int(conv.factor)
     m = min(int(conv.num_images), len(test))
     sub = test.subset(slice(0, m))
-    strong = _stronger(config, factor)
-    res = _evaluate(strong, workdir / f"convergence_x{factor}", defended, sub, mesh,
-                    f"{name} x{factor}")
-    out = {"factor": factor, "num_images": m,
+    eot_factor = int(conv.eot_factor) if conv.get("eot_factor") else factor
+    strong = _stronger(config, factor, eot_factor)
+    tag = f"x{factor}" + (f"_eot_x{eot_factor}" if eot_factor != factor else "")
+    res = _evaluate(strong, workdir / f"convergence_{tag}", defended, sub, mesh,
+                    f"{name} {tag}")
+    out = {"factor": factor, "eot_factor": eot_factor, "num_images": m,
            "attack": _common.to_plain(strong.attack), "total_s": res["total_s"],
            "protocols": {}}
     moved = False
@@ -145,7 +149,9 @@ def _conv(row) -> str:
     drops = ", ".join(f"{p} {100 * v['stronger']['accuracy']:.1f}"
                       for p, v in c["protocols"].items())
     verdict = "yes" if c["converged"] else "**NO**"
-    return f"{verdict} (x{c['factor']} on {c['num_images']}: {drops})"
+    eot = c.get("eot_factor", c["factor"])
+    more = f"x{c['factor']}" + (f", EoT x{eot}" if eot != c["factor"] else "")
+    return f"{verdict} ({more} on {c['num_images']}: {drops})"
 
 
 def _fmt(summary) -> str:

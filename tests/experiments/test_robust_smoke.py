@@ -78,3 +78,34 @@ def test_configs_load():
             assert cfg.rows and all("name" in r for r in cfg.rows)
     assert load_config("mnist_robust", "l2").attack.norm == "l2"
     assert (REPO / "experiments" / "robust_eval.py").is_file()
+
+
+def test_convergence_check_reruns_a_subset_with_a_stronger_attack(tmp_path):
+    cfg = load_config("digits_robust", "smoke")
+    cfg.rows = tuple(r for r in cfg.rows if r["name"] == "classifier")
+    cfg.eval.convergence.update(factor=3, eot_factor=2, num_images=4)
+    (row,) = robust_eval.run(cfg, tmp_path)["rows"]
+    conv = row["convergence"]
+    assert conv["factor"] == 3 and conv["eot_factor"] == 2 and conv["num_images"] == 4
+    # 3x the iterations at the base run's step size; the classifier row is not purified, so
+    # its EoT samples stay as they were
+    assert conv["attack"]["num_steps"] == 3 * cfg.attack.num_steps
+    assert conv["attack"]["eot_samples"] == cfg.attack.eot_samples
+    for v in conv["protocols"].values():
+        assert v["base"]["num_images"] == v["stronger"]["num_images"] == 4
+        assert v["stronger"]["accuracy"] <= v["base"]["accuracy"] + 1e-9  # more iterations
+    assert row["self_check"]["mismatches"] == [] and row["self_check"]["agree"] >= 1
+    table = (tmp_path / "table.md").read_text()
+    assert "x3, EoT x2 on 4" in table and (tmp_path / "classifier" / "convergence_x3_eot_x2"
+                                             ).is_dir()
+
+
+def test_stronger_attack_config():
+    from experiments._robust_eval import _stronger
+
+    cfg = load_config("digits_robust", "smoke")
+    st = _stronger(cfg, 4, 2)
+    assert st.attack.num_steps == 4 * cfg.attack.num_steps
+    assert st.attack.eot_samples == 2 * cfg.attack.eot_samples  # stochastic, purified
+    assert st.attack.step_size == 2.5 * cfg.attack.eps / cfg.attack.num_steps
+    assert _stronger(cfg, 4).attack.eot_samples == 4 * cfg.attack.eot_samples
