@@ -35,12 +35,15 @@ NO_YNN_FLAG = YNN_MODES["off"]
 
 
 def _backend_initialized() -> bool:
+    """Whether JAX's backends are up, through public API only: JAX refuses to change
+    ``jax_num_cpu_devices`` once they are (RuntimeError); before, the value is put back."""
+    current = jax.config.jax_num_cpu_devices
     try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge._backends)  # noqa: SLF001
-    except Exception:  # pragma: no cover - private API moved
-        return False
+        jax.config.update("jax_num_cpu_devices", 2 if current == 1 else 1)
+    except RuntimeError:
+        return True
+    jax.config.update("jax_num_cpu_devices", current)
+    return False
 
 
 def configure_cpu(device_count: int | None = None, *, disable_ynn: bool | None = None,

@@ -52,3 +52,17 @@ def test_bad_ynn_settings_are_refused():
         parallel.configure_cpu(ynn="fast")
     with pytest.raises(ValueError, match="contradicts"):
         parallel.configure_cpu(ynn="no_conv", disable_ynn=True)
+
+
+def test_configure_cpu_after_backend_start_changes_nothing():
+    code = ("import os, warnings, jax; from jaxrob import parallel; "
+            "assert not parallel._backend_initialized(); n = jax.config.jax_num_cpu_devices; "
+            "assert parallel._backend_initialized() is False and "
+            "jax.config.jax_num_cpu_devices == n; jax.devices(); "
+            "assert parallel._backend_initialized(); before = os.environ.get('XLA_FLAGS', ''); "
+            "w = warnings.catch_warnings(record=True); rec = w.__enter__(); "
+            "warnings.simplefilter('always'); parallel.configure_cpu(4, ynn='no_conv'); "
+            "assert os.environ.get('XLA_FLAGS', '') == before; "
+            "assert any('already initialised' in str(r.message) for r in rec)")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
