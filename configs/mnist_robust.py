@@ -11,12 +11,13 @@ conv VJPs). Rows: the classifier alone; DDPM and DDIM purification at two t_star
 with exact gradients in the fixed-randomness setting; scored one-shot and worst-of-10.
 Each row writes its own resumable sub-workdir; see the README for timings on the 2-core CPU.
 
-Variants: ``:eps01`` (Linf 0.1), ``:l2`` (L2 eps 2.0), ``:smoke`` (random tiny UNet, seconds).
+Variants: ``:eps01`` (Linf 0.1), ``:l2`` (L2 eps 2.0), ``:fixed`` (only the classifier and the
+fixed-randomness rows: the cheap ones, EoT 1), ``:smoke`` (random tiny UNet, seconds).
 """
 
 from configs import _common
 
-VARIANTS = ("", "smoke", "eps01", "l2")
+VARIANTS = ("", "smoke", "eps01", "l2", "fixed")
 
 
 def rows(samplers=("ddpm", "ddim"), t_stars=(0.1, 0.3)):
@@ -41,6 +42,9 @@ def get_config(arg=None):
         c.attack.eps = 0.1
     elif arg == "l2":
         c.attack.update(norm="l2", eps=2.0)
+    elif arg == "fixed":
+        c.rows = tuple(r for r in c.rows
+                       if r["name"] == "classifier" or r["name"].endswith("_fixed"))
     elif arg == "smoke":
         _common.robust_smoke(c)
         c.data.test_split = "test[:8]"
