@@ -124,7 +124,7 @@ def test_kill_9_mid_save_leaves_no_readable_partial_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(ckdir)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     caught_tmp = False
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240  # importing JAX and orbax alone can take a minute under load
     try:
         while time.monotonic() < deadline:
             names = os.listdir(ckdir) if ckdir.exists() else []
@@ -136,7 +136,7 @@ def test_kill_9_mid_save_leaves_no_readable_partial_checkpoint(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert any(n.isdigit() for n in os.listdir(ckdir)), "no checkpoint finished in 60 s"
+    assert any(n.isdigit() for n in os.listdir(ckdir)), "no checkpoint finished in 240 s"
     leftovers = [n for n in os.listdir(ckdir) if "tmp" in n]
     with Checkpointer(ckdir, fingerprint={"k": 1}) as ck:
         step = ck.latest_step()

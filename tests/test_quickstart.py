@@ -18,6 +18,8 @@ def test_quickstart_notebook_executes(data_dir, tmp_path):
     # a fresh kernel, like a notebook user's: one CPU device, the repository's data dir
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAXROB_DATA_DIR"] = str(data_dir)
+    # the repository importable even where the editable install points elsewhere
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     client = NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO / "docs")}})
     old = dict(os.environ)

@@ -110,6 +110,7 @@ def test_fixed_randomness_is_deterministic_and_protocol_free():
 
 def _run(batch_size, mesh, store=None, log=None, **kw):
     kw.setdefault("protocols", ("one_shot", "worst_of@2"))
+    kw.setdefault("self_check", 0)  # one more compilation; tested where asserted
     return evaluate_robustness(DEFENDED, attack, X, Y, np.arange(100, 100 + N),
                                key=jr.key(5), batch_size=batch_size, mesh=mesh, store=store,
                                progress=False, log=log, **kw)
@@ -118,7 +119,7 @@ def _run(batch_size, mesh, store=None, log=None, **kw):
 def test_record_is_independent_of_batch_size_and_devices():
     ref = _run(4, make_mesh(1))
     for batch_size, devices in [(16, 8)]:
-        out = _run(batch_size, make_mesh(devices))
+        out = _run(batch_size, make_mesh(devices), self_check=4)
         for k in ("pred_clean", "pred_adv", "linf", "l2", "index", "adv@one_shot"):
             np.testing.assert_allclose(out["per_example"][k], ref["per_example"][k],
                                        atol=1e-5, err_msg=k)
@@ -243,16 +244,18 @@ def test_run_chunks_places_arguments_and_allows_shard_map_inside():
 
 
 def test_self_check_flags_a_record_that_differs_from_a_recomputation():
-    from jaxrob.evaluation._robust import _self_check
+    from jaxrob.evaluation._robust import _recompute, _self_check
 
     idx = np.arange(100, 100 + N)
-    keys_pred = _run(8, make_mesh(2), self_check=0)
-    assert keys_pred["self_check"]["checked"] == []
-    recorded = keys_pred["per_example"]["pred_clean"][:, 0].copy()
+    # what a correct chunk program records: sample 0's clean prediction of each example
+    recorded = np.array(_recompute(DEFENDED, "stochastic", X, Y, example_keys(jr.key(5), idx)))
     ok = _self_check(DEFENDED, np.asarray(X), np.asarray(Y), idx, recorded, key=jr.key(5),
                      randomness="stochastic", num=3, stride=4)
-    assert ok["checked"] == [100, 104, 115] and not ok["mismatches"]
+    assert ok["checked"] == [100, 104, 115] and not ok["mismatches"] and ok["agree"] == 3
     recorded[4] = (recorded[4] + 1) % 10  # what a miscompiled chunk program would leave
     with_bad = _self_check(DEFENDED, np.asarray(X), np.asarray(Y), idx, recorded,
                            key=jr.key(5), randomness="stochastic", num=3, stride=4)
     assert with_bad["mismatches"] == [104] and with_bad["agree"] == 2
+    off = _self_check(DEFENDED, np.asarray(X), np.asarray(Y), idx, recorded, key=jr.key(5),
+                      randomness="stochastic", num=0, stride=4)
+    assert off == {"checked": [], "agree": 0, "mismatches": []}

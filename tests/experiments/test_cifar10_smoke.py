@@ -3,12 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 from exp_helpers import load_config
 
 from experiments import train_diffusion
 from jaxrob.checkpoint import load_params
 
 
+@pytest.mark.slow  # the digits / MNIST smoke tests run the same code path in CI
 def test_cifar10_ddpm_smoke(data_dir, tmp_path):
     cfg = load_config("cifar10_ddpm", "smoke")
     cfg.data.data_dir = str(data_dir)

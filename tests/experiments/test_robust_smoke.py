@@ -40,6 +40,7 @@ def test_digits_robust_smoke_and_resume(tmp_path):
     assert again["rows"][1]["adv"] == pur["adv"]
 
 
+@pytest.mark.slow  # the digits smoke test runs the same code path in CI
 def test_cifar10_robust_smoke(data_dir, tmp_path):
     cfg = load_config("cifar10_robust", "smoke")
     cfg.data.data_dir = str(data_dir)
