@@ -14,8 +14,8 @@ start from ``delta ~ N(0, I)``; ``K`` times, build ``x_n`` from the mixed noise,
 cross-entropy on ``x0_hat`` w.r.t. ``delta``, add it to a running sum ``G`` and set
 ``delta <- RBGM(G)``. Rank-Based Gaussian Mapping (:func:`rbgm`) replaces ``delta`` by a fresh
 standard Gaussian sample arranged, per image and channel, in the rank order of ``G``: the values
-stay an i.i.d. N(0, 1) sample, only their arrangement is adversarial, so the mixed noise keeps
-the statistics the model was trained on.
+stay an i.i.d. N(0, 1) sample, only their arrangement is adversarial (a single pixel's value is
+not N(0, 1) given ``G``: the largest entry of ``G`` always gets its slice's maximum).
 
 Where this follows the reference (LYMDLUT/ADDT, ``train_DDPM_DDIM_ADDT/train_ADDT.py``):
 ``lambda_unit=0.03, lambda_min=0, lambda_max=0.3``, ``K=5``, the gradient summed over the
@@ -213,7 +213,8 @@ def cgpo_delta(eps_fn: EpsFn, logits_fn: LogitsFn, images01: Images, n: Steps,
 
     Randomness: ``delta_0`` from ``fold_in(key, ADDT_DELTA)``, iteration ``k``'s forward noise
     (``noise=None``) from ``fold_in(fold_in(key, ADDT_NOISE), k)`` and its RBGM sample from
-    ``fold_in(fold_in(key, ADDT_MAP), k)`` (tags of :mod:`jaxrob._keys`); per example when
+    ``fold_in(fold_in(key, ADDT_MAP), k)``, and ``logits_fn`` gets
+    ``fold_in(fold_in(key, CLASSIFIER), k)`` (tags of :mod:`jaxrob._keys`); per example when
     ``key`` is a (B,) batch of keys.
 
     Args:

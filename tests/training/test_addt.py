@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from training_fixtures import synthetic_batch
+from training_fixtures import TinyEps, synthetic_batch
 
 import jaxrob.diffusion as jd
 from jaxrob import _keys as tags
@@ -180,35 +180,37 @@ def _classifier():
 
 
 class _Setup:
-    """The compiled ADDT steps per (mesh size, options) and one initial state, shared by the
-    tests (compiling the step is most of their time)."""
+    """The compiled ADDT steps per (model, mesh size, options) and one initial state per model,
+    shared by the tests (compiling the step is most of their time)."""
 
     cache: dict = {}
-    model = _unet()
+    # the UNet compiles ~4x slower than the 2-conv TinyEps (about 35 s vs 10 s per step on the
+    # loaded 2-core CPU), so only the test that is about the model's loss uses it
+    models = {"unet": _unet(), "tiny": TinyEps()}
     # SGD: Adam's first update is +-lr for any gradient well above its eps, so a parameter
     # whose gradient is ~0 (rounding noise) would move by +-lr depending on the device count
     tx, lr_fn = jt.make_optimizer(name="sgd", learning_rate=1e-2, momentum=0.0)
-    host_state = None
+    host_states: dict = {}
 
     @classmethod
-    def state(cls, mesh):
-        if cls.host_state is None:
+    def state(cls, name, mesh):
+        if name not in cls.host_states:
             with jax.threefry_partitionable(False):
-                init = jax.jit(lambda: jt.init_ddpm_state(cls.model, jr.key(0), (8, 8, 1),
-                                                          cls.tx))
-                cls.host_state = jax.device_get(init())
-        return jax.device_put(cls.host_state, replicated(mesh))
+                init = jax.jit(lambda: jt.init_ddpm_state(cls.models[name], jr.key(0),
+                                                          (8, 8, 1), cls.tx))
+                cls.host_states[name] = jax.device_get(init())
+        return jax.device_put(cls.host_states[name], replicated(mesh))
 
     @classmethod
-    def get(cls, num_devices, **kw):
-        k = (num_devices, tuple(sorted(kw.items())))
+    def get(cls, name, num_devices, **kw):
+        k = (name, num_devices, tuple(sorted(kw.items())))
         if k not in cls.cache:
             mesh = make_mesh(num_devices)
-            step = jt.make_addt_train_step(cls.model.apply, cls.tx, SCHEDULE, _classifier(),
-                                           lr_fn=cls.lr_fn, mesh=mesh, **kw)
+            step = jt.make_addt_train_step(cls.models[name].apply, cls.tx, SCHEDULE,
+                                           _classifier(), lr_fn=cls.lr_fn, mesh=mesh, **kw)
             cls.cache[k] = (mesh, step)
         mesh, step = cls.cache[k]
-        return mesh, cls.state(mesh), step
+        return mesh, cls.state(name, mesh), step
 
 
 def _batch(i):
@@ -219,7 +221,7 @@ def test_sharded_addt_step_equals_single_device():
     assert len(jax.devices()) == 8
     out = {}
     for nd in (8, 1):
-        mesh, state, step = _Setup.get(nd, num_iters=1)
+        mesh, state, step = _Setup.get("tiny", nd, num_iters=2)
         metrics = []
         for i in range(2):
             state, m = step(state, shard_batch(_batch(i), mesh))
@@ -234,8 +236,7 @@ def test_sharded_addt_step_equals_single_device():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                      tree8, tree1)
     assert int(s8.step) == 2
-    leaf = jax.tree.leaves(s8.params)[0]
-    assert len(leaf.sharding.device_set) == 8
+    assert len(s8.params["Conv_0"]["kernel"].sharding.device_set) == 8
     assert step8._cache_size() == 1
     # RBGM keeps delta standard normal: its RMS is ~1 (8 * 64 values)
     assert 0.8 < float(m8[0]["delta_rms"]) < 1.2
@@ -246,8 +247,8 @@ def test_zero_iterations_is_plain_finetuning_on_the_mixed_target():
     mixed = sqrt(1 - r^2) eps + r delta and delta ~ N(0, I), written out here from the
     documented randomness (``mapping="gaussian"`` draws the same delta: see
     test_cgpo_zero_iterations_is_the_plain_gaussian_delta)."""
-    mesh, state, step = _Setup.get(1, num_iters=0)
-    model, tx = _Setup.model, _Setup.tx
+    mesh, state, step = _Setup.get("unet", 1, num_iters=0)
+    model, tx = _Setup.models["unet"], _Setup.tx
     batch = _batch(0)
 
     @jax.jit
@@ -283,6 +284,29 @@ def test_zero_iterations_is_plain_finetuning_on_the_mixed_target():
     # the EMA's power-3/4 warm-up: decay 0 at the first update, so it equals the params
     jax.tree.map(np.testing.assert_array_equal, new.ema_params, new.params)
     assert float(metrics["delta_rms"]) == pytest.approx(1.0, abs=0.2)
+
+
+def test_step_runs_the_other_options():
+    """pgd_linf and share_noise (and no EMA) on the 2-conv TinyEps: finite metrics, the
+    pgd_linf ratio is the clipped sqrt(snr) and its delta stays in the Linf ball."""
+    model = TinyEps()
+    tx, _ = jt.make_addt_optimizer(learning_rate=1e-3)
+    mesh = make_mesh(1)
+    init = lambda: jt.init_ddpm_state(model, jr.key(0), (8, 8, 1), tx)
+    batch = shard_batch(synthetic_batch(0, batch=4), mesh)
+    for kw in [{"mapping": "pgd_linf"}, {"share_noise": True, "ema_decay": None}]:
+        state = jt.init_on_mesh(init, mesh)
+        kernel = np.asarray(state.params["Conv_0"]["kernel"])
+        step = jt.make_addt_train_step(model.apply, tx, SCHEDULE, _classifier(), num_iters=2,
+                                       mesh=mesh, **kw)
+        new, m = step(state, batch)
+        assert all(np.isfinite(float(v)) for v in m.values()), (kw, m)
+        assert int(new.step) == 1
+        assert not np.allclose(new.params["Conv_0"]["kernel"], kernel)
+        if kw.get("mapping") == "pgd_linf":
+            assert 0.0 < float(m["ratio"]) <= 10.0 and float(m["delta_rms"]) <= 2 * 8 / 255
+        else:
+            np.testing.assert_array_equal(new.ema_params["Conv_0"]["kernel"], kernel)
 
 
 def test_addt_optimizer_defaults():
