@@ -46,3 +46,11 @@ LANCZOS = 5  # the start vector of a matrix-free top-k spectrum (jacobian_spectr
 PROBE = 7  # a random check vector, e.g. a dense Jacobian's self-check (jacobian_spectrum)
 CURVE = 8  # purifier keys of the points along a direction (critical_threshold)
 FIXED_EXTRA = 9  # a study's further fixed purifier keys beside FIXED's (critical_threshold)
+
+# ADDT training (jaxrob.training.make_addt_train_step, cgpo_delta): folded into example i's key
+# of a train step, or into the key handed to cgpo_delta (never into an evaluation's k_i).
+ADDT_POSITION = 10  # the schedule position n drawn for the example
+ADDT_NOISE = 11  # the forward noise eps (train step); CGPO iteration k folds k in after it
+ADDT_CGPO = 12  # the key the train step hands to cgpo_delta
+ADDT_DELTA = 13  # CGPO's starting delta ~ N(0, I) (the whole delta when num_iters = 0)
+ADDT_MAP = 14  # RBGM's fresh Gaussian sample of CGPO iteration k (then k folded in)

@@ -1,9 +1,15 @@
-"""Training: DDPM and classifier train steps, the resumable train loop, evaluation helpers.
+"""Training: DDPM, classifier and ADDT train steps, the resumable train loop, evaluation helpers.
 
 Everything here takes keyword arguments, never a config; ``experiments/`` turn configs into
 calls. Checkpoints go through :mod:`jaxrob.checkpoint`.
 """
 
+from jaxrob.training._addt import MAPPINGS as MAPPINGS
+from jaxrob.training._addt import addt_ratio as addt_ratio
+from jaxrob.training._addt import cgpo_delta as cgpo_delta
+from jaxrob.training._addt import make_addt_optimizer as make_addt_optimizer
+from jaxrob.training._addt import make_addt_train_step as make_addt_train_step
+from jaxrob.training._addt import rbgm as rbgm
 from jaxrob.training._classifier import classifier_accuracy as classifier_accuracy
 from jaxrob.training._classifier import classifier_loss as classifier_loss
 from jaxrob.training._classifier import classifier_predictions as classifier_predictions

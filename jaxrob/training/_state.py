@@ -174,16 +174,23 @@ def make_optimizer(*, name: str = "adamw", learning_rate: float = 2e-4, total_st
     return optax.chain(*parts), lr_fn
 
 
-def ema_update(ema_params, params, step: Array, *, decay: float, warmup: bool = True):
+def ema_update(ema_params, params, step: Array, *, decay: float, warmup: bool = True,
+               power: float | None = None):
     """``ema <- d * ema + (1 - d) * params``.
 
     With ``warmup`` the decay used at update ``step`` (0-based) is
-    ``min(decay, (1 + step) / (10 + step))`` so short runs are not dominated by the init.
+    ``min(decay, (1 + step) / (10 + step))`` so short runs are not dominated by the init; with
+    ``warmup`` and a ``power`` it is ``min(decay, 1 - (1 + step) ** -power)`` instead (the
+    ``use_ema_warmup`` schedule of diffusers' ``EMAModel`` with ``inv_gamma=1``; ``power=3/4``
+    in its training scripts).
     """
     d = jnp.asarray(decay, jnp.float32)
     if warmup:
         s = step.astype(jnp.float32)
-        d = jnp.minimum(d, (1.0 + s) / (10.0 + s))
+        if power is None:
+            d = jnp.minimum(d, (1.0 + s) / (10.0 + s))
+        else:
+            d = jnp.minimum(d, 1.0 - (1.0 + s) ** (-float(power)))
     return jax.tree.map(lambda e, p: e + (1.0 - d).astype(e.dtype) * (p - e), ema_params,
                         params)
 
@@ -195,7 +202,15 @@ def check_ema_decay(decay) -> float | None:
     return _check_number(decay, "ema_decay", lo=0.0, hi=1.0, hi_open=True)
 
 
-def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh | None = None) -> Callable:
+def check_ema_power(power) -> float | None:
+    """None, or a warm-up power > 0."""
+    if power is None:
+        return None
+    return _check_number(power, "ema_power", lo=0.0, lo_open=True)
+
+
+def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh | None = None, *,
+                   frozen: Any = None) -> Callable:
     """``jax.jit`` a ``step_fn(state, batch) -> (state, metrics)`` for a ``data`` mesh.
 
     The state (params, optimizer state, EMA) is replicated, the batch is split over the mesh's
@@ -204,13 +219,28 @@ def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh | None = None) -> 
     Args:
       step_fn: the un-jitted train step.
       mesh: 1-D ``data`` mesh (default: all devices, ``jaxrob.parallel.make_mesh()``).
+      frozen: a pytree of arrays the step reads but never updates (e.g. a frozen classifier's
+        variables), or None. When given, ``step_fn(state, batch, frozen)`` receives it as a
+        replicated argument of the compiled program (closed over, each array would be embedded
+        in the program as a constant), and the returned step still takes ``(state, batch)``.
     """
     from jaxrob.parallel import data_sharding, make_mesh, replicated
 
     mesh = make_mesh() if mesh is None else mesh
     rep = replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(rep, data_sharding(mesh)), out_shardings=(rep, rep),
-                   donate_argnums=0)
+    if frozen is None:
+        return jax.jit(step_fn, in_shardings=(rep, data_sharding(mesh)),
+                       out_shardings=(rep, rep), donate_argnums=0)
+    jitted = jax.jit(step_fn, in_shardings=(rep, data_sharding(mesh), rep),
+                     out_shardings=(rep, rep), donate_argnums=0)
+    frozen = jax.device_put(frozen, rep)
+
+    def train_step(state, batch):
+        return jitted(state, batch, frozen)
+
+    train_step.lower = lambda state, batch: jitted.lower(state, batch, frozen)
+    train_step._cache_size = jitted._cache_size
+    return train_step
 
 
 def init_on_mesh(init_fn: Callable[[], Any], mesh: jax.sharding.Mesh | None = None):
