@@ -34,7 +34,10 @@ defence jits and memory stays bounded. Two gradients are involved, each a named 
   (``stop_gradient`` on the network output; ANCHORS.md section 6).
 * ``gradient``: what an attack differentiating the defence gets. ``"exact"`` (default)
   differentiates through the unrolled optimisation (the inner gradients included, second order);
-  ``"bpda"`` is the identity backward (Athalye et al.).
+  ``"bpda"`` is the identity backward (Athalye et al.). The exact gradient is small by
+  construction: with ``iterations=0`` the output depends on ``x`` only through the (discrete)
+  choice of restart, so it is 0; Adam's first step is about ``-lr sign(g)``, whose derivative in
+  ``x`` nearly vanishes, and only later steps (through Adam's moments) pass more of it.
 
 Differences from the reference code (HondamunigePrasannaSilva/DiffDefence), all deliberate:
 
@@ -67,6 +70,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import optax
 
 import jaxrob._keys as tags
@@ -101,7 +105,7 @@ class Reconstruction:
 
 
 def _check_count(value, name: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
 
