@@ -16,6 +16,12 @@ import jax.random as jr
 PURIFY_FORWARD = 0
 PURIFY_REVERSE = 1
 
+# DiffDefense reconstruction (jaxrob.purify.diffdefense): restart r starts from
+# z_T = normal(fold_in(fold_in(key, RECON_INIT), r)); its reverse passes draw their noise (eta > 0)
+# from fold_in(fold_in(fold_in(key, RECON_REVERSE), r), iteration)
+RECON_INIT = 0
+RECON_REVERSE = 1
+
 # evaluation (per example ``k_i``)
 ATTACK = 1  # the attack's own randomness, and in stochastic mode its purifier keys
 CLEAN = 2  # the purifications that score the clean input

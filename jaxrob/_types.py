@@ -23,6 +23,7 @@ Steps = Int[Array, " b"] | Float[Array, " b"] | Int[Array, ""] | int
 Labels = Int[_Data, " b"]
 Logits = Float[Array, "b k"]
 PerExample = Float[Array, " b"]
+PerExampleInt = Int[Array, " b"]  # an integer per example (e.g. the index of a kept restart)
 Key = PRNGKeyArray  # one key
 Keys = _KeyArray[Array, " b"]  # one key per example
 AnyKey = Key | Keys  # either: purifiers and defended models take both
@@ -32,4 +33,4 @@ LogitsFn = Callable[[Array, Array], Array]  # logits_fn(x, key) -> (B, K); the a
 PurifyFn = Callable[[Array, Array], Array]  # purify(x, key) -> x_purified
 
 __all__ = ["AnyKey", "Array", "EpsFn", "Images", "Key", "Keys", "Labels", "Latents", "Logits",
-           "LogitsFn", "PerExample", "PurifyFn", "Steps"]
+           "LogitsFn", "PerExample", "PerExampleInt", "PurifyFn", "Steps"]

@@ -1,12 +1,18 @@
 """Robust accuracy of a defended model under a named protocol; the resumable chunk runner.
 
 Public: :func:`evaluate_robustness` (attack + scoring over a dataset, resumable and sharded),
-:func:`robust_scores` (one batch, jit-able), the protocols (:func:`score_predictions`,
-:func:`predictions`, :func:`parse_protocol`, intervals), :func:`fixed_purifier_keys` (the keys
-of ``randomness="fixed"``), and :func:`run_chunks` / :class:`ChunkStore`, the one chunk runner
-that every per-example computation of the library and the experiments goes through.
+:func:`robust_scores` (one batch, jit-able), attack detection from per-example scores
+(:func:`roc_curve`, :func:`roc_auc`, :func:`detection_rate`), the protocols
+(:func:`score_predictions`, :func:`predictions`, :func:`parse_protocol`, intervals),
+:func:`fixed_purifier_keys` (the keys of ``randomness="fixed"``), and :func:`run_chunks` /
+:class:`ChunkStore`, the one chunk runner that every per-example computation of the library and
+the experiments goes through.
 """
 
+from jaxrob.evaluation._detection import Detection as Detection
+from jaxrob.evaluation._detection import detection_rate as detection_rate
+from jaxrob.evaluation._detection import roc_auc as roc_auc
+from jaxrob.evaluation._detection import roc_curve as roc_curve
 from jaxrob.evaluation._protocols import PROTOCOLS as PROTOCOLS
 from jaxrob.evaluation._protocols import RANDOMNESS as RANDOMNESS
 from jaxrob.evaluation._protocols import check_randomness as check_randomness

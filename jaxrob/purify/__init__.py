@@ -1,11 +1,20 @@
-"""Purifiers built on :mod:`jaxrob.diffusion`: DiffPure-style, multi-stage, majority vote.
+"""Purifiers built on :mod:`jaxrob.diffusion`: DiffPure-style, multi-stage, majority vote,
+DiffDefense reconstruction.
 
 Public: :func:`diffpure` / :func:`multistage` build a :class:`Purifier` (``purify(x, key)``),
+:func:`diffdefense` builds a :class:`DiffDefense` (``defence(x, key)``, and
+``defence.reconstruct(x, key)`` -> :class:`Reconstruction` with the detection score),
 :class:`DefendedModel` (or :func:`purified_logits`) puts a classifier behind it -- the
 ``logits_fn(x, key)`` that attacks and evaluations take -- :func:`majority_vote`, and
 :func:`example_keys` (per-example keys from global indices).
 """
 
+from jaxrob.purify._diffdefense import DD_GRADIENTS as DD_GRADIENTS
+from jaxrob.purify._diffdefense import OUTPUTS as OUTPUTS
+from jaxrob.purify._diffdefense import Z_GRADIENTS as Z_GRADIENTS
+from jaxrob.purify._diffdefense import DiffDefense as DiffDefense
+from jaxrob.purify._diffdefense import Reconstruction as Reconstruction
+from jaxrob.purify._diffdefense import diffdefense as diffdefense
 from jaxrob.purify._diffpure import GRADIENTS as GRADIENTS
 from jaxrob.purify._diffpure import SAMPLERS as SAMPLERS
 from jaxrob.purify._diffpure import DefendedModel as DefendedModel
