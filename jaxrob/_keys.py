@@ -46,3 +46,8 @@ LANCZOS = 5  # the start vector of a matrix-free top-k spectrum (jacobian_spectr
 PROBE = 7  # a random check vector, e.g. a dense Jacobian's self-check (jacobian_spectrum)
 CURVE = 8  # purifier keys of the points along a direction (critical_threshold)
 FIXED_EXTRA = 9  # a study's further fixed purifier keys beside FIXED's (critical_threshold)
+
+# Inside one attack's key, beside the restart indices 0 .. num_restarts - 1 that the attacks fold
+# into it (so far above any restart count).
+LEAST_LIKELY = 1_000_011  # the clean logits that pick a targeted attack's "least_likely" target
+TARGET_HIT = 1_000_013  # the logits that score a targeted attack's success (prediction == target)
