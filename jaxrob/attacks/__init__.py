@@ -37,3 +37,4 @@ from jaxrob.attacks._losses import dlr_loss_targeted as dlr_loss_targeted
 from jaxrob.attacks._losses import loss_from_logits as loss_from_logits
 from jaxrob.attacks._pgd import fgsm as fgsm
 from jaxrob.attacks._pgd import pgd as pgd
+from jaxrob.attacks._square import square as square
