@@ -21,6 +21,7 @@ from jaxrob.attacks._common import AttackResult as AttackResult
 from jaxrob.attacks._common import project as project
 from jaxrob.attacks._cw import cw_l2 as cw_l2
 from jaxrob.attacks._deepfool import deepfool as deepfool
+from jaxrob.attacks._ead import ead as ead
 from jaxrob.attacks._eot import eot_grad as eot_grad
 from jaxrob.attacks._eot import eot_value_and_grad as eot_value_and_grad
 from jaxrob.attacks._losses import LOSSES as LOSSES
