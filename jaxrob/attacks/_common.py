@@ -30,15 +30,16 @@ class AttackResult(NamedTuple):
     Attributes:
       x_adv: (B, H, W, C) adversarial images in [0, 1]. Norm-bounded attacks (FGSM, PGD, APGD):
         the best iterate per example, the one with the highest loss (ties keep the earliest),
-        inside the eps-ball around ``x``. Minimum-norm attacks (C&W, DeepFool): the closest
-        successful point found (C&W: ``x`` where it failed; DeepFool: its last iterate).
+        inside the eps-ball around ``x``; Square: its best (highest-margin) query, in the ball.
+        Minimum-norm attacks (C&W, EAD, DeepFool): the closest successful point found (C&W,
+        EAD: ``x`` where it failed; DeepFool: its last iterate).
       loss: (B,) the attack loss at ``x_adv`` as measured when it was chosen (the EoT mean over
         that iteration's keys for randomised losses); minimum-norm attacks report the C&W
         margin ``max_{j != y} z_j - z_y`` there (positive = misclassified).
       iterates: every evaluated point, (num_restarts * (num_steps + 1), B, H, W, C), when the
         attack was asked for them; otherwise None.
-      norm: (B,) ``||x_adv - x||`` in the attack's norm (minimum-norm attacks; C&W: inf where
-        it failed); None for norm-bounded attacks.
+      norm: (B,) ``||x_adv - x||`` in the attack's norm (minimum-norm attacks: L2 for C&W, L1
+        for EAD, both inf where they failed); None for norm-bounded attacks and Square.
       success: (B,) bool, whether ``x_adv`` was misclassified when last evaluated
         (minimum-norm attacks and Square), or predicted as the target (targeted PGD / APGD);
         None for untargeted gradient attacks (FGSM, PGD, APGD).
