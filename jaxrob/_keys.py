@@ -60,3 +60,8 @@ ADDT_NOISE = 11  # the forward noise eps (train step); CGPO iteration k folds k 
 ADDT_CGPO = 12  # the key the train step hands to cgpo_delta
 ADDT_DELTA = 13  # CGPO's starting delta ~ N(0, I) (the whole delta when num_iters = 0)
 ADDT_MAP = 14  # RBGM's fresh Gaussian sample of CGPO iteration k (then k folded in)
+
+# Inside one attack's key, beside the restart indices 0 .. num_restarts - 1 that the attacks fold
+# into it (so far above any restart count).
+LEAST_LIKELY = 1_000_011  # the clean logits that pick a targeted attack's "least_likely" target
+TARGET_HIT = 1_000_013  # the logits that score a targeted attack's success (prediction == target)

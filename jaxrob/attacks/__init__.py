@@ -1,11 +1,15 @@
-"""Attacks on (possibly randomised) classifiers: losses, FGSM, PGD, APGD, C&W-L2, DeepFool, EoT.
+"""Attacks on (possibly randomised) classifiers: losses, FGSM, PGD, APGD, C&W-L2, EAD, DeepFool,
+Square, EoT.
 
 Every attack is a pure function ``attack(model, x, y, key, **options) -> AttackResult`` with
-keyword-only hyper-parameters, jitted with its loops inside (``lax.scan`` / ``fori_loop``).
+keyword-only hyper-parameters, jitted with its loops inside (``lax.scan`` / ``fori_loop`` /
+``while_loop``).
 ``model`` is what the attack attacks, ``logits_fn(x, key) -> (B, K)`` (a
 :class:`jaxrob.purify.DefendedModel`, a :class:`jaxrob.models.Classifier`, or any function;
 deterministic models ignore the key); the loss maximised is named by ``loss=`` (``"ce"``,
-``"cw"``, ``"dlr"``) or given as ``loss(logits, y) -> (B,)``. Pytree models are traced, not
+``"cw"``, ``"dlr"``) or given as ``loss(logits, y) -> (B,)``; PGD and APGD take a ``target=``
+(classes, or ``"least_likely"``) and then maximise the targeted form of the loss. Square is
+query-based (no gradients) and reports its per-example query count. Pytree models are traced, not
 baked in: attacking new parameters of the same shapes reuses the compilation.
 """
 
@@ -17,15 +21,21 @@ from jaxrob.attacks._common import AttackResult as AttackResult
 from jaxrob.attacks._common import project as project
 from jaxrob.attacks._cw import cw_l2 as cw_l2
 from jaxrob.attacks._deepfool import deepfool as deepfool
+from jaxrob.attacks._ead import ead as ead
 from jaxrob.attacks._eot import eot_grad as eot_grad
 from jaxrob.attacks._eot import eot_value_and_grad as eot_value_and_grad
 from jaxrob.attacks._losses import LOSSES as LOSSES
+from jaxrob.attacks._losses import TARGETED_LOSSES as TARGETED_LOSSES
 from jaxrob.attacks._losses import LogitsFn as LogitsFn
 from jaxrob.attacks._losses import LogitsLoss as LogitsLoss
 from jaxrob.attacks._losses import LossFn as LossFn
 from jaxrob.attacks._losses import ce_loss as ce_loss
+from jaxrob.attacks._losses import ce_loss_targeted as ce_loss_targeted
 from jaxrob.attacks._losses import cw_loss as cw_loss
+from jaxrob.attacks._losses import cw_loss_targeted as cw_loss_targeted
 from jaxrob.attacks._losses import dlr_loss as dlr_loss
+from jaxrob.attacks._losses import dlr_loss_targeted as dlr_loss_targeted
 from jaxrob.attacks._losses import loss_from_logits as loss_from_logits
 from jaxrob.attacks._pgd import fgsm as fgsm
 from jaxrob.attacks._pgd import pgd as pgd
+from jaxrob.attacks._square import square as square

@@ -30,10 +30,13 @@ from jaxrob.attacks._common import (
     per_example_norm,
     project,
     resolve_loss,
+    resolve_target,
+    score_targeted,
     steepest_direction,
+    targets_or_least_likely,
 )
 from jaxrob.attacks._eot import eot_value_and_grad
-from jaxrob.attacks._losses import LogitsFn
+from jaxrob.attacks._losses import LogitsFn, TargetedLogitsLoss
 
 APGD_LOSSES = ("ce", "cw", "dlr")
 
@@ -155,11 +158,26 @@ def _apgd(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_start,
     return best_over_restarts(run, x, key, num_restarts, return_iterates)
 
 
+@filter_jit
+def _apgd_targeted(model, x, y, key, target, eps, *, loss, norm, num_steps, rho, alpha,
+                   random_start, num_restarts, eot_samples, eot_chunk, eot_mesh,
+                   return_iterates):
+    target = targets_or_least_likely(model, x, y, key, target)
+    loss_fn = TargetedLogitsLoss(model, target, loss)
+    run = functools.partial(
+        _apgd_run, loss_fn, x, y, eps=eps, norm=norm, num_steps=num_steps, rho=rho, alpha=alpha,
+        random_start=random_start, eot_samples=eot_samples, eot_chunk=eot_chunk,
+        eot_mesh=eot_mesh, return_iterates=return_iterates)
+    res = best_over_restarts(run, x, key, num_restarts, return_iterates)
+    return score_targeted(model, res, target, key)
+
+
 def apgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
          norm: str = "linf", num_steps: int = 100, loss: str | Callable = "ce",
-         random_start: bool = True, num_restarts: int = 1, rho: float = 0.75,
-         alpha: float = 0.75, eot_samples: int = 1, eot_chunk: int | None = None,
-         eot_mesh=None, return_iterates: bool = False) -> AttackResult:
+         target: Labels | str | None = None, random_start: bool = True, num_restarts: int = 1,
+         rho: float = 0.75, alpha: float = 0.75, eot_samples: int = 1,
+         eot_chunk: int | None = None, eot_mesh=None,
+         return_iterates: bool = False) -> AttackResult:
     """Auto-PGD: PGD with momentum and an adaptive step size, best (highest-loss) point kept.
 
     Per iteration ``k`` (``s`` = sign for Linf, ``g / ||g||_2`` for L2; ``P`` the projection on
@@ -185,6 +203,12 @@ def apgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
       num_steps: iterations N (the loss is evaluated N + 1 times per restart).
       loss: ``"ce"`` (default), ``"dlr"`` (APGD-DLR), ``"cw"`` or a callable
         ``loss(logits, y) -> (B,)``.
+      target: None (default): untargeted. A (B,) int array of target classes or
+        ``"least_likely"`` (as :func:`jaxrob.attacks.pgd`): the targeted form of ``loss`` is
+        maximised (:data:`TARGETED_LOSSES`; ``loss="dlr"`` is APGD-T, AutoAttack's
+        ``dlr_loss_targeted``, which needs K >= 4 classes; ``"ce"`` is AutoAttack's
+        ``ce-targeted``). AutoAttack's APGD-T loops over the 2nd..10th most likely classes as
+        targets; here one target per example is given (call once per target for that).
       random_start: AutoAttack's start ``x + eps t / ||t||`` (t uniform / normal), else ``x``.
       num_restarts: independent runs (restart ``r`` uses ``fold_in(key, r)``); best kept.
       rho: oscillation threshold (0.75).
@@ -197,10 +221,12 @@ def apgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
 
     Returns:
       :class:`AttackResult`: ``x_adv`` is the highest-loss point (AutoAttack's ``x_best``; with
-      ``"dlr"``/``"cw"`` a positive loss means misclassified), ``loss`` its loss.
+      ``"dlr"``/``"cw"`` a positive loss means misclassified), ``loss`` its loss; targeted,
+      also ``success``: ``x_adv`` predicted as the target (scored as in :func:`pgd`).
 
     Raises:
-      ValueError: as :func:`pgd`, and ``rho``/``alpha`` outside (0, 1].
+      ValueError: as :func:`pgd` (including the checks of ``target``), and ``rho``/``alpha``
+        outside (0, 1].
 
     References:
       Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
@@ -216,6 +242,13 @@ def apgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
             raise ValueError(f"{name}: expected a number in (0, 1], got {v!r}")
     eot_samples, eot_chunk = check_eot(eot_samples, eot_chunk, "eot_samples", "eot_chunk")
     loss_fn = resolve_loss(model, loss, x=x, y=y, key=key)
+    if target is not None:
+        target = resolve_target(model, x, y, target, loss, key)
+        return _apgd_targeted(model, x, y, key, target, eps, loss=loss, norm=norm,
+                              num_steps=num_steps, rho=float(rho), alpha=float(alpha),
+                              random_start=bool(random_start), num_restarts=num_restarts,
+                              eot_samples=eot_samples, eot_chunk=eot_chunk, eot_mesh=eot_mesh,
+                              return_iterates=bool(return_iterates))
     return _apgd(loss_fn, x, y, key, eps, norm=norm, num_steps=num_steps, rho=float(rho),
                  alpha=float(alpha), random_start=bool(random_start),
                  num_restarts=num_restarts, eot_samples=eot_samples, eot_chunk=eot_chunk,

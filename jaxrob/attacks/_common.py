@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+import jaxrob._keys as tags
 from jaxrob._checks import check_choice, check_images, check_positive_int
 from jaxrob._types import Array, Images, Key, PerExample
 from jaxrob.attacks._losses import LOSSES, LossFn, loss_from_logits
@@ -29,17 +30,21 @@ class AttackResult(NamedTuple):
     Attributes:
       x_adv: (B, H, W, C) adversarial images in [0, 1]. Norm-bounded attacks (FGSM, PGD, APGD):
         the best iterate per example, the one with the highest loss (ties keep the earliest),
-        inside the eps-ball around ``x``. Minimum-norm attacks (C&W, DeepFool): the closest
-        successful point found (C&W: ``x`` where it failed; DeepFool: its last iterate).
+        inside the eps-ball around ``x``; Square: its best (highest-margin) query, in the ball.
+        Minimum-norm attacks (C&W, EAD, DeepFool): the closest successful point found (C&W,
+        EAD: ``x`` where it failed; DeepFool: its last iterate).
       loss: (B,) the attack loss at ``x_adv`` as measured when it was chosen (the EoT mean over
         that iteration's keys for randomised losses); minimum-norm attacks report the C&W
         margin ``max_{j != y} z_j - z_y`` there (positive = misclassified).
       iterates: every evaluated point, (num_restarts * (num_steps + 1), B, H, W, C), when the
         attack was asked for them; otherwise None.
-      norm: (B,) ``||x_adv - x||`` in the attack's norm (minimum-norm attacks; C&W: inf where
-        it failed); None for norm-bounded attacks.
+      norm: (B,) ``||x_adv - x||`` in the attack's norm (minimum-norm attacks: L2 for C&W, L1
+        for EAD, both inf where they failed); None for norm-bounded attacks and Square.
       success: (B,) bool, whether ``x_adv`` was misclassified when last evaluated
-        (minimum-norm attacks); None for norm-bounded attacks.
+        (minimum-norm attacks and Square), or predicted as the target (targeted PGD / APGD);
+        None for untargeted gradient attacks (FGSM, PGD, APGD).
+      queries: (B,) int32, the model evaluations an example used (query-based attacks: Square,
+        whose ``loss`` is the C&W margin at ``x_adv``); None for the other attacks.
     """
 
     x_adv: Array
@@ -47,6 +52,7 @@ class AttackResult(NamedTuple):
     iterates: Array | None = None
     norm: Array | None = None
     success: Array | None = None
+    queries: Array | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +141,80 @@ def check_num_classes(model, x, y, key=None) -> int:
         raise ValueError(f"y: expected labels in [0, {k}) for a model with {k} classes, got "
                          f"max {int(y_np.max())}")
     return k
+
+
+def resolve_target(model, x, y, target, loss, key=None):
+    """Check a targeted attack's ``target`` and ``loss``; return the targets (or None).
+
+    Args:
+      model: ``logits_fn(x, key)``; its number of classes K is read abstractly (no compute).
+      x, y: the images and (checked) int32 labels.
+      target: None (untargeted), ``"least_likely"`` or a (B,) int array of classes.
+      loss: the loss name (a callable loss cannot be made targeted).
+      key: the attack's key (for the abstract evaluation only).
+
+    Returns:
+      None for ``"least_likely"`` (picked inside the attack), else the targets as int32.
+
+    Raises:
+      ValueError: a target that is not ``"least_likely"`` or a (B,) int array, outside
+        ``[0, K)``, equal to the label ``y``; a callable ``loss``; ``"dlr"`` with K < 4.
+    """
+    if callable(loss):
+        raise ValueError("loss: a targeted attack takes a named loss ('ce', 'cw' or 'dlr', made "
+                         "targeted: -CE of the target, z_t - max_{j!=t} z_j, targeted DLR), got "
+                         "a callable")
+    key = jr.key(0) if key is None else key
+    num_classes = int(jax.eval_shape(model, x, key).shape[-1])
+    if loss == "dlr" and num_classes < 4:
+        raise ValueError(f"loss: the targeted DLR needs at least 4 classes, the model has "
+                         f"{num_classes}")
+    if isinstance(target, str):
+        if target != "least_likely":
+            raise ValueError(f"target: expected an int array of target classes or "
+                             f"'least_likely', got {target!r}")
+        return None
+    shape = getattr(target, "shape", None)
+    dtype = getattr(target, "dtype", None)
+    if shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"target: expected an int array of target classes, shape "
+                         f"({x.shape[0]},), or 'least_likely', got {type(target).__name__} "
+                         f"{dtype}")
+    if tuple(shape) != (x.shape[0],):
+        raise ValueError(f"target: expected shape ({x.shape[0]},) (one target class per image), "
+                         f"got {tuple(shape)}")
+    if not isinstance(target, jax.core.Tracer) and np.asarray(target).size:
+        t = np.asarray(target)
+        if t.min() < 0 or t.max() >= num_classes:
+            raise ValueError(f"target: expected classes in [0, {num_classes}) for a model with "
+                             f"{num_classes} classes, got min {int(t.min())}, max "
+                             f"{int(t.max())}")
+        if not isinstance(y, jax.core.Tracer):
+            same = np.flatnonzero(t == np.asarray(y))
+            if same.size:
+                raise ValueError(f"target: equals the label y for examples {same[:8].tolist()}; "
+                                 f"a targeted attack needs a class other than the true one")
+    return jnp.asarray(target, jnp.int32)
+
+
+def least_likely_target(logits_BK: Array, y_B: Array) -> Array:
+    """(B,) the class other than ``y`` with the lowest logit."""
+    onehot_BK = jax.nn.one_hot(y_B, logits_BK.shape[1], dtype=bool)
+    return jnp.argmin(jnp.where(onehot_BK, jnp.inf, logits_BK), axis=1).astype(jnp.int32)
+
+
+def targets_or_least_likely(model, x: Images, y: Array, key: Key, target) -> Array:
+    """Inside a jitted attack: ``target``, or when it is None the least likely class other than
+    ``y`` under ``model(x, fold_in(key, LEAST_LIKELY))``."""
+    if target is not None:
+        return target
+    return least_likely_target(model(x, jr.fold_in(key, tags.LEAST_LIKELY)), y)
+
+
+def score_targeted(model, res: AttackResult, target: Array, key: Key) -> AttackResult:
+    """``res`` with ``success = argmax model(x_adv, fold_in(key, TARGET_HIT)) == target``."""
+    pred_B = jnp.argmax(model(res.x_adv, jr.fold_in(key, tags.TARGET_HIT)), axis=1)
+    return res._replace(success=pred_B == target)
 
 
 def check_eot(samples, chunk, samples_name: str = "samples",

@@ -104,6 +104,82 @@ def dlr_loss(logits: Logits, y: Labels) -> PerExample:
 LOSSES: dict[str, Callable[..., Array]] = {"ce": ce_loss, "cw": cw_loss, "dlr": dlr_loss}
 
 
+# --------------------------------------------------------------------------------------------
+# Targeted losses: maximised by the attacker, who wants the prediction to become ``target``.
+
+
+def _check_target(logits, target, name: str) -> None:
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"{name}: expected targets of shape ({logits.shape[0]},) to match the "
+                         f"logits {logits.shape}, got {target.shape}")
+
+
+def ce_loss_targeted(logits: Logits, y: Labels, target: Labels) -> PerExample:
+    """Negative cross-entropy of the target class, ``z_t - logsumexp(z)`` (AutoAttack's
+    ``ce_loss_targeted``); ``y`` is unused.
+
+    Args:
+      logits: (B, K) logits.
+      y: (B,) int true labels (unused; the signature of every targeted loss).
+      target: (B,) int target classes.
+
+    Returns:
+      (B,) ``log p_t``, maximised by moving the prediction towards ``target``.
+    """
+    _check_logits(logits, y, "ce_loss_targeted")
+    _check_target(logits, target, "ce_loss_targeted")
+    return -ce_loss(logits, target)
+
+
+def cw_loss_targeted(logits: Logits, y: Labels, target: Labels) -> PerExample:
+    """Targeted C&W margin ``z_t - max_{j != t} z_j``, positive exactly when ``t`` is predicted;
+    ``y`` is unused.
+
+    Args:
+      logits: (B, K) logits.
+      y: (B,) int true labels (unused).
+      target: (B,) int target classes.
+
+    Returns:
+      (B,) targeted margin.
+    """
+    _check_logits(logits, y, "cw_loss_targeted")
+    _check_target(logits, target, "cw_loss_targeted")
+    return -cw_loss(logits, target)
+
+
+def dlr_loss_targeted(logits: Logits, y: Labels, target: Labels) -> PerExample:
+    """Targeted DLR, ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` (APGD-T's loss).
+
+    ``z_pi1 >= ... >= z_pi4`` are the sorted logits. Invariant to shifting and positively
+    rescaling the logits; positive exactly when ``z_t > z_y``.
+
+    Args:
+      logits: (B, K) logits with K >= 4.
+      y: (B,) int true labels.
+      target: (B,) int target classes.
+
+    Returns:
+      (B,) targeted DLR loss.
+
+    References:
+      Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+      parameter-free attacks", ICML 2020, Eq. (7); AutoAttack ``autopgd_base.py``,
+      ``APGDTargetedAttack.dlr_loss_targeted``.
+    """
+    _check_logits(logits, y, "dlr_loss_targeted", min_classes=4)
+    _check_target(logits, target, "dlr_loss_targeted")
+    z_true_B = jnp.take_along_axis(logits, y[:, None].astype(jnp.int32), axis=1)[:, 0]
+    z_target_B = jnp.take_along_axis(logits, target[:, None].astype(jnp.int32), axis=1)[:, 0]
+    top4_B4 = jax.lax.top_k(logits, 4)[0]
+    scale_B = top4_B4[:, 0] - 0.5 * (top4_B4[:, 2] + top4_B4[:, 3]) + 1e-12
+    return -(z_true_B - z_target_B) / scale_B
+
+
+TARGETED_LOSSES: dict[str, Callable[..., Array]] = {
+    "ce": ce_loss_targeted, "cw": cw_loss_targeted, "dlr": dlr_loss_targeted}
+
+
 @pytree_dataclass
 class LogitsLoss:
     """``loss_fn(x, y, key)`` built from a model ``logits_fn(x, key)`` and a loss.
@@ -149,3 +225,20 @@ def loss_from_logits(logits_fn: LogitsFn, name: str | Callable = "ce", *,
         raise ValueError(f"kappa: only the 'cw' loss takes a confidence cap, got kappa={kappa} "
                          f"with loss {name!r}")
     return LogitsLoss(logits_fn, name, None if kappa is None else float(kappa))
+
+
+@pytree_dataclass
+class TargetedLogitsLoss:
+    """``loss_fn(x, y, key)`` of a targeted attack: a :data:`TARGETED_LOSSES` entry towards
+    ``target``.
+
+    A pytree: the model's parameters and the (B,) targets are leaves (traced), the loss name is
+    static, so new targets or parameters of the same shapes reuse the compilation.
+    """
+
+    logits_fn: LogitsFn
+    target: Array
+    name: str = static_field(default="ce")
+
+    def __call__(self, x: Images, y: Labels, key: AnyKey | None) -> PerExample:
+        return TARGETED_LOSSES[self.name](self.logits_fn(x, key), y, self.target)

@@ -27,11 +27,14 @@ from jaxrob.attacks._common import (
     expand,
     project,
     resolve_loss,
+    resolve_target,
+    score_targeted,
     steepest_direction,
+    targets_or_least_likely,
     uniform_in_ball,
 )
 from jaxrob.attacks._eot import eot_value_and_grad
-from jaxrob.attacks._losses import LogitsFn
+from jaxrob.attacks._losses import LogitsFn, TargetedLogitsLoss
 
 
 @filter_jit
@@ -110,11 +113,25 @@ def _pgd(loss_fn, x, y, key, eps, step_size, *, norm, num_steps, random_start, n
     return best_over_restarts(run, x, key, num_restarts, return_iterates)
 
 
+@filter_jit
+def _pgd_targeted(model, x, y, key, target, eps, step_size, *, loss, norm, num_steps,
+                  random_start, num_restarts, eot_samples, eot_chunk, eot_mesh,
+                  return_iterates):
+    target = targets_or_least_likely(model, x, y, key, target)
+    loss_fn = TargetedLogitsLoss(model, target, loss)
+    run = functools.partial(
+        _pgd_run, loss_fn, x, y, eps=eps, step_size=step_size, norm=norm, num_steps=num_steps,
+        random_start=random_start, eot_samples=eot_samples, eot_chunk=eot_chunk,
+        eot_mesh=eot_mesh, return_iterates=return_iterates)
+    res = best_over_restarts(run, x, key, num_restarts, return_iterates)
+    return score_targeted(model, res, target, key)
+
+
 def pgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
         norm: str = "linf", step_size: float | Array | None = None, num_steps: int = 10,
         random_start: bool = False, num_restarts: int = 1, loss: str | Callable = "ce",
-        eot_samples: int = 1, eot_chunk: int | None = None, eot_mesh=None,
-        return_iterates: bool = False) -> AttackResult:
+        target: Labels | str | None = None, eot_samples: int = 1, eot_chunk: int | None = None,
+        eot_mesh=None, return_iterates: bool = False) -> AttackResult:
     """Projected gradient ascent on a per-example loss in an Linf or L2 ball, best iterate kept.
 
     ``x_{t+1} = Proj_{B(x, eps) cap [0,1]^d}(x_t + step_size * s_t)`` with ``s_t = sign(g_t)``
@@ -143,6 +160,12 @@ def pgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
       num_restarts: independent runs (restart ``r`` uses ``fold_in(key, r)``); the best is kept.
       loss: ``"ce"`` (default), ``"cw"``, ``"dlr"`` or a callable ``loss(logits, y) -> (B,)``
         maximised by the attacker.
+      target: None (default): untargeted. A (B,) int array of target classes, or
+        ``"least_likely"`` (per example, the class other than ``y`` with the lowest clean logit
+        under ``model(x, fold_in(key, LEAST_LIKELY))``, :mod:`jaxrob._keys`): the attack
+        maximises the targeted form of ``loss`` (:data:`TARGETED_LOSSES`: ``"ce"`` is
+        ``-CE(z, t)``, i.e. it minimises the cross-entropy of the target; ``"cw"`` is
+        ``z_t - max_{j != t} z_j``; ``"dlr"`` the targeted DLR of APGD-T).
       eot_samples: EoT samples per gradient (:func:`eot_value_and_grad`).
       eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
       eot_mesh: shard each chunk of EoT samples over this mesh's ``data`` axis
@@ -151,13 +174,16 @@ def pgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
         (num_restarts * (num_steps + 1), B, H, W, C).
 
     Returns:
-      :class:`AttackResult` ``(x_adv, loss, iterates)``.
+      :class:`AttackResult` ``(x_adv, loss, iterates)``; targeted, also ``success``: whether
+      ``x_adv`` is predicted as the target (one more model evaluation, with
+      ``fold_in(key, TARGET_HIT)``).
 
     Raises:
       ValueError: bad images or labels (labels outside the model's classes), ``eps < 0``,
         ``step_size <= 0``, unknown ``norm`` or ``loss``, non-positive
         ``num_steps``/``num_restarts``/``eot_samples``, or ``eot_chunk`` not dividing
-        ``eot_samples``.
+        ``eot_samples``; a ``target`` that is neither ``"least_likely"`` nor a (B,) int array,
+        is outside the model's classes or equals ``y``, or comes with a callable ``loss``.
 
     References:
       Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards Deep Learning Models Resistant to
@@ -171,6 +197,13 @@ def pgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
                  else check_scalar(step_size, "step_size", positive=True))
     eot_samples, eot_chunk = check_eot(eot_samples, eot_chunk, "eot_samples", "eot_chunk")
     loss_fn = resolve_loss(model, loss, x=x, y=y, key=key)
+    if target is not None:
+        target = resolve_target(model, x, y, target, loss, key)
+        return _pgd_targeted(model, x, y, key, target, eps, step_size, loss=loss, norm=norm,
+                             num_steps=num_steps, random_start=bool(random_start),
+                             num_restarts=num_restarts, eot_samples=eot_samples,
+                             eot_chunk=eot_chunk, eot_mesh=eot_mesh,
+                             return_iterates=bool(return_iterates))
     return _pgd(loss_fn, x, y, key, eps, step_size, norm=norm, num_steps=num_steps,
                 random_start=bool(random_start), num_restarts=num_restarts,
                 eot_samples=eot_samples, eot_chunk=eot_chunk, eot_mesh=eot_mesh,
