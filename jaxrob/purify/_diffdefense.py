@@ -78,6 +78,7 @@ import jaxrob.diffusion as jd
 from jaxrob._checks import check_choice, check_images, check_positive_int
 from jaxrob._pytree import pytree_dataclass, static_field
 from jaxrob._types import AnyKey, Images, Key, Latents, PerExample, PerExampleInt
+from jaxrob.purify._diffpure import check_options
 
 Z_GRADIENTS = ("exact", "reference")
 DD_GRADIENTS = ("exact", "bpda")
@@ -153,20 +154,10 @@ class DiffDefense:
     @classmethod
     def create(cls, eps_fn: jd.EpsFn, schedule: jd.Schedule, **options) -> DiffDefense:
         """Validate the options and derive the reverse chain (host-side, once)."""
-        opts = dict(num_steps=15, restarts=5, iterations=4, learning_rate=0.02,
-                    betas=(0.5, 0.999), eta=0.0, output="clip", z_gradient="exact",
-                    gradient="exact", remat=True, unroll=1)
-        unknown = set(options) - set(opts)
-        if unknown:
-            raise TypeError(f"DiffDefense: unknown option(s) {sorted(unknown)}; expected "
-                            f"{sorted(opts)}")
-        opts.update(options)
-        if not callable(eps_fn):
-            raise TypeError(f"eps_fn: expected a callable eps_fn(x_t, model_step), got "
-                            f"{type(eps_fn).__name__}")
-        if not isinstance(schedule, jd.Schedule):
-            raise TypeError(f"schedule: expected a jaxrob.diffusion.Schedule, got "
-                            f"{type(schedule).__name__}")
+        opts = check_options("DiffDefense", eps_fn, schedule, options, dict(
+            num_steps=15, restarts=5, iterations=4, learning_rate=0.02, betas=(0.5, 0.999),
+            eta=0.0, output="clip", z_gradient="exact", gradient="exact", remat=True,
+            unroll=1))
         num_steps = check_positive_int(opts["num_steps"], "num_steps")
         if num_steps > schedule.num_steps:
             raise ValueError(f"num_steps: expected 1..{schedule.num_steps} (the model's "

@@ -51,6 +51,22 @@ def _is_key_batch(key) -> bool:
     return jnp.ndim(key) == 1
 
 
+def check_options(owner: str, eps_fn, schedule, options: dict, defaults: dict) -> dict:
+    """``defaults`` updated with ``options`` (unknown names refused), after checking that
+    ``eps_fn`` is callable and ``schedule`` a :class:`jaxrob.diffusion.Schedule`."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"{owner}: unknown option(s) {sorted(unknown)}; expected "
+                        f"{sorted(defaults)}")
+    if not callable(eps_fn):
+        raise TypeError(f"eps_fn: expected a callable eps_fn(x_t, model_step), got "
+                        f"{type(eps_fn).__name__}")
+    if not isinstance(schedule, jd.Schedule):
+        raise TypeError(f"schedule: expected a jaxrob.diffusion.Schedule, got "
+                        f"{type(schedule).__name__}")
+    return {**defaults, **options}
+
+
 @pytree_dataclass
 class Purifier:
     """A DiffPure-style purifier; call it as ``purifier(x, key)``.
@@ -95,19 +111,9 @@ class Purifier:
     def create(cls, eps_fn: jd.EpsFn, schedule: jd.Schedule,
                stages: Sequence[tuple[float, int]], **options) -> Purifier:
         """Validate the options and derive the reverse chains (host-side, once)."""
-        opts = dict(sampler="ddpm", gradient="exact", surrogate_steps=None,
-                    variance="fixed_small", eta=0.0, remat=True, unroll=1)
-        unknown = set(options) - set(opts)
-        if unknown:
-            raise TypeError(f"Purifier: unknown option(s) {sorted(unknown)}; expected "
-                            f"{sorted(opts)}")
-        opts.update(options)
-        if not callable(eps_fn):
-            raise TypeError(f"eps_fn: expected a callable eps_fn(x_t, model_step), got "
-                            f"{type(eps_fn).__name__}")
-        if not isinstance(schedule, jd.Schedule):
-            raise TypeError(f"schedule: expected a jaxrob.diffusion.Schedule, got "
-                            f"{type(schedule).__name__}")
+        opts = check_options("Purifier", eps_fn, schedule, options, dict(
+            sampler="ddpm", gradient="exact", surrogate_steps=None, variance="fixed_small",
+            eta=0.0, remat=True, unroll=1))
         check_choice(opts["sampler"], SAMPLERS, "sampler")
         check_choice(opts["gradient"], GRADIENTS, "gradient")
         check_choice(opts["variance"], jd.VARIANCES, "variance")
