@@ -464,6 +464,16 @@ def begin(config, workdir, *, write_config: bool = True):
     return timer, workdir, get_mesh(config.mesh)
 
 
+
+def begin_training(config, workdir):
+    """:func:`begin` for a trainer, plus its checked batch size, step count and train split:
+    ``(timer, workdir, mesh, batch_size, num_steps, train_ds)``."""
+    timer, workdir, mesh = begin(config, workdir, write_config=False)
+    batch_size = check_batch_size(config.train.batch_size, mesh, "train.batch_size")
+    num_steps = check_positive(config.train.num_steps, "train.num_steps")
+    train_ds = load_split(config.data, config.data.train_split)
+    return timer, workdir, mesh, batch_size, num_steps, train_ds
+
 def start_study(config, workdir, what: str, *, single_stage: bool = False,
                 fast_vjp: bool = False):
     """Common start of the purifier studies: workdir, config.json, test split, DDPM, purifier.

@@ -51,12 +51,9 @@ def run(config, workdir) -> dict:
         train_loop,
     )
 
-    timer, workdir, mesh = _common.begin(config, workdir, write_config=False)
+    timer, workdir, mesh, batch_size, num_steps, train_ds = _common.begin_training(
+        config, workdir)
     tc = config.train
-    batch_size = _common.check_batch_size(tc.batch_size, mesh, "train.batch_size")
-    num_steps = _common.check_positive(tc.num_steps, "train.num_steps")
-
-    train_ds = _common.load_split(config.data, config.data.train_split)
     test_ds = _common.load_split(config.data, config.data.test_split,
                                  num_images=int(config.eval.num_images))
     from jaxrob.models import Classifier, classifier_from_metadata
