@@ -85,7 +85,23 @@ def _missing_module(name: str) -> str | None:
     return None
 
 
+# The longest test files (minutes each on 2 cores, mostly XLA compilation), started first so
+# that the two xdist workers (pyproject's addopts) overlap them with the many short files
+# instead of finishing on one of them alone.
+_LONG_FIRST = ("tests/test_quickstart.py", "tests/evaluation/test_batch_invariance.py",
+               "tests/evaluation/test_evaluation.py", "tests/experiments/")
+
+
+def _long_rank(item) -> int:
+    path = item.nodeid.split("::")[0]
+    for i, prefix in enumerate(_LONG_FIRST):
+        if path.startswith(prefix):
+            return i
+    return len(_LONG_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_long_rank)  # stable: the order inside a file is kept
     # $JAXROB_REQUIRE_MARKERS (comma-separated, set by .ci/run for the extras it installed): a
     # missing module for one of these markers is an error, not a skip.
     required = {m for m in os.environ.get("JAXROB_REQUIRE_MARKERS", "").split(",") if m}
