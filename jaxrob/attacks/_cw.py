@@ -22,6 +22,21 @@ from jaxrob.attacks._losses import LogitsFn, cw_loss
 _C_UPPER = 1e10  # "no upper bound found yet" in the binary search
 
 
+def search_init(c, batch: int):
+    """The binary search over C&W's constant: ``(c, lower, upper, best distance)`` per
+    example, the upper bound "not found yet" and the distance infinite."""
+    full = lambda v: jnp.full((batch,), v, jnp.float32)
+    return full(1.0) * c, full(0.0), full(_C_UPPER), full(jnp.inf)
+
+
+def search_c(found_B, c_B, lo_B, hi_B):
+    """One binary-search update: success -> a smaller c, failure -> a larger one (x10 until an
+    upper bound is known). Returns ``(c, lower, upper)``."""
+    hi_B = jnp.where(found_B, jnp.minimum(hi_B, c_B), hi_B)
+    lo_B = jnp.where(found_B, lo_B, jnp.maximum(lo_B, c_B))
+    return jnp.where(hi_B < _C_UPPER, (lo_B + hi_B) / 2.0, c_B * 10.0), lo_B, hi_B
+
+
 @filter_jit
 def _cw_l2(logits_fn, x, y, key, c, kappa, learning_rate, *, num_steps, binary_search_steps):
     batch = x.shape[0]
@@ -56,15 +71,10 @@ def _cw_l2(logits_fn, x, y, key, c, kappa, learning_rate, *, num_steps, binary_s
         init2 = (w0, opt.init(w0), jnp.zeros((batch,), bool), best_l2sq_B, best_x)
         (_, _, found_B, best_l2sq_B, best_x), _ = jax.lax.scan(step, init2,
                                                                jnp.arange(num_steps))
-        # Binary search: success -> smaller c; failure -> larger c (x10 until bracketed).
-        hi_B = jnp.where(found_B, jnp.minimum(hi_B, c_B), hi_B)
-        lo_B = jnp.where(found_B, lo_B, jnp.maximum(lo_B, c_B))
-        c_B = jnp.where(hi_B < _C_UPPER, (lo_B + hi_B) / 2.0, c_B * 10.0)
+        c_B, lo_B, hi_B = search_c(found_B, c_B, lo_B, hi_B)
         return (c_B, lo_B, hi_B, best_l2sq_B, best_x), None
 
-    init = (jnp.full((batch,), 1.0, jnp.float32) * c, jnp.zeros((batch,), jnp.float32),
-            jnp.full((batch,), _C_UPPER, jnp.float32), jnp.full((batch,), jnp.inf, jnp.float32),
-            x)
+    init = (*search_init(c, batch), x)
     (_, _, _, best_l2sq_B, best_x), _ = jax.lax.scan(search, init,
                                                      jnp.arange(binary_search_steps))
     success_B = jnp.isfinite(best_l2sq_B)

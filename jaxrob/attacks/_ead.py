@@ -17,6 +17,7 @@ from jaxrob.attacks._common import (
     per_example_norm,
     resolve_loss,
 )
+from jaxrob.attacks._cw import search_c, search_init
 from jaxrob.attacks._losses import LogitsFn, cw_loss
 
 _C_UPPER = 1e10  # "no upper bound found yet" in the binary search (as C&W's and EAD's code)
@@ -78,15 +79,10 @@ def _ead(logits_fn, x, y, key, c, kappa, beta, learning_rate, *, num_steps, bina
         init2 = (x, x, jnp.zeros((batch,), bool), best_dist_B, best_x)
         (_, _, found_B, best_dist_B, best_x), _ = jax.lax.scan(step, init2,
                                                                jnp.arange(num_steps))
-        # Binary search: success -> smaller c; failure -> larger c (x10 until bracketed).
-        hi_B = jnp.where(found_B, jnp.minimum(hi_B, c_B), hi_B)
-        lo_B = jnp.where(found_B, lo_B, jnp.maximum(lo_B, c_B))
-        c_B = jnp.where(hi_B < _C_UPPER, (lo_B + hi_B) / 2.0, c_B * 10.0)
+        c_B, lo_B, hi_B = search_c(found_B, c_B, lo_B, hi_B)
         return (c_B, lo_B, hi_B, best_dist_B, best_x), None
 
-    init = (jnp.full((batch,), 1.0, jnp.float32) * c, jnp.zeros((batch,), jnp.float32),
-            jnp.full((batch,), _C_UPPER, jnp.float32), jnp.full((batch,), jnp.inf, jnp.float32),
-            x)
+    init = (*search_init(c, batch), x)
     (_, _, _, best_dist_B, best_x), _ = jax.lax.scan(search, init,
                                                      jnp.arange(binary_search_steps))
     success_B = jnp.isfinite(best_dist_B)
