@@ -169,16 +169,24 @@ def rbgm(grad: Latents, key: AnyKey) -> Latents:
     return jax.lax.stop_gradient(jnp.moveaxis(out_BCP.reshape(b, c, h, w), 1, -1))
 
 
-def _mixed_noise(noise, delta, abar, *, mapping, lambda_unit, lambda_min, lambda_max,
-                 linf_ratio_max, **_):
-    """The forward noise (and eps-target) built from ``noise`` and ``delta``."""
+def _mixing_ratio(abar, *, mapping, lambda_unit, lambda_min, lambda_max, linf_ratio_max,
+                  **_):
+    """The weight of ``delta`` in the forward noise: ADDT's ``r_n``, or the clipped
+    ``sqrt(snr_n)`` of the reference's Linf ablation (``mapping="pgd_linf"``)."""
     if mapping == "pgd_linf":
+        return jnp.clip(jnp.sqrt(abar) / jnp.sqrt(1.0 - abar), 0.0, linf_ratio_max)
+    return addt_ratio(abar, lambda_unit=lambda_unit, lambda_min=lambda_min,
+                      lambda_max=lambda_max)
+
+
+def _mixed_noise(noise, delta, abar, **opts):
+    """The forward noise (and eps-target) built from ``noise`` and ``delta``."""
+    r = _mixing_ratio(abar, **opts)
+    if opts["mapping"] == "pgd_linf":
         # the reference's Linf ablation: while sqrt(snr) <= linf_ratio_max this makes
         # x_n = q_sample(x0 + delta, n, noise), the diffused perturbed image (not
         # variance-preserving, unlike ADDT's mixture)
-        r = jnp.clip(jnp.sqrt(abar) / jnp.sqrt(1.0 - abar), 0.0, linf_ratio_max)
         return noise + r * delta
-    r = addt_ratio(abar, lambda_unit=lambda_unit, lambda_min=lambda_min, lambda_max=lambda_max)
     return jnp.sqrt(1.0 - jnp.square(r)) * noise + r * delta
 
 
@@ -433,10 +441,7 @@ def make_addt_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
         if ema is not None and ema_decay is not None:
             ema = ema_update(ema, params, state.step, decay=ema_decay, warmup=ema_warmup,
                              power=ema_power)
-        ratio = (jnp.clip(jnp.sqrt(abar / (1.0 - abar)), 0.0, opts["linf_ratio_max"])
-                 if mapping == "pgd_linf" else
-                 addt_ratio(abar, lambda_unit=opts["lambda_unit"],
-                            lambda_min=opts["lambda_min"], lambda_max=opts["lambda_max"]))
+        ratio = _mixing_ratio(abar, **opts)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                    "delta_rms": jnp.sqrt(jnp.mean(jnp.square(delta))),
                    "ratio": jnp.mean(ratio)}

@@ -228,11 +228,11 @@ def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh | None = None, *,
 
     mesh = make_mesh() if mesh is None else mesh
     rep = replicated(mesh)
+    in_shardings = (rep, data_sharding(mesh)) + (() if frozen is None else (rep,))
+    jitted = jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(rep, rep),
+                     donate_argnums=0)
     if frozen is None:
-        return jax.jit(step_fn, in_shardings=(rep, data_sharding(mesh)),
-                       out_shardings=(rep, rep), donate_argnums=0)
-    jitted = jax.jit(step_fn, in_shardings=(rep, data_sharding(mesh), rep),
-                     out_shardings=(rep, rep), donate_argnums=0)
+        return jitted
     frozen = jax.device_put(frozen, rep)
 
     def train_step(state, batch):
