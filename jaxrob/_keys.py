@@ -26,7 +26,8 @@ RECON_REVERSE = 1
 ATTACK = 1  # the attack's own randomness, and in stochastic mode its purifier keys
 CLEAN = 2  # the purifications that score the clean input
 ADV = 3  # the purifications that score the adversarial input
-FIXED = 4  # the one purifier key of randomness="fixed" (attack and scoring alike)
+FIXED = 4  # the one purifier key of randomness="fixed" (attack and scoring alike), and the
+# forward-noise key of randomness="forward_lock" (so its forward noise is the fixed mode's)
 # a randomised classifier's key inside a defended model: folded into the same key as the
 # purifier's stage index (multistage), so far above any number of stages
 CLASSIFIER = 1_000_005
@@ -60,6 +61,13 @@ ADDT_NOISE = 11  # the forward noise eps (train step); CGPO iteration k folds k 
 ADDT_CGPO = 12  # the key the train step hands to cgpo_delta
 ADDT_DELTA = 13  # CGPO's starting delta ~ N(0, I) (the whole delta when num_iters = 0)
 ADDT_MAP = 14  # RBGM's fresh Gaussian sample of CGPO iteration k (then k folded in)
+
+# Fixed-AutoAttack (evaluation, per example k_i): candidate c of the extra candidates (attack
+# iterates, further attacks' results) is purified with keys fold_in(fold_in(fold_in(k_i,
+# CANDIDATE), c), v); attack j >= 1 of a sequence of attacks gets fold_in(fold_in(k_i, ENSEMBLE),
+# j) (attack 0 keeps ATTACK's key).
+CANDIDATE = 20
+ENSEMBLE = 21
 
 # Inside one attack's key, beside the restart indices 0 .. num_restarts - 1 that the attacks fold
 # into it (so far above any restart count).

@@ -3,8 +3,11 @@
 Public: :func:`evaluate_robustness` (attack + scoring over a dataset, resumable and sharded),
 :func:`robust_scores` (one batch, jit-able), attack detection from per-example scores
 (:func:`roc_curve`, :func:`roc_auc`, :func:`detection_rate`), the protocols
-(:func:`score_predictions`, :func:`predictions`, :func:`parse_protocol`, intervals),
-:func:`fixed_purifier_keys` (the keys of ``randomness="fixed"``), and :func:`run_chunks` /
+(:func:`score_predictions`, :func:`predictions`, :func:`parse_protocol`, intervals,
+:func:`fixed_aa_score`, ADDT's Fixed-AutoAttack minimum over candidates), the randomness modes
+(:data:`RANDOMNESS`: ``stochastic``, ``fixed``, ``forward_lock``),
+:func:`fixed_purifier_keys` (the keys of ``randomness="fixed"``, and the forward-noise keys of
+``"forward_lock"``), and :func:`run_chunks` /
 :class:`ChunkStore`, the one chunk runner that every per-example computation of the library and
 the experiments goes through.
 """
@@ -16,6 +19,7 @@ from jaxrob.evaluation._detection import roc_curve as roc_curve
 from jaxrob.evaluation._protocols import PROTOCOLS as PROTOCOLS
 from jaxrob.evaluation._protocols import RANDOMNESS as RANDOMNESS
 from jaxrob.evaluation._protocols import check_randomness as check_randomness
+from jaxrob.evaluation._protocols import fixed_aa_score as fixed_aa_score
 from jaxrob.evaluation._protocols import mean_interval as mean_interval
 from jaxrob.evaluation._protocols import parse_protocol as parse_protocol
 from jaxrob.evaluation._protocols import predictions as predictions

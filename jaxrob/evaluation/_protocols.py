@@ -8,8 +8,14 @@ argument:
 * ``majority_vote@N``: the class most often predicted over N purifications (Lee & Kim);
 * ``worst_of@N``: correct only if all N purifications are classified correctly (the attacker
   wins if any resubmission succeeds; DiffHammer / DiffBreak "Wor.Rob");
-* ``average@N``: the fraction of the N purifications classified correctly (ADDT's Fixed-AA,
-  "fuzzy" robustness).
+* ``average@N``: the fraction of the N purifications classified correctly ("fuzzy"
+  robustness) of the one adversarial input;
+* ``fixed_aa@N``: ADDT's Fixed-AutoAttack: every candidate input -- the clean input, the
+  attack's result, and any further candidates (attack iterates, other attacks' results) -- is
+  purified N times (the reference's ``eval_iter``, 20); an example's score is the lowest
+  fraction of correctly classified purifications over its candidates. With the clean input and
+  the attack's result alone it is ``min(average@N(clean), average@N(adv))`` on the same
+  purifications as the other protocols.
 
 Purification ``v`` of example ``i`` uses ``fold_in(fold_in(key, i), v)``, so scores do not
 depend on batch size, chunking or device count.
@@ -27,8 +33,8 @@ import numpy as np
 
 from jaxrob._types import Array, Images, Keys, Labels, LogitsFn, PerExample
 
-PROTOCOLS = ("one_shot", "majority_vote", "worst_of", "average")
-RANDOMNESS = ("stochastic", "fixed")
+PROTOCOLS = ("one_shot", "majority_vote", "worst_of", "average", "fixed_aa")
+RANDOMNESS = ("stochastic", "fixed", "forward_lock")
 
 DefendedLogits = LogitsFn
 
@@ -39,12 +45,15 @@ def parse_protocol(protocol: str) -> tuple[str, int]:
     name, n = (m.group(1), m.group(2)) if m else (None, None)
     if name not in PROTOCOLS or (name == "one_shot") != (n is None) or (n is not None
                                                                          and int(n) < 1):
-        raise ValueError(f"protocol: expected 'one_shot', 'majority_vote@N', 'worst_of@N' or "
-                         f"'average@N' with N >= 1, got {protocol!r}")
+        raise ValueError(f"protocol: expected 'one_shot', 'majority_vote@N', 'worst_of@N', "
+                         f"'average@N' or 'fixed_aa@N' with N >= 1, got {protocol!r}")
     return name, 1 if n is None else int(n)
 
 
 def check_randomness(randomness: str) -> str:
+    """``randomness`` if it names a mode of :data:`RANDOMNESS` (``stochastic``: fresh purifier
+    noise everywhere; ``fixed``: one purifier key per example for attack and scoring;
+    ``forward_lock``: the forward noise fixed per example, the reverse noise fresh)."""
     if randomness not in RANDOMNESS:
         raise ValueError(f"randomness: expected one of {list(RANDOMNESS)}, got {randomness!r}")
     return randomness
@@ -57,9 +66,12 @@ def sample_keys(example_keys: Keys, num: int) -> Array:
 
 
 def predictions(defended: DefendedLogits, x: Images, example_keys: Keys, *, num: int,
-                chunk: int | None = None) -> Array:
+                chunk: int | None = None, forward_keys: Keys | None = None) -> Array:
     """(num, B) predicted labels of ``num`` purifications (sample ``v`` uses
     ``fold_in(example_keys[i], v)``), computed ``chunk`` purifications at a time.
+
+    With ``forward_keys`` ((B,), randomness="forward_lock") every purification of example ``i``
+    gets ``forward_key=forward_keys[i]`` (its forward noise fixed, its reverse noise fresh).
 
     Each step calls ``defended`` once on ``B * c`` inputs ordered example-major (row
     ``i * c + v``: example ``i``, purification ``v``), so when ``x`` is split over a mesh's
@@ -75,7 +87,12 @@ def predictions(defended: DefendedLogits, x: Images, example_keys: Keys, *, num:
 
     def step(keys_CB):  # (c, B) keys -> (c, B) labels
         c = keys_CB.shape[0]
-        logits = defended(jnp.repeat(x, c, axis=0), keys_CB.T.reshape(b * c))
+        keys = keys_CB.T.reshape(b * c)
+        if forward_keys is None:
+            logits = defended(jnp.repeat(x, c, axis=0), keys)
+        else:
+            logits = defended(jnp.repeat(x, c, axis=0), keys,
+                              forward_key=jnp.repeat(forward_keys, c, axis=0))
         return jnp.argmax(logits, -1).astype(jnp.int32).reshape(b, c).T
 
     full, rest = divmod(num, chunk)
@@ -93,7 +110,8 @@ def score_predictions(preds_NB: Array, y: Labels, protocol: str, *,
     """Per-example score under ``protocol`` from (N', B) predictions with N' >= N.
 
     ``X@N`` uses the first N rows, ``one_shot`` the first row, so one set of purifications
-    scores every protocol consistently. Works on jax and numpy arrays.
+    scores every protocol consistently. Works on jax and numpy arrays. ``fixed_aa@N`` of one
+    input is its ``average@N`` (the minimum over candidates: :func:`fixed_aa_score`).
     """
     name, n = parse_protocol(protocol)
     xp = np if isinstance(preds_NB, np.ndarray) else jnp
@@ -106,7 +124,7 @@ def score_predictions(preds_NB: Array, y: Labels, protocol: str, *,
         score = correct_NB[0]
     elif name == "worst_of":
         score = xp.all(correct_NB, axis=0)
-    elif name == "average":
+    elif name in ("average", "fixed_aa"):
         score = xp.mean(correct_NB, axis=0)
     else:  # majority vote; ties go to the lowest class index
         k = int(num_classes or int(preds_NB.max()) + 1)
@@ -115,8 +133,43 @@ def score_predictions(preds_NB: Array, y: Labels, protocol: str, *,
     return score.astype(xp.float32)
 
 
+def fixed_aa_score(preds_CNB: Array, y: Labels, eval_iter: int) -> PerExample:
+    """ADDT's Fixed-AutoAttack score: per example, the lowest fraction of correct purifications
+    over its candidates.
+
+    Args:
+      preds_CNB: (C, N', B) predicted labels of N' >= ``eval_iter`` purifications of C
+        candidate inputs per example (the clean input, the attack's result, iterates, other
+        attacks' results); the first ``eval_iter`` purifications are used.
+      y: (B,) true labels.
+      eval_iter: purifications per candidate (the reference's ``eval_iter``, 20).
+
+    Returns:
+      (B,) float32 ``min_c mean_{v < eval_iter} [preds[c, v] == y]``; its mean is the
+      reported robust accuracy.
+
+    References:
+      Liu et al. Towards Understanding the Robustness of Diffusion-Based Purification: A
+      Stochastic Perspective. ICLR 2025 (Fixed-AutoAttack/autoattack/autoattack.py).
+    """
+    if isinstance(eval_iter, bool) or not isinstance(eval_iter, int | np.integer) \
+            or eval_iter < 1:
+        raise ValueError(f"eval_iter: expected an integer >= 1 (purifications per candidate), "
+                         f"got {eval_iter!r}")
+    if preds_CNB.ndim != 3 or preds_CNB.shape[0] < 1:
+        raise ValueError(f"preds_CNB: expected (candidates >= 1, purifications, batch) "
+                         f"predictions, got shape {preds_CNB.shape}")
+    if preds_CNB.shape[1] < eval_iter:
+        raise ValueError(f"eval_iter={eval_iter} needs {eval_iter} purifications per candidate, "
+                         f"got {preds_CNB.shape[1]}")
+    xp = np if isinstance(preds_CNB, np.ndarray) else jnp
+    correct_CNB = preds_CNB[:, :eval_iter] == y[None, None, :]
+    return xp.min(xp.mean(correct_CNB, axis=1), axis=0).astype(xp.float32)
+
+
 def protocol_scores(defended: DefendedLogits, x: Images, y: Labels, example_keys: Keys, *,
-                    protocol: str, chunk: int | None = None) -> tuple[PerExample, jax.Array]:
+                    protocol: str, chunk: int | None = None,
+                    forward_keys: Keys | None = None) -> tuple[PerExample, jax.Array]:
     """Per-example score of a defended classifier under ``protocol``.
 
     Args:
@@ -127,6 +180,8 @@ def protocol_scores(defended: DefendedLogits, x: Images, y: Labels, example_keys
       example_keys: (B,) per-example keys (``jaxrob.purify.example_keys``).
       protocol: a name of :data:`PROTOCOLS` (``"one_shot"``, ``"worst_of@10"``, ...).
       chunk: purifications evaluated at once (``lax.map`` batch size; default all N).
+      forward_keys: (B,) forward-noise keys held fixed over the N purifications (as
+        :func:`predictions`), or None.
 
     Returns:
       ``(score, correct)``: (B,) float32 scores in [0, 1] (0/1 except for ``average@N``) and the
@@ -134,7 +189,8 @@ def protocol_scores(defended: DefendedLogits, x: Images, y: Labels, example_keys
     """
     _, n = parse_protocol(protocol)
     num_classes = jax.eval_shape(defended, x, example_keys).shape[-1]
-    preds_NB = predictions(defended, x, example_keys, num=n, chunk=chunk)
+    preds_NB = predictions(defended, x, example_keys, num=n, chunk=chunk,
+                           forward_keys=forward_keys)
     return (score_predictions(preds_NB, y, protocol, num_classes=num_classes),
             preds_NB == y[None, :])
 

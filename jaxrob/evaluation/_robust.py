@@ -8,7 +8,23 @@ Randomness, per example ``i`` with ``k_i = fold_in(key, index_i)``:
 * ``fixed`` (the deterministic white-box / "DW-box" setting): one purifier key per example,
   ``fold_in(k_i, 4)``, is used by every attack step AND by the scoring, so the defence is a
   deterministic function that the attacker knows exactly. Every protocol then reduces to
-  ``one_shot`` (all N purifications are the same).
+  ``one_shot`` (all N purifications are the same);
+* ``forward_lock`` (ADDT's "forward lock" variant): the forward noise is fixed per example --
+  the fixed mode's, from ``forward_key = fold_in(k_i, 4)`` -- in every attack step and every
+  scoring purification, while the reverse noise is fresh as in ``stochastic`` (the attack's
+  keys, ``fold_in(k_i, 2)`` / ``fold_in(k_i, 3)`` for scoring). The defence must take
+  ``forward_key=`` (a :class:`jaxrob.purify.DefendedModel` around a
+  :class:`jaxrob.purify.Purifier`); others are refused before any work.
+
+Fixed-AutoAttack (protocol ``fixed_aa@N``, ADDT's fork of AutoAttack): per example, the lowest
+fraction of correct purifications over its candidates: the clean input and the attack's result
+(their N scoring purifications above), plus, when asked for, the attack's iterates ``candidates``
+(indices into ``AttackResult.iterates``; the attack must return them, e.g.
+``pgd(..., return_iterates=True)``) and the results of further attacks (``attack`` a sequence;
+the first one is the attack the other protocols score). Extra candidate ``c`` is purified with
+keys ``fold_in(fold_in(fold_in(k_i, 20), c), v)``; attack ``j >= 1`` runs with
+``fold_in(fold_in(k_i, 21), j)``. Without extra candidates nothing is computed beyond the plain
+evaluation.
 
 An attack is any ``attack(model, x, y, key) -> AttackResult`` with ``model(x, key) -> logits``,
 e.g. ``functools.partial(jaxrob.attacks.pgd, eps=0.3, num_steps=10)``. It is ``vmap``-ed over
@@ -36,6 +52,7 @@ from jaxrob._types import Images, Key, Keys, Labels, LogitsFn
 from jaxrob.attacks._common import AttackResult, check_num_classes
 from jaxrob.evaluation._protocols import (
     check_randomness,
+    fixed_aa_score,
     parse_protocol,
     predictions,
     score_predictions,
@@ -49,6 +66,7 @@ Model = LogitsFn
 Attack = Callable[[Model, Images, Labels, Key], AttackResult]
 
 _ATTACK, _CLEAN, _ADV, _FIXED = tags.ATTACK, tags.CLEAN, tags.ADV, tags.FIXED
+_CANDIDATE, _ENSEMBLE = tags.CANDIDATE, tags.ENSEMBLE
 
 
 def fixed_purifier_keys(key: Key, indices) -> Keys:
@@ -56,7 +74,8 @@ def fixed_purifier_keys(key: Key, indices) -> Keys:
 
     With these keys :func:`evaluate_robustness` attacks and scores example ``i`` (same
     ``key`` and global ``indices``), so a study of the same deterministic map (its Jacobian,
-    its compression rate) can use exactly the function that was attacked.
+    its compression rate) can use exactly the function that was attacked. They are also the
+    ``forward_key``s of ``randomness="forward_lock"``.
 
     Args:
       key: the evaluation's key.
@@ -86,66 +105,176 @@ def _num_samples(protocols, randomness: str) -> int:
     return 1 if check_randomness(randomness) == "fixed" else n
 
 
+def _as_attacks(attack) -> tuple | None:
+    """None, or the attacks as a non-empty tuple (one callable or a sequence of them)."""
+    if attack is None:
+        return None
+    attacks = tuple(attack) if isinstance(attack, list | tuple) else (attack,)
+    if not attacks or not all(callable(a) for a in attacks):
+        raise TypeError(f"attack: expected attack(model, x, y, key) -> AttackResult, a "
+                        f"non-empty sequence of them, or None, got {attack!r}")
+    return attacks
+
+
+def _check_candidates(candidates, attacks, protocols) -> tuple[int, ...]:
+    """The iterate indices to score as Fixed-AA candidates, checked (() when none)."""
+    candidates = () if candidates is None else tuple(candidates)
+    for c in candidates:
+        if isinstance(c, bool) or not isinstance(c, int | np.integer) or c < 0:
+            raise ValueError(f"candidates: expected non-negative iterate indices (into "
+                             f"AttackResult.iterates), got {candidates!r}")
+    protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
+    extra = bool(candidates) or (attacks is not None and len(attacks) > 1)
+    if extra and not any(parse_protocol(p)[0] == "fixed_aa" for p in protocols):
+        raise ValueError("candidates / several attacks: only a 'fixed_aa@N' protocol scores "
+                         f"extra candidates; add one to protocols={list(protocols)}")
+    if candidates and attacks is None:
+        raise ValueError("candidates: expected an attack whose iterates they index, got "
+                         "attack=None")
+    return tuple(int(c) for c in candidates)
+
+
+def _check_splits(defended, randomness: str) -> None:
+    if randomness == "forward_lock" and not getattr(defended, "splits_randomness", False):
+        raise ValueError(
+            "randomness='forward_lock': expected a defended model that takes forward_key= "
+            "(a jaxrob.purify.DefendedModel around a jaxrob.purify.Purifier, whose forward and "
+            f"reverse noise come from separate keys), got {_describe(defended)}")
+
+
+def _describe(defended) -> str:
+    pur = getattr(defended, "purifier", None)
+    if pur is not None:
+        return f"a {type(defended).__name__} around a {type(pur).__name__}"
+    return f"{type(defended).__name__} {getattr(defended, '__name__', '')}".strip()
+
+
+def _candidates_of(res: AttackResult, candidates: tuple[int, ...], final: bool):
+    """(C, 1, H, W, C) candidate images of one example's attack result."""
+    out = []
+    if candidates:
+        if res.iterates is None:
+            raise ValueError("candidates: expected an attack that returns its iterates "
+                             "(AttackResult.iterates, e.g. pgd(..., return_iterates=True)), "
+                             "got iterates=None")
+        num = res.iterates.shape[0]
+        if max(candidates) >= num:
+            raise ValueError(f"candidates: expected iterate indices below {num} (the attack "
+                             f"returned {num} iterates), got {list(candidates)}")
+        out.append(res.iterates[np.asarray(candidates)])
+    if final:
+        out.append(res.x_adv[None])
+    return jnp.concatenate(out) if out else None
+
+
 def robust_scores(defended: Model, attack: Attack | None, x: Images, y: Labels,
                   example_keys: Keys, *, protocols=("one_shot",),
-                  randomness: str = "stochastic", vote_chunk: int | None = None) -> dict:
+                  randomness: str = "stochastic", vote_chunk: int | None = None,
+                  candidates=None) -> dict:
     """Attack one batch and predict its clean and adversarial inputs (jit-able).
 
     Args:
       defended: ``defended(x, keys) -> logits`` with one purifier key per example, e.g.
         ``jaxrob.purify.purified_logits(logits_fn, purifier)``; an undefended classifier is
-        ``lambda x, keys: logits_fn(x)``.
-      attack: ``attack(model, x, y, key) -> AttackResult`` (None: clean evaluation only).
+        ``lambda x, keys: logits_fn(x)``. ``randomness="forward_lock"`` also passes
+        ``forward_key=`` (one key per example).
+      attack: ``attack(model, x, y, key) -> AttackResult`` (None: clean evaluation only), or a
+        sequence of them (Fixed-AA across attacks: the first one's result is ``x_adv``, the
+        others' are extra ``fixed_aa`` candidates).
       x: images in [0, 1]; y: labels; example_keys: (B,) keys ``fold_in(key, index)``.
       protocols: the protocols to be scored (``one_shot``, ``majority_vote@N``,
-        ``worst_of@N``, ``average@N``): enough purifications are made for all of them.
-      randomness: ``stochastic`` or ``fixed``.
+        ``worst_of@N``, ``average@N``, ``fixed_aa@N``): enough purifications are made for
+        all of them.
+      randomness: ``stochastic``, ``fixed`` or ``forward_lock``.
       vote_chunk: purifications predicted at once.
+      candidates: indices into every attack's ``AttackResult.iterates`` of the iterates that
+        are extra ``fixed_aa`` candidates (None: none).
 
     Returns:
       ``{"pred_clean": (B, N), "pred_adv": (B, N), "x_adv", "linf": (B,), "l2": (B,)}``
-      (without the adversarial entries when ``attack`` is None); score them with
-      :func:`jaxrob.evaluation.score_predictions` (transpose to (N, B)).
+      (without the adversarial entries when ``attack`` is None), and ``"pred_cand": (B, C, N)``
+      when there are extra candidates; score them with :func:`score_record` (or
+      :func:`jaxrob.evaluation.score_predictions`, transposed to (N, B)).
     """
     num = _num_samples(protocols, randomness)
-    fixed = randomness == "fixed"
-    model = (lambda xx, _keys: defended(xx, _fold_all(example_keys, _FIXED))) if fixed \
-        else defended
-    pred = lambda xx, tag: predictions(model, xx, _fold_all(example_keys, tag), num=num,
-                                       chunk=vote_chunk).T
-    out = {"pred_clean": pred(x, _CLEAN)}
-    if attack is not None:
+    attacks = _as_attacks(attack)
+    candidates = _check_candidates(candidates, attacks, protocols)
+    _check_splits(defended, randomness)
+    fixed, lock = randomness == "fixed", randomness == "forward_lock"
+    fixed_B = _fold_all(example_keys, _FIXED)  # forward_lock: the forward noise's keys
+    model = (lambda xx, _keys: defended(xx, fixed_B)) if fixed else defended
+
+    def pred(xx, keys_B):  # (B, num) labels of num purifications keyed fold_in(keys_B[i], v)
+        return predictions(model, xx, keys_B, num=num, chunk=vote_chunk,
+                           forward_keys=fixed_B if lock else None).T
+
+    out = {"pred_clean": pred(x, _fold_all(example_keys, _CLEAN))}
+    if attacks is not None:
         def attack_one(x_i, y_i, k_i):
+            k_fixed = jr.fold_in(k_i, _FIXED)[None]
             if fixed:
-                k_fixed = jr.fold_in(k_i, _FIXED)[None]
                 model_i = lambda xx, _key: defended(xx, k_fixed)
+            elif lock:
+                model_i = lambda xx, key: defended(xx, key[None], forward_key=k_fixed)
             else:
                 model_i = lambda xx, key: defended(xx, key[None])
-            res = attack(model_i, x_i[None], y_i[None], jr.fold_in(k_i, _ATTACK))
-            if not hasattr(res, "x_adv"):
-                raise TypeError(f"attack: expected an AttackResult, got {type(res).__name__}")
-            return res.x_adv[0]
+            x_adv, cands = None, []
+            for j, atk in enumerate(attacks):
+                k_atk = (jr.fold_in(k_i, _ATTACK) if j == 0
+                         else jr.fold_in(jr.fold_in(k_i, _ENSEMBLE), j))
+                res = atk(model_i, x_i[None], y_i[None], k_atk)
+                if not hasattr(res, "x_adv"):
+                    raise TypeError(f"attack: expected an AttackResult, got "
+                                    f"{type(res).__name__}")
+                x_adv = res.x_adv[0] if j == 0 else x_adv
+                c = _candidates_of(res, candidates, final=j > 0)
+                if c is not None:
+                    cands.append(c[:, 0])
+            return x_adv, (jnp.concatenate(cands) if cands else None)
 
-        x_adv = jax.vmap(attack_one)(x, y, example_keys)
+        x_adv, cands_BC = jax.vmap(attack_one)(x, y, example_keys)
         d = (x_adv - x).reshape(x.shape[0], -1)
-        out.update(pred_adv=pred(x_adv, _ADV), x_adv=x_adv, linf=jnp.max(jnp.abs(d), -1),
-                   l2=jnp.sqrt(jnp.sum(d * d, -1)))
+        out.update(pred_adv=pred(x_adv, _fold_all(example_keys, _ADV)), x_adv=x_adv,
+                   linf=jnp.max(jnp.abs(d), -1), l2=jnp.sqrt(jnp.sum(d * d, -1)))
+        if cands_BC is not None:
+            cand_keys = _fold_all(example_keys, _CANDIDATE)
+
+            def score_candidate(args):
+                x_c, c = args
+                return pred(x_c, _fold_all(cand_keys, c))
+
+            num_c = cands_BC.shape[1]
+            out["pred_cand"] = jax.lax.map(
+                score_candidate, (jnp.swapaxes(cands_BC, 0, 1),
+                                  jnp.arange(num_c, dtype=jnp.uint32))).transpose(1, 0, 2)
     return out
 
 
 def score_record(per_example: Mapping, protocols, randomness: str) -> dict:
-    """Summaries (accuracy, 95% interval, count) per protocol of a per-example record."""
+    """Summaries (accuracy, 95% interval, count) per protocol of a per-example record.
+
+    ``fixed_aa@N`` of the adversarial side is the per-example minimum over the clean input,
+    ``x_adv`` and the extra candidates (``pred_cand``) of the fraction of correct purifications
+    (:func:`jaxrob.evaluation.fixed_aa_score`); of the clean side, ``average@N``.
+    """
     out = {}
+    y = np.asarray(per_example["label"])
     for which in ("clean", "adv"):
         if f"pred_{which}" not in per_example:
             continue
         preds_NB = np.asarray(per_example[f"pred_{which}"]).T
-        y = np.asarray(per_example["label"])
         out[which] = {}
         for p in protocols:
+            name, n = parse_protocol(p)
             # fixed randomness: every purification is the same one
             proto = "one_shot" if randomness == "fixed" else p
-            score = score_predictions(preds_NB, y, proto)
+            if which == "adv" and name == "fixed_aa":
+                stack = [np.asarray(per_example["pred_clean"]).T, preds_NB]
+                if "pred_cand" in per_example:
+                    stack += list(np.asarray(per_example["pred_cand"]).transpose(1, 2, 0))
+                score = fixed_aa_score(np.stack(stack), y, 1 if randomness == "fixed" else n)
+            else:
+                score = score_predictions(preds_NB, y, proto)
             out[which][p] = summarize(score)
             per_example_key = f"{which}@{p}"
             if isinstance(per_example, dict):
@@ -153,10 +282,10 @@ def score_record(per_example: Mapping, protocols, randomness: str) -> dict:
     return out
 
 
-def _robust_chunk(defended, attack, protocols, randomness, vote_chunk, batch, keys):
-    out = robust_scores(defended, attack, batch["x"], batch["y"], keys, protocols=protocols,
-                        randomness=randomness, vote_chunk=vote_chunk)
-    return out
+def _robust_chunk(defended, attack, protocols, randomness, vote_chunk, candidates, batch,
+                  keys):
+    return robust_scores(defended, attack, batch["x"], batch["y"], keys, protocols=protocols,
+                         randomness=randomness, vote_chunk=vote_chunk, candidates=candidates)
 
 
 def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, labels: Labels,
@@ -165,7 +294,7 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
                         store: ChunkStore | None = None, mesh: jax.sharding.Mesh | None = None,
                         vote_chunk: int | None = None, keep_x_adv: bool = False,
                         progress: bool = True, log: Callable[[str], None] | None = None,
-                        self_check: int = 4) -> dict:
+                        self_check: int = 4, candidates=None) -> dict:
     """Robust accuracy over a dataset, in resumable, sharded chunks of ``batch_size`` examples.
 
     The chunk function (attack + scoring) goes through :func:`run_chunks`: jitted once per
@@ -176,7 +305,8 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
     devices or restarts.
 
     Args:
-      defended, attack, protocols, randomness, vote_chunk: as :func:`robust_scores`.
+      defended, attack, protocols, randomness, vote_chunk, candidates: as
+        :func:`robust_scores`.
       images: (N, H, W, C) float32 in [0, 1]; labels: (N,) ints.
       indices: (N,) global dataset indices of the examples (their keys).
       key: the run's key.
@@ -193,11 +323,13 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
 
     Returns:
       ``{"clean": {protocol: summary}, "adv": {protocol: summary}, "per_example": {...},
-      "wall_s", "total_s", "chunks_run", "chunks_total", "self_check"}``; a summary holds
-      accuracy, 95% interval and count; ``per_example`` the arrays ``index``, ``label``,
-      ``pred_clean``/``pred_adv`` (B, N), ``linf``, ``l2``, ``seconds``, the per-protocol
-      scores ``clean@P``/``adv@P`` [and ``x_adv``]; ``total_s`` the compute seconds of the
-      whole record (resumed chunks included), ``wall_s`` those of this call.
+      "randomness", "protocols", "candidates", "wall_s", "total_s", "chunks_run",
+      "chunks_total", "self_check"}``; a summary holds accuracy, 95% interval and count;
+      ``per_example`` the arrays ``index``, ``label``, ``pred_clean``/``pred_adv`` (B, N),
+      ``linf``, ``l2``, ``seconds``, the per-protocol scores ``clean@P``/``adv@P`` [and
+      ``x_adv``, and ``pred_cand`` (B, C, N) with extra Fixed-AA candidates]; ``total_s`` the
+      compute seconds of the whole record (resumed chunks included), ``wall_s`` those of this
+      call.
     """
     check_images(images, "images")
     labels = np.asarray(labels)
@@ -213,9 +345,10 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
     if not callable(defended):
         raise TypeError(f"defended: expected a callable defended(x, keys) -> logits, got "
                         f"{type(defended).__name__}")
-    if attack is not None and not callable(attack):
-        raise TypeError(f"attack: expected attack(model, x, y, key) -> AttackResult or None, "
-                        f"got {type(attack).__name__}")
+    attacks = _as_attacks(attack)
+    attack = attacks if attacks is None or len(attacks) > 1 else attacks[0]
+    candidates = _check_candidates(candidates, attacks, protocols)
+    _check_splits(defended, randomness)
     # the number of classes, abstractly (one example; the labels are checked here)
     k = check_num_classes(defended, jnp.asarray(images[:1]), labels[:1] * 0,
                           example_keys(key, indices[:1]))
@@ -233,7 +366,7 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
     run = run_chunks(
         _robust_chunk, {"x": np.asarray(images, np.float32), "y": labels.astype(np.int32),
                         "index": indices},
-        key=key, args=(defended, attack, protocols, randomness, vote_chunk),
+        key=key, args=(defended, attack, protocols, randomness, vote_chunk, candidates),
         batch_size=batch_size, store=store, mesh=mesh, progress=progress,
         desc=f"robust eval ({randomness})",
         keep=lambda k: keep_x_adv or k != "x_adv", log=log_chunk)
@@ -249,8 +382,9 @@ def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, 
                       f"{check['mismatches']} (docs/known_faults.md)", RuntimeWarning,
                       stacklevel=2)
     return {**score_record(per, protocols, randomness), "per_example": per,
-            "wall_s": run.wall_s, "total_s": run.total_s, "chunks_run": run.chunks_run,
-            "chunks_total": run.chunks_total, "self_check": check}
+            "randomness": randomness, "protocols": list(protocols),
+            "candidates": list(candidates), "wall_s": run.wall_s, "total_s": run.total_s,
+            "chunks_run": run.chunks_run, "chunks_total": run.chunks_total, "self_check": check}
 
 
 @filter_jit

@@ -5,6 +5,10 @@ randomness comes from ``key``: the forward noise from ``fold_in(key, 0)`` and th
 step ``n`` from ``fold_in(fold_in(key, 1), n)``. Hence
 
 * fixed randomness (the "DW-box" setting) is the same key for attack and evaluation;
+* forward-locked randomness (ADDT's "forward lock" variant) fixes only the forward noise: pass
+  ``forward_key=`` and the forward noise comes from it instead (``fold_in(forward_key, 0)``),
+  while the reverse steps' noise still comes from ``key``. ``purify(x, k, forward_key=k)`` is
+  ``purify(x, k)`` exactly;
 * EoT over N samples is a ``vmap`` over N keys;
 * a batch of keys, one per example (``keys.shape == (B,)``, e.g. :func:`example_keys`), gives
   every example its own noise, so results do not depend on batch size, chunking or devices.
@@ -49,6 +53,13 @@ _OPTIONS = ("sampler", "gradient", "surrogate_steps", "variance", "eta", "remat"
 
 def _is_key_batch(key) -> bool:
     return jnp.ndim(key) == 1
+
+
+def _check_keys(key, x, name: str) -> None:
+    """One key, or a (B,) batch of keys for the B images of ``x``."""
+    if _is_key_batch(key) and key.shape[0] != x.shape[0]:
+        raise ValueError(f"{name}: expected one key or {x.shape[0]} keys (one per example), "
+                         f"got {key.shape[0]} keys")
 
 
 def check_options(owner: str, eps_fn, schedule, options: dict, defaults: dict) -> dict:
@@ -106,6 +117,10 @@ class Purifier:
     eta: float = static_field(default=0.0)
     remat: bool = static_field(default=True)
     unroll: int = static_field(default=1)
+
+    # forward and reverse noise come from separate keys (``forward_key=``), as
+    # randomness="forward_lock" evaluations need (a class constant, not a field)
+    splits_randomness = True
 
     @classmethod
     def create(cls, eps_fn: jd.EpsFn, schedule: jd.Schedule,
@@ -179,45 +194,59 @@ class Purifier:
                 "nfe_forward": int(self.nfe), "nfe_backward": int(self.nfe_backward)}
 
     # ------------------------------------------------------------------ the function
-    def __call__(self, x: Images, key: AnyKey) -> Images:
+    def __call__(self, x: Images, key: AnyKey, forward_key: AnyKey | None = None) -> Images:
         """Purify ``x`` (float32 NHWC in [0, 1]) with randomness ``key``.
 
         Args:
           x: images.
           key: one key (the batch shares it: noise drawn for the whole batch at once) or a
             (B,) batch of keys, one per example (:func:`example_keys`).
+          forward_key: None (the forward noise comes from ``key``) or the key(s) of the forward
+            noise alone, one key or (B,) like ``key``: the reverse noise still comes from
+            ``key``. Stage ``i`` of a multistage purifier folds ``i`` into both keys.
 
         Returns:
           Purified images in [0, 1], shaped like ``x``.
         """
         check_images(x, "x")
+        _check_keys(key, x, "key")
+        if forward_key is not None:
+            _check_keys(forward_key, x, "forward_key")
+            if _is_key_batch(key) != _is_key_batch(forward_key):
+                raise ValueError("forward_key: expected one key when key is one key and one "
+                                 "key per example when key is, got "
+                                 f"{jnp.shape(forward_key)} with key {jnp.shape(key)}")
         if _is_key_batch(key):
-            if key.shape[0] != x.shape[0]:
-                raise ValueError(f"key: expected one key or {x.shape[0]} keys (one per "
-                                 f"example), got {key.shape[0]} keys")
-            return jax.vmap(lambda xi, ki: self._purify(xi[None], ki)[0])(x, key)
-        return self._purify(x, key)
+            if forward_key is None:
+                return jax.vmap(lambda xi, ki: self._purify(xi[None], ki)[0])(x, key)
+            return jax.vmap(lambda xi, ki, fi: self._purify(xi[None], ki, fi)[0])(
+                x, key, forward_key)
+        return self._purify(x, key, forward_key)
 
-    def _purify(self, x, key):
+    def _purify(self, x, key, forward_key=None):
         if self.gradient == "bpda":
-            out = self._chain(jax.lax.stop_gradient(x), key, self.chains)
+            out = self._chain(jax.lax.stop_gradient(x), key, self.chains, forward_key)
             return x + jax.lax.stop_gradient(out - x)
         if self.gradient == "surrogate":
-            full = self._chain(jax.lax.stop_gradient(x), key, self.chains)
-            surr = self._chain(x, key, self.surrogate_chains, self.surrogate_steps)
+            full = self._chain(jax.lax.stop_gradient(x), key, self.chains, forward_key)
+            surr = self._chain(x, key, self.surrogate_chains, forward_key, self.surrogate_steps)
             return surr + jax.lax.stop_gradient(full - surr)
-        return self._chain(x, key, self.chains)
+        return self._chain(x, key, self.chains, forward_key)
 
-    def _chain(self, x, key, chains, steps_override=None):
+    def _chain(self, x, key, chains, forward_key=None, steps_override=None):
         h = x
+        fkey = key if forward_key is None else forward_key
         for i, ((t_star, steps), chain) in enumerate(zip(self.stages, chains, strict=True)):
-            k = jr.fold_in(key, i) if len(self.stages) > 1 else key
-            h = self._stage(h, k, t_star, steps_override or steps, chain)
+            k, kf = ((jr.fold_in(key, i), jr.fold_in(fkey, i)) if len(self.stages) > 1
+                     else (key, fkey))
+            h = self._stage(h, k, t_star, steps_override or steps, chain, forward_key=kf)
         return h
 
-    def _stage(self, x01, key, t_star, steps, chain, *, trajectory: bool = False):
+    def _stage(self, x01, key, t_star, steps, chain, *, forward_key=None,
+               trajectory: bool = False):
         x = jd.to_model_space(x01)
-        k_fwd, k_rev = jr.fold_in(key, tags.PURIFY_FORWARD), jr.fold_in(key, tags.PURIFY_REVERSE)
+        k_fwd = jr.fold_in(key if forward_key is None else forward_key, tags.PURIFY_FORWARD)
+        k_rev = jr.fold_in(key, tags.PURIFY_REVERSE)
         noise = jr.normal(k_fwd, x.shape, x.dtype)
         kw = dict(remat=self.remat and not trajectory, unroll=self.unroll,
                   return_trajectory=trajectory)
@@ -238,12 +267,14 @@ class Purifier:
             return to01(x_t), to01(out[1])
         return jd.from_model_space(out, clip=True)
 
-    def trajectory(self, x: Images, key: Key) -> tuple[Images, Array]:
+    def trajectory(self, x: Images, key: Key, forward_key: Key | None = None
+                   ) -> tuple[Images, Array]:
         """The states of a single-stage purification, for distance-to-clean studies.
 
         Args:
           x: images in [0, 1].
           key: one key (as :meth:`__call__` with a single key).
+          forward_key: the forward noise's key (as :meth:`__call__`; None: ``key``).
 
         Returns:
           ``(x_t, states)``: the forward-diffused input and the (steps, B, H, W, C) reverse
@@ -254,7 +285,8 @@ class Purifier:
             raise ValueError("trajectory: expected a single-stage purifier")
         check_images(x, "x")
         (t_star, steps), = self.stages
-        return self._stage(x, key, t_star, steps, self.chains[0], trajectory=True)
+        return self._stage(x, key, t_star, steps, self.chains[0], forward_key=forward_key,
+                           trajectory=True)
 
 
 def _model_and_schedule(model, schedule):
@@ -329,15 +361,30 @@ class DefendedModel:
     Attributes:
       classifier: ``classifier(x, key) -> logits`` (a :class:`jaxrob.models.Classifier` ignores
         the key; a randomised one gets ``fold_in(key, CLASSIFIER)``).
-      purifier: ``purifier(x, key) -> x_purified`` (a :class:`Purifier`), or None.
+      purifier: ``purifier(x, key) -> x_purified`` (a :class:`Purifier`, which also takes
+        ``forward_key=``), or None.
     """
 
     classifier: Callable
     purifier: PurifyFn | None = None
 
-    def __call__(self, x: Images, key: AnyKey) -> Array:
+    @property
+    def splits_randomness(self) -> bool:
+        """Whether :meth:`__call__` takes ``forward_key=`` (randomness="forward_lock"): the
+        purifier splits its forward and reverse noise (a :class:`Purifier`), or there is none."""
+        return self.purifier is None or bool(getattr(self.purifier, "splits_randomness", False))
+
+    def __call__(self, x: Images, key: AnyKey, forward_key: AnyKey | None = None) -> Array:
+        """Logits of the purified ``x``; ``forward_key`` (optional) keys the purifier's forward
+        noise alone (:meth:`Purifier.__call__`); the classifier's key comes from ``key``."""
+        if forward_key is not None and not self.splits_randomness:
+            raise ValueError(
+                f"forward_key: expected a purifier whose forward and reverse noise come from "
+                f"separate keys (a jaxrob.purify.Purifier), got "
+                f"{type(self.purifier).__name__}, which draws all its randomness from one key")
         if self.purifier is not None:
-            x = self.purifier(x, key)
+            x = (self.purifier(x, key) if forward_key is None
+                 else self.purifier(x, key, forward_key=forward_key))
         return self.classifier(x, fold(key, CLASSIFIER))
 
     def manifest(self) -> dict:
