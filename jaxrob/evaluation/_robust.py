@@ -37,7 +37,7 @@ never depend on which other examples share its batch (vmap keeps the computation
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -167,8 +167,8 @@ def _candidates_of(res: AttackResult, candidates: tuple[int, ...], final: bool):
     return jnp.concatenate(out) if out else None
 
 
-def robust_scores(defended: Model, attack: Attack | None, x: Images, y: Labels,
-                  example_keys: Keys, *, protocols=("one_shot",),
+def robust_scores(defended: Model, attack: Attack | Sequence[Attack] | None, x: Images,
+                  y: Labels, example_keys: Keys, *, protocols=("one_shot",),
                   randomness: str = "stochastic", vote_chunk: int | None = None,
                   candidates=None) -> dict:
     """Attack one batch and predict its clean and adversarial inputs (jit-able).
@@ -288,8 +288,9 @@ def _robust_chunk(defended, attack, protocols, randomness, vote_chunk, candidate
                          randomness=randomness, vote_chunk=vote_chunk, candidates=candidates)
 
 
-def evaluate_robustness(defended: Model, attack: Attack | None, images: Images, labels: Labels,
-                        indices, *, key: Key, protocols=("one_shot",),
+def evaluate_robustness(defended: Model, attack: Attack | Sequence[Attack] | None,
+                        images: Images, labels: Labels, indices, *, key: Key,
+                        protocols=("one_shot",),
                         randomness: str = "stochastic", batch_size: int = 64,
                         store: ChunkStore | None = None, mesh: jax.sharding.Mesh | None = None,
                         vote_chunk: int | None = None, keep_x_adv: bool = False,
