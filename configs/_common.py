@@ -211,7 +211,12 @@ def robust_base() -> config_dict.ConfigDict:
     })
     c.eval = config_dict.ConfigDict({
         "protocols": ("one_shot", "worst_of@10"),
-        "randomness": "stochastic",  # stochastic | fixed
+        # stochastic | fixed (DW-box: one purifier key per example, attack and scoring) |
+        # forward_lock (ADDT's variant: the forward noise fixed per example, reverse fresh)
+        "randomness": "stochastic",
+        # attack iterates (indices into AttackResult.iterates) scored as extra candidates of a
+        # "fixed_aa@N" protocol (the attack then returns its iterates); () = none
+        "candidates": (),
         "batch_size": 32,
         "vote_chunk": config_dict.placeholder(int),
         # convergence check: rerun the first num_images with factor x the iterations and

@@ -12,12 +12,16 @@ with exact gradients in the fixed-randomness setting; scored one-shot and worst-
 Each row writes its own resumable sub-workdir; see the README for timings on the 2-core CPU.
 
 Variants: ``:eps01`` (Linf 0.1), ``:l2`` (L2 eps 2.0), ``:fixed`` (only the classifier and the
-fixed-randomness rows: the cheap ones, EoT 1), ``:smoke`` (random tiny UNet, seconds).
+fixed-randomness rows: the cheap ones, EoT 1), ``:dwbox`` (ADDT's randomness settings at
+t_star 0.1: DDPM stochastic / fixed (DW-box, EoT 1) / forward_lock (forward noise fixed, reverse
+noise fresh, EoT 4), DDIM stochastic / fixed; scored one-shot, average@20 and fixed_aa@20 --
+ADDT's Fixed-AA with eval_iter 20; add attack iterates as Fixed-AA candidates with
+``--config.eval.candidates="(5,)"``), ``:smoke`` (random tiny UNet, seconds).
 """
 
 from configs import _common
 
-VARIANTS = ("", "smoke", "eps01", "l2", "fixed")
+VARIANTS = ("", "smoke", "eps01", "l2", "fixed", "dwbox")
 
 
 def rows(samplers=("ddpm", "ddim"), t_stars=(0.1, 0.3)):
@@ -34,6 +38,22 @@ def rows(samplers=("ddpm", "ddim"), t_stars=(0.1, 0.3)):
     return tuple(out)
 
 
+def dwbox_rows(t_star=0.1):
+    """ADDT's randomness settings: stochastic, fixed (DW-box) and, for DDPM (whose reverse steps
+    draw noise), forward_lock."""
+    out = [{"name": "classifier", "purifier": {"enabled": False}}]
+    for sampler in ("ddpm", "ddim"):
+        pur = {"sampler": sampler, "t_star": t_star}
+        tag = f"{sampler}_t{t_star:g}"
+        out += [{"name": f"{tag}_exact", "purifier": pur},
+                {"name": f"{tag}_fixed", "purifier": pur, "eval": {"randomness": "fixed"},
+                 "attack": {"eot_samples": 1}}]
+        if sampler == "ddpm":  # DDIM (eta 0) has no reverse noise: forward_lock == fixed
+            out.append({"name": f"{tag}_forward_lock", "purifier": pur,
+                        "eval": {"randomness": "forward_lock"}})
+    return tuple(out)
+
+
 def get_config(arg=None):
     arg = _common.parse_arg(arg, VARIANTS)
     c = _common.robust_base()
@@ -42,6 +62,9 @@ def get_config(arg=None):
         c.attack.eps = 0.1
     elif arg == "l2":
         c.attack.update(norm="l2", eps=2.0)
+    elif arg == "dwbox":
+        c.rows = dwbox_rows()
+        c.eval.protocols = ("one_shot", "average@20", "fixed_aa@20")
     elif arg == "fixed":
         c.rows = tuple(r for r in c.rows
                        if r["name"] == "classifier" or r["name"].endswith("_fixed"))

@@ -386,8 +386,11 @@ def make_purifier(purifier_config, model):
     return diffpure(model, t_star=float(p.t_star), num_steps=int(p.num_steps), **kw)
 
 
-def make_attack(attack_config):
+def make_attack(attack_config, *, return_iterates: bool = False):
     """``attack(model, x, y, key) -> AttackResult`` from ``config.attack`` (None for "none").
+
+    ``return_iterates``: the attack also returns its iterates (PGD / APGD; the candidates of a
+    ``fixed_aa`` protocol).
 
     A ``jax.tree_util.Partial``: the attack function is static and its options hash by value,
     so two attacks built from the same config share one compilation.
@@ -411,7 +414,11 @@ def make_attack(attack_config):
                          f"{eot_samples}, got {eot_chunk}")
     common = dict(eps=eps, loss=a.loss, eot_samples=eot_samples, eot_chunk=eot_chunk)
     if name == "fgsm":
+        if return_iterates:
+            raise ValueError("eval.candidates: fgsm has no iterates; use pgd or apgd")
         return Partial(attacks.fgsm, **common)
+    if return_iterates:  # only when asked: the plain attack's options (and cache key) unchanged
+        common["return_iterates"] = True
     if name == "pgd":
         return Partial(attacks.pgd, norm=a.norm, num_steps=int(a.num_steps),
                        step_size=a.get("step_size"), random_start=bool(a.random_start),

@@ -21,14 +21,22 @@ def _nfe(config, purifier) -> dict:
     a = config.attack
     iters = 0 if a.name == "none" else (1 if a.name == "fgsm" else int(a.num_steps))
     restarts = 1 if a.name in ("none", "fgsm") else int(a.num_restarts)
+    # forward_lock purifies every time (fresh reverse noise) and counts like stochastic
     samples = 1 if config.eval.randomness == "fixed" else max(
         parse_protocol(p)[1] for p in config.eval.protocols)
     nfe_fwd = purifier.nfe if purifier else 0
+    # clean + adversarial input, plus the Fixed-AA candidates (attack iterates) when asked for
+    inputs = 2 + len(_candidates(config))
     return {"per_purification": nfe_fwd,
             "per_gradient": purifier.nfe_backward if purifier else 0,
             "attack_per_image": attack_nfe(purifier, iterations=iters, restarts=restarts,
                                            eot_samples=int(a.eot_samples)),
-            "scoring_per_image": 2 * samples * nfe_fwd}
+            "scoring_per_image": inputs * samples * nfe_fwd}
+
+
+def _candidates(config) -> tuple[int, ...]:
+    """The attack iterates scored as extra Fixed-AA candidates (``eval.candidates``)."""
+    return tuple(int(c) for c in (config.eval.get("candidates") or ()))
 
 
 def _evaluate(config, workdir: pathlib.Path, defended, test, mesh, name: str) -> dict:
@@ -45,25 +53,30 @@ def _evaluate(config, workdir: pathlib.Path, defended, test, mesh, name: str) ->
     keep_x_adv = bool(config.eval.get("keep_x_adv") or False)
     if keep_x_adv:  # only when set, so workdirs written before this option still resume
         fingerprint["keep_x_adv"] = True
+    candidates = _candidates(config)
+    if candidates:  # likewise
+        fingerprint["candidates"] = list(candidates)
     store = ChunkStore(workdir / "chunks", fingerprint=fingerprint)
+    attack = _common.make_attack(config.attack, return_iterates=bool(candidates))
     return evaluate_robustness(
-        defended, _common.make_attack(config.attack), test.images, test.labels, test.indices,
+        defended, attack, test.images, test.labels, test.indices,
         key=jr.key(int(config.seed)), protocols=protocols, randomness=config.eval.randomness,
         batch_size=_common.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size"),
         store=store, mesh=mesh, vote_chunk=config.eval.get("vote_chunk"), keep_x_adv=keep_x_adv,
-        log=lambda line: logging.info("%s: %s", name, line))
+        candidates=candidates or None, log=lambda line: logging.info("%s: %s", name, line))
 
 
 def _stronger(config, factor: int, eot_factor: int | None = None):
     """The row's attack with ``factor`` x the iterations and ``eot_factor`` (default
-    ``factor``) x the EoT samples when the row is stochastic."""
+    ``factor``) x the EoT samples when the row draws fresh purifier noise in the attack
+    (stochastic, forward_lock)."""
     c = config.copy_and_resolve_references()
     if c.attack.name in ("pgd", "apgd"):
         c.attack.num_steps = int(c.attack.num_steps) * factor
         if c.attack.get("step_size") is None and c.attack.name == "pgd":
             # the default step 2.5 eps / T would shrink with T: keep the base run's step
             c.attack.step_size = 2.5 * float(c.attack.eps) / int(config.attack.num_steps)
-    if c.eval.randomness == "stochastic" and c.purifier.enabled:
+    if c.eval.randomness != "fixed" and c.purifier.enabled:
         c.attack.eot_samples = int(c.attack.eot_samples) * (
             factor if eot_factor is None else eot_factor)
         c.attack.eot_chunk = config.attack.get("eot_chunk")
@@ -125,6 +138,7 @@ def run_row(config, name: str, workdir: pathlib.Path, models, test, mesh) -> dic
         "purifier": purifier.manifest() if purifier else None,
         "attack": _common.to_plain(config.attack),
         "randomness": config.eval.randomness, "protocols": list(protocols),
+        "candidates": list(_candidates(config)),
         "num_images": len(test), "indices": [int(test.indices[0]), int(test.indices[-1]) + 1],
         "nfe": _nfe(config, purifier),
         "mean_linf": float(np.mean(per["linf"])) if "linf" in per else None,
@@ -208,12 +222,18 @@ def run(config, workdir) -> dict:
     if len(set(names)) != len(names):
         raise ValueError(f"rows: names must be unique, got {names}")
     row_configs = [_common.row_config(config, r) for r in rows]  # all checked up front
-    for rc in row_configs:
-        _common.make_purifier(rc.purifier, ddpm)
-        _common.make_attack(rc.attack)
-        for p in rc.eval.protocols:
-            parse_protocol(p)
+    for name, rc in zip(names, row_configs, strict=True):
+        purifier = _common.make_purifier(rc.purifier, ddpm)
+        _common.make_attack(rc.attack, return_iterates=bool(_candidates(rc)))
+        names_p = [parse_protocol(p)[0] for p in rc.eval.protocols]
         check_randomness(rc.eval.randomness)
+        if _candidates(rc) and "fixed_aa" not in names_p:
+            raise ValueError(f"rows: {name}: eval.candidates are scored only by a "
+                             f"'fixed_aa@N' protocol, got {list(rc.eval.protocols)}")
+        if rc.eval.randomness == "forward_lock" and purifier is not None \
+                and not getattr(purifier, "splits_randomness", False):
+            raise ValueError(f"rows: {name}: randomness='forward_lock' needs a purifier that "
+                             f"splits its forward and reverse noise")
     entries = []
     for name, rc in zip(names, row_configs, strict=True):
         logging.info("row %s: purifier %s, attack %s, %s", name,

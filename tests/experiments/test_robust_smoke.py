@@ -69,6 +69,12 @@ def test_bad_rows_and_attack_fail_before_work(tmp_path):
     cfg.rows = ({"name": "x", "eval": {"protocols": ("best_of@2",)}},)
     with pytest.raises(ValueError, match="protocol"):
         robust_eval.run(cfg, tmp_path)
+    cfg.rows = ({"name": "x", "eval": {"randomness": "forward-lock"}},)
+    with pytest.raises(ValueError, match="randomness"):
+        robust_eval.run(cfg, tmp_path)
+    cfg.rows = ({"name": "x", "eval": {"candidates": (1,)}},)  # no fixed_aa protocol
+    with pytest.raises(ValueError, match="fixed_aa"):
+        robust_eval.run(cfg, tmp_path)
     assert not list(tmp_path.glob("x/chunks/chunk_*"))
 
 
@@ -79,6 +85,31 @@ def test_configs_load():
             assert cfg.rows and all("name" in r for r in cfg.rows)
     assert load_config("mnist_robust", "l2").attack.norm == "l2"
     assert (REPO / "experiments" / "robust_eval.py").is_file()
+
+
+def test_dwbox_rows_select_the_randomness_modes_and_keep_the_nfe_accounting():
+    from experiments import _common
+    from experiments._robust_eval import _nfe, _stronger
+
+    cfg = load_config("mnist_robust", "dwbox")
+    rows = {r["name"]: _common.row_config(cfg, r) for r in cfg.rows}
+    modes = {n: rc.eval.randomness for n, rc in rows.items()}
+    assert modes["ddpm_t0.1_fixed"] == "fixed" and modes["ddim_t0.1_fixed"] == "fixed"
+    assert modes["ddpm_t0.1_forward_lock"] == "forward_lock"
+    assert "fixed_aa@20" in cfg.eval.protocols
+
+    class Pur:  # nfe bookkeeping only
+        nfe, nfe_backward = 10, 30
+
+    lock, stoch = rows["ddpm_t0.1_forward_lock"], rows["ddpm_t0.1_exact"]
+    # forward_lock purifies like stochastic: the same attack and scoring NFE
+    assert _nfe(lock, Pur()) == _nfe(stoch, Pur())
+    assert _nfe(lock, Pur())["scoring_per_image"] == 2 * 20 * 10
+    assert _nfe(rows["ddpm_t0.1_fixed"], Pur())["scoring_per_image"] == 2 * 1 * 10
+    lock.eval.candidates = (3, 5)  # two attack iterates scored as Fixed-AA candidates
+    assert _nfe(lock, Pur())["scoring_per_image"] == 4 * 20 * 10
+    # the convergence check's stronger attack draws more EoT samples in forward_lock rows
+    assert _stronger(lock, 2).attack.eot_samples == 2 * lock.attack.eot_samples
 
 
 def test_convergence_check_reruns_a_subset_with_a_stronger_attack(tmp_path):
