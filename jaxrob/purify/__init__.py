@@ -1,7 +1,9 @@
 """Purifiers built on :mod:`jaxrob.diffusion`: DiffPure-style, multi-stage, majority vote,
 DiffDefense reconstruction.
 
-Public: :func:`diffpure` / :func:`multistage` build a :class:`Purifier` (``purify(x, key)``),
+Public: :func:`diffpure` / :func:`multistage` build a :class:`Purifier` (``purify(x, key)``;
+``purify(x, key, forward_key=k_f)`` takes the forward noise from ``k_f`` alone, as
+``randomness="forward_lock"`` evaluations do),
 :func:`diffdefense` builds a :class:`DiffDefense` (``defence(x, key)``, and
 ``defence.reconstruct(x, key)`` -> :class:`Reconstruction` with the detection score),
 :class:`DefendedModel` (or :func:`purified_logits`) puts a classifier behind it -- the
