@@ -83,6 +83,7 @@ def _run_bisect(pred, n_rows: int, n: int, lo: int, hi: int):
     return jax.lax.fori_loop(0, math.ceil(math.log2(n)) if n > 1 else 0, body, init)[0]
 
 
+@jax.jit
 def projection_linf(t_ND: Array, w_ND: Array, b_N: Array) -> Array:
     """Smallest-Linf ``d`` with ``<w, t + d> = b``, ``t + d`` in [0, 1] (``fab_projections``)."""
     n, dim = t_ND.shape
@@ -119,6 +120,7 @@ def projection_linf(t_ND: Array, w_ND: Array, b_N: Array) -> Array:
     return jnp.where(nz, d, 0.0)
 
 
+@jax.jit
 def projection_l2(t_ND: Array, w_ND: Array, b_N: Array) -> Array:
     """Smallest-L2 ``d`` with ``<w, t + d> = b``, ``t + d`` in [0, 1] (``fab_projections``)."""
     n, dim = t_ND.shape
@@ -155,6 +157,7 @@ def projection_l2(t_ND: Array, w_ND: Array, b_N: Array) -> Array:
     return jnp.where(small, 0.0, d)
 
 
+@jax.jit
 def projection_l1(t_ND: Array, w_ND: Array, b_N: Array) -> Array:
     """Smallest-L1 ``d`` with ``<w, t + d> = b``, ``t + d`` in [0, 1] (``fab_projections``):
     coordinates with the largest ``|w_i|`` first, each moved to its bound, the last one
