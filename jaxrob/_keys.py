@@ -73,3 +73,22 @@ ENSEMBLE = 21
 # into it (so far above any restart count).
 LEAST_LIKELY = 1_000_011  # the clean logits that pick a targeted attack's "least_likely" target
 TARGET_HIT = 1_000_013  # the logits that score a targeted attack's success (prediction == target)
+
+# FAB (jaxrob.attacks.fab), inside the attack's key beside its run indices (run q = target rank
+# index * num_restarts + restart).
+FAB_TARGET = 1_000_020  # the clean logits that rank FAB-T's (and AutoAttack's APGD-T's) targets
+FAB_CLEAN = 1_000_021  # the clean prediction: examples already misclassified are not attacked
+FAB_SCORE = 1_000_022  # run q's final check of its point, fold_in(fold_in(key, q), FAB_SCORE)
+
+# AutoAttack (jaxrob.attacks.autoattack), folded into example i's key k_i. Stage s of an attack
+# (a restart, or a target rank) runs on fold_in(fold_in(k_i, AA_<attack>), s).
+AA_CLEAN = 1_000_023  # the clean prediction (the initial robust flags)
+AA_RANDOMISED = 1_000_024  # the randomness check's calls j = 0..4 (then j folded in)
+AA_SCORE = 1_000_025  # the check of a stage's output: fold_in(stage key, AA_SCORE)
+AA_FINAL = 1_000_026  # the final re-measure of the robust accuracy on x_adv
+AA_APGD_CE = 1_000_027
+AA_APGD_DLR = 1_000_028
+AA_APGD_T = 1_000_029
+AA_FAB = 1_000_030
+AA_FAB_T = 1_000_031
+AA_SQUARE = 1_000_032

@@ -1,5 +1,5 @@
 """Attacks on (possibly randomised) classifiers: losses, FGSM, PGD, APGD, C&W-L2, EAD, DeepFool,
-Square, EoT.
+Square, FAB, AutoAttack, EoT.
 
 Every attack is a pure function ``attack(model, x, y, key, **options) -> AttackResult`` with
 keyword-only hyper-parameters, jitted with its loops inside (``lax.scan`` / ``fori_loop`` /
@@ -11,11 +11,26 @@ deterministic models ignore the key); the loss maximised is named by ``loss=`` (
 (classes, or ``"least_likely"``) and then maximise the targeted form of the loss. Square is
 query-based (no gradients) and reports its per-example query count. Pytree models are traced, not
 baked in: attacking new parameters of the same shapes reuses the compilation.
+
+* ``fab``: FAB / FAB-T, steps onto the linearised decision boundary, the closest point kept
+  within eps (Linf, L2, L1).
+* ``projection_linf`` / ``projection_l2`` / ``projection_l1``: FAB's projection onto a
+  hyperplane inside the box [0, 1]^d.
+* ``autoattack``: AutoAttack's ensemble (standard / plus / rand / custom), each attack on the
+  still-robust examples, per-example keys; returns an ``AutoAttackResult``.
+* ``AutoAttackResult``: x_adv, per-example robust flags and breaking attack, the accuracy after
+  each attack, the original's checks (randomised defence, consistency, Square).
+* ``AA_ATTACKS`` / ``AA_VERSIONS`` / ``FAB_NORMS``: the names :func:`autoattack` and :func:`fab`
+  accept.
 """
 
 from jaxrob.attacks._apgd import APGD_LOSSES as APGD_LOSSES
 from jaxrob.attacks._apgd import apgd as apgd
 from jaxrob.attacks._apgd import apgd_checkpoints as apgd_checkpoints
+from jaxrob.attacks._autoattack import AA_ATTACKS as AA_ATTACKS
+from jaxrob.attacks._autoattack import AA_VERSIONS as AA_VERSIONS
+from jaxrob.attacks._autoattack import AutoAttackResult as AutoAttackResult
+from jaxrob.attacks._autoattack import autoattack as autoattack
 from jaxrob.attacks._common import NORMS as NORMS
 from jaxrob.attacks._common import AttackResult as AttackResult
 from jaxrob.attacks._common import project as project
@@ -24,6 +39,11 @@ from jaxrob.attacks._deepfool import deepfool as deepfool
 from jaxrob.attacks._ead import ead as ead
 from jaxrob.attacks._eot import eot_grad as eot_grad
 from jaxrob.attacks._eot import eot_value_and_grad as eot_value_and_grad
+from jaxrob.attacks._fab import FAB_NORMS as FAB_NORMS
+from jaxrob.attacks._fab import fab as fab
+from jaxrob.attacks._fab import projection_l1 as projection_l1
+from jaxrob.attacks._fab import projection_l2 as projection_l2
+from jaxrob.attacks._fab import projection_linf as projection_linf
 from jaxrob.attacks._losses import LOSSES as LOSSES
 from jaxrob.attacks._losses import TARGETED_LOSSES as TARGETED_LOSSES
 from jaxrob.attacks._losses import LogitsFn as LogitsFn

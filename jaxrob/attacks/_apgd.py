@@ -88,10 +88,18 @@ def _apgd_init(key, x, eps, norm):
 
 
 def _apgd_run(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_start,
-              eot_samples, eot_chunk, eot_mesh, return_iterates) -> AttackResult:
+              eot_samples, eot_chunk, eot_mesh, return_iterates, track_fn=None) -> AttackResult:
+    """One APGD run. ``track_fn`` (AutoAttack's bookkeeping, off by default): a
+    ``logits_fn(x, key)`` whose prediction at every evaluated point, under the key of that
+    point's EoT sample 0, flags it misclassified (``pred != y``); the result then has
+    ``success`` = some point was, and ``x_adv`` = the last such point (AutoAttack's
+    ``x_best_adv``), the highest-loss point where none was."""
     k_init, k_steps = jr.split(key)
     vg = lambda x_, t: eot_value_and_grad(loss_fn, x_, y, jr.fold_in(k_steps, t),
                                           samples=eot_samples, chunk=eot_chunk, mesh=eot_mesh)
+    # The model key of EoT sample 0 at evaluation t (eot_value_and_grad's fold_in(key_t, 0)).
+    wrong = lambda x_, t: jnp.argmax(
+        track_fn(x_, jr.fold_in(jr.fold_in(k_steps, t), 0)), axis=1) != y
     x0 = _apgd_init(k_init, x, eps, norm) if random_start else x
     loss0_B, grad0 = vg(x0, 0)
     batch = x.shape[0]
@@ -106,6 +114,11 @@ def _apgd_run(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_st
         x_new = project(c["x"] + a * (z - c["x"]) + (1.0 - a) * (c["x"] - c["x_old"]), x, eps,
                         norm)
         loss_B, grad = vg(x_new, i + 1)
+        tracked = {}
+        if track_fn is not None:
+            wrong_B = wrong(x_new, i + 1)
+            tracked = {"found": c["found"] | wrong_B,
+                       "x_found": jnp.where(expand(wrong_B), x_new, c["x_found"])}
 
         n_incr = c["n_incr"] + (loss_B > c["loss_prev"]).astype(jnp.float32)
         better_B = loss_B > c["loss_best"]
@@ -131,6 +144,7 @@ def _apgd_run(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_st
             "loss_best": loss_best,
             "loss_best_last": jnp.where(check, loss_best, c["loss_best_last"]),
             "reduced_last": jnp.where(check, reduce_B, c["reduced_last"]),
+            **tracked,
         }, (x_new if return_iterates else None)
 
     init = {
@@ -140,10 +154,16 @@ def _apgd_run(loss_fn, x, y, key, eps, *, norm, num_steps, rho, alpha, random_st
         "x_best": x0, "grad_best": grad0, "loss_best": loss0_B,
         "loss_best_last": loss0_B, "reduced_last": jnp.ones((batch,), bool),
     }
+    if track_fn is not None:
+        init["found"] = wrong(x0, 0)
+        init["x_found"] = x0
     xs = (jnp.arange(num_steps), jnp.asarray(is_check), jnp.asarray(thresh))
     final, its = jax.lax.scan(body, init, xs)
     if return_iterates:
         its = jnp.concatenate([x0[None], its], axis=0)
+    if track_fn is not None:
+        x_adv = jnp.where(expand(final["found"]), final["x_found"], final["x_best"])
+        return AttackResult(x_adv, final["loss_best"], its, success=final["found"])
     return AttackResult(final["x_best"], final["loss_best"], its)
 
 
