@@ -253,3 +253,95 @@ def robust_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.eval.update(protocols=("one_shot", "worst_of@2"), batch_size=8)
     c.data.num_images = 8
     return c
+
+
+# ----------------------------------------------------------------------------- ADDT fine-tuning
+
+# The paper's ablations (experiments/train_addt.py): full ADDT (CGPO + RBGM), CGPO with the
+# reference's Linf PGD step instead of RBGM (train_ADDT_linf.py), and the control run of the same
+# length on plain Gaussian noise (train_clean.py).
+ADDT_VARIANTS = ("addt", "no_rbgm", "no_cgpo")
+
+
+def parse_variant(arg: str | None, variants=ADDT_VARIANTS) -> tuple[str, bool]:
+    """``file.py:<variant>``, ``:<variant>,smoke`` or ``:smoke`` -> ``(variant, smoke)``; the
+    first of ``variants`` when none is named. Raises on anything else."""
+    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+    named = [t for t in tokens if t != "smoke"]
+    if len(named) > 1 or tokens.count("smoke") > 1 or (named and named[0] not in variants):
+        raise ValueError(f"config variant: expected one of {list(variants)}, optionally with "
+                         f"',smoke' (e.g. --config configs/digits_addt.py:{variants[-1]},smoke), "
+                         f"got {arg!r}")
+    return (named[0] if named else variants[0]), "smoke" in tokens
+
+
+def addt_base(variant: str) -> config_dict.ConfigDict:
+    """Defaults of an ADDT fine-tune (``experiments/train_addt.py``): the committed digits DDPM
+    against the committed digits classifier, with the reference's hyper-parameters
+    (LYMDLUT/ADDT ``train_DDPM_DDIM_ADDT``: AdamW lr 2e-4, betas (0.95, 0.999), weight decay
+    1e-6 on every parameter, global-norm clip 1.0, EMA 0.9999 with a power-3/4 warm-up,
+    lambda 0.03 clipped to [0, 0.3], K = 5 CGPO iterations)."""
+    if variant not in ADDT_VARIANTS:
+        raise ValueError(f"config variant: expected one of {list(ADDT_VARIANTS)}, got "
+                         f"{variant!r}")
+    c = config_dict.ConfigDict()
+    c.seed = 0
+    c.data = data("digits", "train", "test")
+    c.ddpm = config_dict.ConfigDict({
+        "path": "checkpoints/digits_ddpm",  # the export fine-tuned (repo-relative or absolute)
+        # dropout of the fine-tune's training passes (None: the export's own; the reference
+        # fine-tunes Ho et al.'s CIFAR-10 model with its 0.1)
+        "dropout": config_dict.placeholder(float),
+    })
+    c.classifier = config_dict.ConfigDict({"path": "checkpoints/digits_classifier"})
+    c.addt = config_dict.ConfigDict({
+        "variant": variant,  # addt (mapping "rbgm") | no_rbgm ("pgd_linf") | no_cgpo ("gaussian")
+        "num_iters": 5,  # CGPO iterations K (all variants but no_cgpo)
+        "lambda_unit": 0.03,  # r_n = clip(lambda_unit sqrt(abar_n / (1 - abar_n)), min, max)
+        "lambda_min": 0.0,
+        "lambda_max": 0.3,
+        "clip_x0": False,  # the reference feeds the classifier the unclipped x0 estimate
+        "share_noise": False,  # a fresh forward noise in every CGPO iteration (the reference)
+        "linf_eps": 8 / 255,  # no_rbgm only: Linf budget, step and sqrt(snr) clip
+        "linf_step": 4 / 255,
+        "linf_ratio_max": 10.0,
+    })
+    c.train = config_dict.ConfigDict({
+        # sized for the shared 2-core CPU (an ADDT step is ~K + 1 = 6 UNet forward-backward
+        # passes); the reference trains 8 x 32 images a step for 100 CIFAR-10 epochs
+        "batch_size": 32,
+        "num_steps": 200,
+        "learning_rate": 2e-4,
+        "b1": 0.95,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 1e-6,
+        "decay_all": True,  # decay biases and norm scales too, as torch.optim.AdamW does
+        "grad_clip": 1.0,
+        "lr_schedule": "constant",
+        "warmup_steps": 0,  # diffusers' "constant" schedule ignores the script's warm-up
+        "ema_decay": 0.9999,
+        "ema_warmup": True,
+        "ema_power": 0.75,
+        "log_every": 10,
+        "checkpoint_every": 50,
+        "keep_checkpoints": 2,
+    })
+    # after training: eps-MSE, x0-MSE and the classifier's accuracy on the one-step x0 estimate
+    # at each t_star, of the base DDPM and of the fine-tune, on the same noise
+    c.eval = config_dict.ConfigDict({
+        "enabled": True,
+        "t_stars": (0.1, 0.3),
+        "num_images": 0,  # 0: the whole test split
+        "batch_size": 360,
+        "seed": 2,
+    })
+    c.mesh = mesh(cpu_ynn="no_conv")  # not "off": docs/known_faults.md
+    return c
+
+
+def addt_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Shrink an ADDT fine-tune to seconds of steps (the compilation dominates)."""
+    c.train.update(batch_size=16, num_steps=4, log_every=1, checkpoint_every=2)
+    c.eval.update(num_images=16, batch_size=16)
+    return c

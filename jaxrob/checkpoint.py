@@ -50,6 +50,7 @@ __all__ = [
     "LegacyExportError",
     "NotAnExportError",
     "abstract_like",
+    "export_checksum",
     "fingerprint_diff",
     "load_params",
     "normalize_fingerprint",
@@ -698,6 +699,26 @@ def read_metadata(directory: str | os.PathLike) -> dict:
     """
     _, meta = _open_export(directory, verify_all_files=False)
     return _public(meta)
+
+
+def export_checksum(directory: str | os.PathLike) -> str:
+    """The SHA-256 over all parameter leaves recorded in an export's metadata (cheap: no arrays
+    are read; :func:`load_params` verifies the arrays against it).
+
+    Two exports with the same checksum hold bit-identical parameters, so it names "which export"
+    in the metadata of a model derived from another (e.g. a fine-tune of it) and in run
+    fingerprints.
+
+    Raises the errors of :func:`read_metadata`, and :class:`CorruptExportError` when the metadata
+    holds no overall checksum.
+    """
+    d, meta = _open_export(directory, verify_all_files=False)
+    stored = meta.get(_CHECKSUM_KEY)
+    tree = stored.get("tree") if isinstance(stored, dict) else None
+    if not isinstance(tree, str):
+        raise CorruptExportError(f"corrupt jaxrob export {d}: its metadata has no valid "
+                                 f"'{_CHECKSUM_KEY}'")
+    return tree
 
 
 def upgrade_export(directory: str | os.PathLike) -> pathlib.Path:

@@ -244,6 +244,20 @@ def test_export_records_format_and_checksums(tmp_path):
     assert read_metadata(d) == {"kind": "test"}
 
 
+def test_export_checksum_names_the_parameters(tmp_path):
+    params = _params()
+    a = save_params(tmp_path / "a", params, {"kind": "test"})
+    b = save_params(tmp_path / "b", params, {"kind": "other metadata"})
+    raw = json.loads((a / "metadata" / "metadata").read_text())
+    assert jckpt.export_checksum(a) == raw["jaxrob_checksums"]["tree"]
+    assert jckpt.export_checksum(a) == jckpt.export_checksum(b)  # same arrays, same checksum
+    params["params"]["w"][0, 0] += 1.0
+    c = save_params(tmp_path / "c", params, {"kind": "test"})
+    assert jckpt.export_checksum(c) != jckpt.export_checksum(a)
+    with pytest.raises(FileNotFoundError):
+        jckpt.export_checksum(tmp_path / "missing")
+
+
 def test_overwritten_bytes_are_one_clear_error(tmp_path, capfd):
     d = save_params(tmp_path / "e", _params())
     f = _data_file(d)

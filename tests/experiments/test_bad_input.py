@@ -37,6 +37,11 @@ def test_every_config_builds(name):
             if "attack" in cfg:
                 _common.make_attack(cfg.attack)
             continue
+        if "addt" in cfg:  # a fine-tune of exports: its options are checked, nothing loaded
+            from experiments import _train_addt
+
+            _train_addt.addt_options(cfg)
+            continue
         subs = [cfg.ddpm, cfg.classifier] if name == "main" else [cfg]
         for sub in subs:
             if "diffusion" in sub:
