@@ -1,5 +1,6 @@
 """Attacks on (possibly randomised) classifiers: losses, FGSM, PGD, APGD, C&W-L2, EAD, DeepFool,
-Square, FAB, AutoAttack, EoT.
+Square, FAB, AutoAttack, EoT, and the detection-aware attack on a scoring reconstruction defence
+(:class:`DetectionAwareModel` + :func:`detection_aware_loss`).
 
 Every attack is a pure function ``attack(model, x, y, key, **options) -> AttackResult`` with
 keyword-only hyper-parameters, jitted with its loops inside (``lax.scan`` / ``fori_loop`` /
@@ -36,6 +37,9 @@ from jaxrob.attacks._common import AttackResult as AttackResult
 from jaxrob.attacks._common import project as project
 from jaxrob.attacks._cw import cw_l2 as cw_l2
 from jaxrob.attacks._deepfool import deepfool as deepfool
+from jaxrob.attacks._detection_aware import DetectionAwareLoss as DetectionAwareLoss
+from jaxrob.attacks._detection_aware import DetectionAwareModel as DetectionAwareModel
+from jaxrob.attacks._detection_aware import detection_aware_loss as detection_aware_loss
 from jaxrob.attacks._ead import ead as ead
 from jaxrob.attacks._eot import eot_grad as eot_grad
 from jaxrob.attacks._eot import eot_value_and_grad as eot_value_and_grad

@@ -37,7 +37,12 @@ defence jits and memory stays bounded. Two gradients are involved, each a named 
   ``"bpda"`` is the identity backward (Athalye et al.). The exact gradient is small by
   construction: with ``iterations=0`` the output depends on ``x`` only through the (discrete)
   choice of restart, so it is 0; Adam's first step is about ``-lr sign(g)``, whose derivative in
-  ``x`` nearly vanishes, and only later steps (through Adam's moments) pass more of it.
+  ``x`` nearly vanishes, and only later steps (through Adam's moments) pass more of it. The same
+  normalisation makes it rough: ``d/dg [g / (|g| + eps)] = eps / (|g| + eps)^2`` is ~0 where the
+  inner gradient ``|g| >> eps`` and ~1/eps where ``g`` nearly vanishes, so with Adam's default
+  ``eps = 1e-8`` the exact gradient is dominated by a few near-singular coordinates and need not
+  agree with a finite difference over any practical step (shattered gradients, Athalye et al.);
+  a larger ``adam_eps`` smooths it.
 
 Differences from the reference code (HondamunigePrasannaSilva/DiffDefence), all deliberate:
 
@@ -84,8 +89,8 @@ Z_GRADIENTS = ("exact", "reference")
 DD_GRADIENTS = ("exact", "bpda")
 OUTPUTS = ("clip", "sigmoid")
 
-_OPTIONS = ("num_steps", "restarts", "iterations", "learning_rate", "betas", "eta", "output",
-            "z_gradient", "gradient", "remat", "unroll")
+_OPTIONS = ("num_steps", "restarts", "iterations", "learning_rate", "betas", "adam_eps", "eta",
+            "output", "z_gradient", "gradient", "remat", "unroll")
 
 
 @pytree_dataclass
@@ -128,6 +133,7 @@ class DiffDefense:
       iterations: Adam steps per restart (L; 0 keeps the best initialisation).
       learning_rate: Adam's rate, a float or an optax schedule of the step count.
       betas: Adam's ``(b1, b2)``.
+      adam_eps: Adam's ``eps`` (the denominator's ``sqrt(v) + eps``; 1e-8 as in the reference).
       eta: DDIM eta of ``D`` (0: deterministic; 1: the reference's stochastic update).
       output: ``"clip"`` (``clip((x_0 + 1) / 2)``) or ``"sigmoid"`` (the reference's squashing).
       z_gradient: ``"exact"`` or ``"reference"`` (the gradient the optimiser follows).
@@ -144,6 +150,7 @@ class DiffDefense:
     iterations: int = static_field(default=4)
     learning_rate: float | Callable = static_field(default=0.02)
     betas: tuple[float, float] = static_field(default=(0.5, 0.999))
+    adam_eps: float = static_field(default=1e-8)
     eta: float = static_field(default=0.0)
     output: str = static_field(default="clip")
     z_gradient: str = static_field(default="exact")
@@ -156,8 +163,8 @@ class DiffDefense:
         """Validate the options and derive the reverse chain (host-side, once)."""
         opts = check_options("DiffDefense", eps_fn, schedule, options, dict(
             num_steps=15, restarts=5, iterations=4, learning_rate=0.02, betas=(0.5, 0.999),
-            eta=0.0, output="clip", z_gradient="exact", gradient="exact", remat=True,
-            unroll=1))
+            adam_eps=1e-8, eta=0.0, output="clip", z_gradient="exact", gradient="exact",
+            remat=True, unroll=1))
         num_steps = check_positive_int(opts["num_steps"], "num_steps")
         if num_steps > schedule.num_steps:
             raise ValueError(f"num_steps: expected 1..{schedule.num_steps} (the model's "
@@ -177,6 +184,10 @@ class DiffDefense:
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"betas: expected 0 <= b1, b2 < 1, got {opts['betas']!r}")
         opts["betas"] = (b1, b2)
+        ae = opts["adam_eps"]
+        if isinstance(ae, bool) or not isinstance(ae, int | float) or not ae > 0:
+            raise ValueError(f"adam_eps: expected a positive number, got {ae!r}")
+        opts["adam_eps"] = float(ae)
         opts["eta"] = float(opts["eta"])
         if not opts["eta"] >= 0:
             raise ValueError(f"eta: expected >= 0, got {opts['eta']}")
@@ -220,7 +231,8 @@ class DiffDefense:
         return {"defence": "diffdefense", "sampler": "ddim", "steps": int(self.num_steps),
                 "restarts": int(self.restarts), "iterations": int(self.iterations),
                 "learning_rate": lr if isinstance(lr, float) else repr(lr),
-                "betas": list(self.betas), "eta": float(self.eta), "output": self.output,
+                "betas": list(self.betas), "adam_eps": float(self.adam_eps),
+                "eta": float(self.eta), "output": self.output,
                 "z_gradient": self.z_gradient, "gradient": self.gradient,
                 "remat": self.remat, "schedule_steps": int(self.schedule.num_steps),
                 "nfe_forward": int(self.nfe), "nfe_vjp": int(self.nfe_vjp)}
@@ -264,7 +276,7 @@ class DiffDefense:
     def _optimise(self, z, x, key):
         """``iterations`` Adam steps of one restart (z: (B, H, W, C)); returns ``z_L``."""
         b1, b2 = self.betas
-        opt = optax.adam(self.learning_rate, b1=b1, b2=b2)
+        opt = optax.adam(self.learning_rate, b1=b1, b2=b2, eps=self.adam_eps)
         grad_fn = jax.grad(lambda zz, k: jnp.sum(self.objective(zz, x, k)))
 
         def step(carry, it):
@@ -356,7 +368,8 @@ class DiffDefense:
 def diffdefense(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, num_steps: int = 15,
                 restarts: int = 5, iterations: int = 4,
                 learning_rate: float | Callable = 0.02,
-                betas: tuple[float, float] = (0.5, 0.999), eta: float = 0.0,
+                betas: tuple[float, float] = (0.5, 0.999), adam_eps: float = 1e-8,
+                eta: float = 0.0,
                 output: str = "clip", z_gradient: str = "exact", gradient: str = "exact",
                 remat: bool = True, unroll: int = 1) -> DiffDefense:
     """The DiffDefense reconstruction defence (Silva et al. 2023) over a trained diffusion model.
@@ -375,6 +388,10 @@ def diffdefense(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, num_ste
       iterations: Adam steps per restart (>= 0).
       learning_rate: Adam's rate, or an optax schedule of the step count.
       betas: Adam's ``(b1, b2)``.
+      adam_eps: Adam's ``eps``. It sets how rough the exact attack gradient is: Adam's step
+        ``m / (sqrt(v) + eps)`` is nearly scale-free in the inner gradient ``g``, so its
+        derivative in ``x`` is ~0 where ``|g| >> eps`` and spikes (~1/eps) where ``g`` nearly
+        vanishes (module docstring).
       eta: DDIM eta (0: deterministic reverse process).
       output: ``"clip"`` or ``"sigmoid"`` (how the final state is mapped to [0, 1]).
       z_gradient: ``"exact"`` (through the network) or ``"reference"`` (network output held
@@ -401,6 +418,7 @@ def diffdefense(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, num_ste
                             ".schedule, e.g. jaxrob.models.load of a DDPM export), got None")
     return DiffDefense.create(model, schedule, num_steps=num_steps, restarts=restarts,
                               iterations=iterations, learning_rate=learning_rate, betas=betas,
-                              eta=eta, output=output, z_gradient=z_gradient, gradient=gradient,
+                              adam_eps=adam_eps, eta=eta, output=output, z_gradient=z_gradient,
+                              gradient=gradient,
                               remat=remat, unroll=unroll)
 
