@@ -73,8 +73,9 @@ def make_defence(defence_config, ddpm):
 
     d = defence_config
     check_defence(d)
+    lr = d.learning_rate if isinstance(d.learning_rate, str) else float(d.learning_rate)
     return diffdefense(ddpm, num_steps=int(d.num_steps), restarts=int(d.restarts),
-                       iterations=int(d.iterations), learning_rate=float(d.learning_rate),
+                       iterations=int(d.iterations), learning_rate=lr,
                        betas=tuple(d.betas), eta=float(d.eta), output=d.output,
                        z_gradient=d.z_gradient, gradient=d.gradient, remat=bool(d.remat))
 

@@ -17,6 +17,7 @@ from jaxrob.purify._diffdefense import Z_GRADIENTS as Z_GRADIENTS
 from jaxrob.purify._diffdefense import DiffDefense as DiffDefense
 from jaxrob.purify._diffdefense import Reconstruction as Reconstruction
 from jaxrob.purify._diffdefense import diffdefense as diffdefense
+from jaxrob.purify._diffdefense import reference_learning_rate as reference_learning_rate
 from jaxrob.purify._diffpure import GRADIENTS as GRADIENTS
 from jaxrob.purify._diffpure import SAMPLERS as SAMPLERS
 from jaxrob.purify._diffpure import DefendedModel as DefendedModel

@@ -55,8 +55,11 @@ Differences from the reference code (HondamunigePrasannaSilva/DiffDefence), all 
   iterations evaluate ``z_0 .. z_{L-1}``); here the reconstruction is ``D(z_L)``, after all ``L``
   steps, so ``iterations=0`` is the best of the random initialisations;
 * its learning-rate "decay" re-sets the rate from an initial value of 25 (not 0.02) after the first
-  step, i.e. steps of rate 0.02, 14.1, 7.9, 4.4 for ``L = 4``; here the rate is a constant 0.02
-  unless an optax schedule is passed;
+  step: step ``k`` has rate 0.02 for ``k = 0`` and ``25 * 0.1 ** (k / ceil(0.8 L))`` after, i.e.
+  0.02, 14.1, 7.9, 4.4 for ``L = 4``. That schedule is the default here too
+  (``learning_rate="reference"``, :func:`reference_learning_rate`); a number is a constant rate,
+  and any optax schedule may be passed. With a constant 0.02, four Adam steps move ``z_T`` by
+  ~0.08 and the reconstruction stays close to a random sample of the model;
 * its loss is the MSE averaged over all restarts (the gradient of each restart is scaled by
   ``1 / R``, which Adam all but ignores); here each restart minimises its own per-example MSE.
 
@@ -110,6 +113,21 @@ class Reconstruction:
     restart: PerExampleInt
 
 
+def reference_learning_rate(iterations: int) -> Callable:
+    """The DiffDefense code's rate for Adam step ``k`` of ``iterations`` (an optax schedule).
+
+    The optimiser starts at 0.02; after each step the code re-sets the rate to
+    ``25 * 0.1 ** (k / ceil(0.8 * iterations))`` (its ``schedulerLR`` with ``cur_lr = 25``), so
+    step ``k`` runs at 0.02 for ``k = 0`` and that value after: 0.02, 14.1, 7.9, 4.4 for 4 steps.
+    """
+    period = int(np.ceil(0.8 * max(int(iterations), 1)))
+
+    def schedule(count):
+        return jnp.where(count == 0, 0.02, 25.0 * 0.1 ** (count / period))
+
+    return schedule
+
+
 def _check_count(value, name: str, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
@@ -131,7 +149,8 @@ class DiffDefense:
       num_steps: reverse steps of ``D``.
       restarts: random initialisations per example (R).
       iterations: Adam steps per restart (L; 0 keeps the best initialisation).
-      learning_rate: Adam's rate, a float or an optax schedule of the step count.
+      learning_rate: Adam's rate: ``"reference"`` (the reference code's step decay,
+        :func:`reference_learning_rate`), a float, or an optax schedule of the step count.
       betas: Adam's ``(b1, b2)``.
       adam_eps: Adam's ``eps`` (the denominator's ``sqrt(v) + eps``; 1e-8 as in the reference).
       eta: DDIM eta of ``D`` (0: deterministic; 1: the reference's stochastic update).
@@ -148,7 +167,7 @@ class DiffDefense:
     num_steps: int = static_field(default=15)
     restarts: int = static_field(default=5)
     iterations: int = static_field(default=4)
-    learning_rate: float | Callable = static_field(default=0.02)
+    learning_rate: float | str | Callable = static_field(default="reference")
     betas: tuple[float, float] = static_field(default=(0.5, 0.999))
     adam_eps: float = static_field(default=1e-8)
     eta: float = static_field(default=0.0)
@@ -162,7 +181,7 @@ class DiffDefense:
     def create(cls, eps_fn: jd.EpsFn, schedule: jd.Schedule, **options) -> DiffDefense:
         """Validate the options and derive the reverse chain (host-side, once)."""
         opts = check_options("DiffDefense", eps_fn, schedule, options, dict(
-            num_steps=15, restarts=5, iterations=4, learning_rate=0.02, betas=(0.5, 0.999),
+            num_steps=15, restarts=5, iterations=4, learning_rate="reference", betas=(0.5, 0.999),
             adam_eps=1e-8, eta=0.0, output="clip", z_gradient="exact", gradient="exact",
             remat=True, unroll=1))
         num_steps = check_positive_int(opts["num_steps"], "num_steps")
@@ -172,10 +191,10 @@ class DiffDefense:
         opts["restarts"] = _check_count(opts["restarts"], "restarts", minimum=1)
         opts["iterations"] = _check_count(opts["iterations"], "iterations", minimum=0)
         lr = opts["learning_rate"]
-        if not callable(lr):
+        if not callable(lr) and lr != "reference":
             if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
-                raise ValueError(f"learning_rate: expected a positive number or an optax "
-                                 f"schedule, got {lr!r}")
+                raise ValueError(f"learning_rate: expected 'reference', a positive number or "
+                                 f"an optax schedule, got {lr!r}")
             opts["learning_rate"] = float(lr)
         try:
             b1, b2 = (float(b) for b in opts["betas"])
@@ -230,7 +249,7 @@ class DiffDefense:
         lr = self.learning_rate
         return {"defence": "diffdefense", "sampler": "ddim", "steps": int(self.num_steps),
                 "restarts": int(self.restarts), "iterations": int(self.iterations),
-                "learning_rate": lr if isinstance(lr, float) else repr(lr),
+                "learning_rate": lr if isinstance(lr, float | str) else repr(lr),
                 "betas": list(self.betas), "adam_eps": float(self.adam_eps),
                 "eta": float(self.eta), "output": self.output,
                 "z_gradient": self.z_gradient, "gradient": self.gradient,
@@ -276,7 +295,10 @@ class DiffDefense:
     def _optimise(self, z, x, key):
         """``iterations`` Adam steps of one restart (z: (B, H, W, C)); returns ``z_L``."""
         b1, b2 = self.betas
-        opt = optax.adam(self.learning_rate, b1=b1, b2=b2, eps=self.adam_eps)
+        lr = self.learning_rate
+        if isinstance(lr, str):  # "reference"
+            lr = reference_learning_rate(self.iterations)
+        opt = optax.adam(lr, b1=b1, b2=b2, eps=self.adam_eps)
         grad_fn = jax.grad(lambda zz, k: jnp.sum(self.objective(zz, x, k)))
 
         def step(carry, it):
@@ -367,17 +389,17 @@ class DiffDefense:
 
 def diffdefense(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, num_steps: int = 15,
                 restarts: int = 5, iterations: int = 4,
-                learning_rate: float | Callable = 0.02,
+                learning_rate: float | str | Callable = "reference",
                 betas: tuple[float, float] = (0.5, 0.999), adam_eps: float = 1e-8,
                 eta: float = 0.0,
                 output: str = "clip", z_gradient: str = "exact", gradient: str = "exact",
                 remat: bool = True, unroll: int = 1) -> DiffDefense:
     """The DiffDefense reconstruction defence (Silva et al. 2023) over a trained diffusion model.
 
-    Defaults are the reference's (R = 5 restarts, L = 4 Adam iterations, rate 0.02, betas
-    (0.5, 0.999), 15 reverse steps) except where the module docstring says why not. The
-    reference's own configuration is ``eta=1.0, output="sigmoid", z_gradient="reference"``
-    (on a model trained on [0, 1] images).
+    Defaults are the reference's (R = 5 restarts, L = 4 Adam iterations, its step-decayed rate
+    0.02, 14.1, 7.9, 4.4, betas (0.5, 0.999), 15 reverse steps) except where the module
+    docstring says why not. The reference's own configuration is ``eta=1.0,
+    output="sigmoid", z_gradient="reference"`` (on a model trained on [0, 1] images).
 
     Args:
       model: the trained diffusion model, ``model(x_t, model_step) -> eps``: a
@@ -386,7 +408,8 @@ def diffdefense(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, num_ste
       num_steps: DDIM steps of the reverse process, evenly respaced over the whole chain.
       restarts: random initialisations ``z_T ~ N(0, I)`` per example (>= 1).
       iterations: Adam steps per restart (>= 0).
-      learning_rate: Adam's rate, or an optax schedule of the step count.
+      learning_rate: ``"reference"`` (:func:`reference_learning_rate`), a constant rate, or an
+        optax schedule of the step count.
       betas: Adam's ``(b1, b2)``.
       adam_eps: Adam's ``eps``. It sets how rough the exact attack gradient is: Adam's step
         ``m / (sqrt(v) + eps)`` is nearly scale-free in the inner gradient ``g``, so its

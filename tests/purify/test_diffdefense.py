@@ -16,7 +16,13 @@ import jaxrob._keys as tags
 import jaxrob.diffusion as jd
 from jaxrob.evaluation import detection_rate, roc_auc, roc_curve
 from jaxrob.models import DiffusionModel, unet_from_config
-from jaxrob.purify import DefendedModel, DiffDefense, diffdefense, example_keys
+from jaxrob.purify import (
+    DefendedModel,
+    DiffDefense,
+    diffdefense,
+    example_keys,
+    reference_learning_rate,
+)
 
 SCHED = jd.linear_schedule(1000)
 X = jr.uniform(jr.key(0), (3, 8, 8, 1), minval=0.05, maxval=0.95)
@@ -86,6 +92,20 @@ def test_adam_iterations_lower_the_reconstruction_error():
     e0 = jax.jit(_dd(iterations=0, restarts=1).reconstruct)(X, key).error
     e3 = jax.jit(_dd(iterations=3, restarts=1, learning_rate=0.1).reconstruct)(X, key).error
     assert np.all(np.asarray(e3) < np.asarray(e0))
+
+
+def test_reference_learning_rate_is_the_reference_codes_step_decay():
+    # its schedulerLR: the optimiser starts at 0.02, then lr = 25 * 0.1 ** (k / ceil(0.8 L))
+    rates = [float(reference_learning_rate(4)(k)) for k in range(4)]
+    np.testing.assert_allclose(rates, [0.02, 25 * 0.1 ** 0.25, 25 * 0.1 ** 0.5,
+                                       25 * 0.1 ** 0.75], rtol=1e-6)
+    assert float(reference_learning_rate(10)(8)) == pytest.approx(25 * 0.1)  # ceil(8.0) = 8
+    assert _dd().learning_rate == "reference" and _dd().manifest()["learning_rate"] == "reference"
+    # the default is that schedule: the same reconstruction as passing it explicitly
+    key = jr.key(3)
+    a = _dd(restarts=1).reconstruct(X, key).error
+    b = _dd(restarts=1, learning_rate=reference_learning_rate(2)).reconstruct(X, key).error
+    np.testing.assert_array_equal(a, b)
 
 
 def test_per_example_keys_make_results_independent_of_batch_size():
