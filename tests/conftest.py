@@ -4,10 +4,12 @@ import functools
 import importlib
 import os
 import pathlib
+import sys
 
 # Must happen before JAX initialises its backend: exercise multi-device code on CPU.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 _REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _variables, _jaxrob_typecheck
 os.environ.setdefault("JAXROB_DATA_DIR", str(_REPO.parent / "shared" / "datasets"))
 
 import jax  # noqa: E402
@@ -20,11 +22,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # JAXROB_TYPECHECK=0 to turn it off (e.g. to time a test).
 _TYPECHECK = os.environ.get("JAXROB_TYPECHECK", "1") != "0"
 if _TYPECHECK:
-    import sys
-
     from jaxtyping import install_import_hook
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _jaxrob_typecheck
     # Not the two flax.struct dataclasses (TrainState, Schedule): JAX rebuilds them through
     # __init__ with placeholder leaves (None shardings, abstract templates), which a checked
     # __init__ would reject. jaxrob's own pytrees (jaxrob._pytree) bypass __init__ on unflatten.

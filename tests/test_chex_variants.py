@@ -9,6 +9,7 @@ import chex
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from _variables import random_variables
 
 import jaxrob.attacks as ja
 import jaxrob.diffusion as jd
@@ -27,7 +28,7 @@ def _classifier(x, key=None):
 def _ddpm():
     m = unet_from_config("digits", ch=8, ch_mult=(1, 2), num_groups=4, dropout=0.0,
                          attn_resolutions=(), fast_vjp=True)
-    return DiffusionModel(m, m.init(jr.key(1), X, jnp.zeros((4,), jnp.int32)), S)
+    return DiffusionModel(m, random_variables(m, X, jnp.zeros((4,), jnp.int32), seed=1), S)
 
 
 class PrimitiveVariants(chex.TestCase):

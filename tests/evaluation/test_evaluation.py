@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _variables import random_variables
 
 import jaxrob.diffusion as jd
 from jaxrob.attacks import pgd
@@ -39,7 +40,7 @@ Y = jnp.argmax(logits_fn(X), -1)  # the undefended model is correct on every cle
 def _defended():
     m = unet_from_config("digits", ch=8, ch_mult=(1, 2), num_groups=4, dropout=0.0,
                          attn_resolutions=(), fast_vjp=True)
-    v = m.init(jr.key(1), X[:2], jnp.zeros((2,), jnp.int32))
+    v = random_variables(m, X[:2], jnp.zeros((2,), jnp.int32), seed=1)
     pur = diffpure(DiffusionModel(m, v, jd.linear_schedule()), t_star=0.2, num_steps=2)
     return purified_logits(logits_fn, pur)
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _variables import random_variables
 from jax.sharding import PartitionSpec as P
 
 from jaxrob import parallel
@@ -86,7 +87,7 @@ def test_batched_cotangents_at_one_point_match():
     model = unet_from_config("digits", ch=8, num_groups=4, dropout=0.0)
     twin = model.clone(fast_vjp=True)
     x, s = jr.uniform(jr.key(0), (1, 8, 8, 1)), jnp.array([5])
-    variables = model.init(jr.key(1), x, s)
+    variables = random_variables(model, x, s, seed=1)
     cts = jr.normal(jr.key(2), (6, 1, 8, 8, 1))
     rows = {}
     for name, m in (("plain", model), ("fast", twin)):
@@ -102,7 +103,7 @@ def test_parameter_gradients_inside_shard_map_equal_single_device():
     twin = unet_from_config("digits", ch=8, num_groups=4, dropout=0.0, fast_vjp=True)
     x = jr.uniform(jr.key(0), (n, 8, 8, 1))
     s = jnp.arange(n) % 7
-    variables = twin.init(jr.key(1), x, s)
+    variables = random_variables(twin, x, s, seed=1)
     loss = lambda v, x, s: jnp.sum(jnp.sin(twin.apply(v, x, s)))
 
     def local(v, x, s):

@@ -5,34 +5,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _variables import random_variables
 
 from jaxrob.models import UNET_CONFIGS, UNet, timestep_embedding, unet_from_config
 
 
 def _n_params(tree) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
-
-
-def random_variables(model, x, step, seed=0):
-    """He-scaled random variables built in numpy from ``eval_shape``.
-
-    ``jax.jit(model.init)`` compiles one threefry per parameter (10-20 s for a small UNet on
-    this CPU); tests only need some non-degenerate parameters.
-    """
-    shapes = jax.eval_shape(model.init, jr.key(0), x, step)
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "kernel":
-            return jnp.asarray(
-                rng.standard_normal(s.shape, np.float32) / np.sqrt(np.prod(s.shape[:-1]))
-            )
-        if name == "scale":
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(s.shape, np.float32))
-        return jnp.asarray(0.1 * rng.standard_normal(s.shape, np.float32))
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def _shape_init(model, batch, size, channels):

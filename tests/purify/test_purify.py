@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _variables import random_variables
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -20,7 +21,7 @@ X = jr.uniform(jr.key(0), (4, 8, 8, 1), minval=0.05, maxval=0.95)
 def _unet(fast_vjp=False, seed=1):
     m = unet_from_config("digits", ch=8, ch_mult=(1, 2), num_groups=4, dropout=0.0,
                          attn_resolutions=(), fast_vjp=fast_vjp)
-    v = m.init(jr.key(seed), X, jnp.zeros((4,), jnp.int32))
+    v = random_variables(m, X, jnp.zeros((4,), jnp.int32), seed=seed)
     return DiffusionModel(m, v, jd.linear_schedule(1000))
 
 
