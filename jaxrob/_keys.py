@@ -65,3 +65,13 @@ ADDT_MAP = 14  # RBGM's fresh Gaussian sample of CGPO iteration k (then k folded
 # into it (so far above any restart count).
 LEAST_LIKELY = 1_000_011  # the clean logits that pick a targeted attack's "least_likely" target
 TARGET_HIT = 1_000_013  # the logits that score a targeted attack's success (prediction == target)
+
+# GDMP-style guided purification (jaxrob.purify.gdmp): folded into a stage's key beside
+# PURIFY_FORWARD / PURIFY_REVERSE; reverse step n of the stage diffuses the guidance reference
+# with normal(fold_in(fold_in(k_stage, GUIDE_REFERENCE), n)).
+GUIDE_REFERENCE = 30
+
+# DiffAttack (jaxrob.attacks.diffattack_loss): the intermediate states that carry the
+# deviated-reconstruction term are drawn from fold_in(key, DIFFATTACK_STATES), key being the one
+# the defended model gets (folded beside the purifier's stage indices, so far above them).
+DIFFATTACK_STATES = 1_000_040
