@@ -92,3 +92,13 @@ AA_APGD_T = 1_000_029
 AA_FAB = 1_000_030
 AA_FAB_T = 1_000_031
 AA_SQUARE = 1_000_032
+
+# GDMP-style guided purification (jaxrob.purify.gdmp): folded into a stage's key beside
+# PURIFY_FORWARD / PURIFY_REVERSE; reverse step n of the stage diffuses the guidance reference
+# with normal(fold_in(fold_in(k_stage, GUIDE_REFERENCE), n)).
+GUIDE_REFERENCE = 30
+
+# DiffAttack (jaxrob.attacks.diffattack_loss): the intermediate states that carry the
+# deviated-reconstruction term are drawn from fold_in(key, DIFFATTACK_STATES), key being the one
+# the defended model gets (folded beside the purifier's stage indices, so far above them).
+DIFFATTACK_STATES = 1_000_040

@@ -1,6 +1,6 @@
 """Attacks on (possibly randomised) classifiers: losses, FGSM, PGD, APGD, C&W-L2, EAD, DeepFool,
-Square, FAB, AutoAttack, EoT, and the detection-aware attack on a scoring reconstruction defence
-(:class:`DetectionAwareModel` + :func:`detection_aware_loss`).
+Square, FAB, AutoAttack, EoT, DiffAttack's loss, and the detection-aware attack on a scoring
+reconstruction defence (:class:`DetectionAwareModel` + :func:`detection_aware_loss`).
 
 Every attack is a pure function ``attack(model, x, y, key, **options) -> AttackResult`` with
 keyword-only hyper-parameters, jitted with its loops inside (``lax.scan`` / ``fori_loop`` /
@@ -8,7 +8,9 @@ keyword-only hyper-parameters, jitted with its loops inside (``lax.scan`` / ``fo
 ``model`` is what the attack attacks, ``logits_fn(x, key) -> (B, K)`` (a
 :class:`jaxrob.purify.DefendedModel`, a :class:`jaxrob.models.Classifier`, or any function;
 deterministic models ignore the key); the loss maximised is named by ``loss=`` (``"ce"``,
-``"cw"``, ``"dlr"``) or given as ``loss(logits, y) -> (B,)``; PGD and APGD take a ``target=``
+``"cw"``, ``"dlr"``) or given as ``loss(logits, y) -> (B,)``, or is a loss on the inputs
+(:class:`InputLoss`): :func:`diffattack_loss` adds DiffAttack's deviated-reconstruction term on
+the purifier's reverse-chain states to CE / DLR / C&W; PGD and APGD take a ``target=``
 (classes, or ``"least_likely"``) and then maximise the targeted form of the loss. Square is
 query-based (no gradients) and reports its per-example query count. Pytree models are traced, not
 baked in: attacking new parameters of the same shapes reuses the compilation.
@@ -40,6 +42,8 @@ from jaxrob.attacks._deepfool import deepfool as deepfool
 from jaxrob.attacks._detection_aware import DetectionAwareLoss as DetectionAwareLoss
 from jaxrob.attacks._detection_aware import DetectionAwareModel as DetectionAwareModel
 from jaxrob.attacks._detection_aware import detection_aware_loss as detection_aware_loss
+from jaxrob.attacks._diffattack import DiffAttackLoss as DiffAttackLoss
+from jaxrob.attacks._diffattack import diffattack_loss as diffattack_loss
 from jaxrob.attacks._ead import ead as ead
 from jaxrob.attacks._eot import eot_grad as eot_grad
 from jaxrob.attacks._eot import eot_value_and_grad as eot_value_and_grad
@@ -50,6 +54,7 @@ from jaxrob.attacks._fab import projection_l2 as projection_l2
 from jaxrob.attacks._fab import projection_linf as projection_linf
 from jaxrob.attacks._losses import LOSSES as LOSSES
 from jaxrob.attacks._losses import TARGETED_LOSSES as TARGETED_LOSSES
+from jaxrob.attacks._losses import InputLoss as InputLoss
 from jaxrob.attacks._losses import LogitsFn as LogitsFn
 from jaxrob.attacks._losses import LogitsLoss as LogitsLoss
 from jaxrob.attacks._losses import LossFn as LossFn

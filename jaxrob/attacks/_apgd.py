@@ -222,7 +222,8 @@ def apgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
       norm: ``"linf"`` or ``"l2"``.
       num_steps: iterations N (the loss is evaluated N + 1 times per restart).
       loss: ``"ce"`` (default), ``"dlr"`` (APGD-DLR), ``"cw"`` or a callable
-        ``loss(logits, y) -> (B,)``.
+        ``loss(logits, y) -> (B,)``; or an :class:`InputLoss` built on ``model`` such as
+        :func:`diffattack_loss` (DiffAttack as the paper runs it: APGD with EoT), untargeted.
       target: None (default): untargeted. A (B,) int array of target classes or
         ``"least_likely"`` (as :func:`jaxrob.attacks.pgd`): the targeted form of ``loss`` is
         maximised (:data:`TARGETED_LOSSES`; ``loss="dlr"`` is APGD-T, AutoAttack's

@@ -18,7 +18,7 @@ import numpy as np
 import jaxrob._keys as tags
 from jaxrob._checks import check_choice, check_images, check_positive_int
 from jaxrob._types import Array, Images, Key, PerExample
-from jaxrob.attacks._losses import LOSSES, LossFn, loss_from_logits
+from jaxrob.attacks._losses import LOSSES, InputLoss, LossFn, loss_from_logits
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12
@@ -104,7 +104,9 @@ def resolve_loss(model, loss, kappa: float | None = None, *, x=None, y=None,
     """The loss an attack maximises: ``loss_from_logits(model, loss, kappa=kappa)``.
 
     Every attack takes the model as ``logits_fn(x, key) -> logits`` and a ``loss`` (a name of
-    :data:`LOSSES` or a callable ``loss(logits, y) -> (B,)``). With concrete labels ``y`` and
+    :data:`LOSSES` or a callable ``loss(logits, y) -> (B,)``), or an :class:`InputLoss` built
+    on that model (e.g. :func:`jaxrob.attacks.diffattack_loss`), returned as it is after its
+    own check of the batch. With concrete labels ``y`` and
     inputs ``x`` the labels are checked against the model's number of classes (one abstract
     evaluation, no compute).
     """
@@ -114,9 +116,20 @@ def resolve_loss(model, loss, kappa: float | None = None, *, x=None, y=None,
     if loss is None:
         raise TypeError("loss: expected 'ce', 'cw', 'dlr' or a callable loss(logits, y) -> (B,); "
                         "attacks take the model as logits_fn(x, key), not a loss function")
-    if not callable(loss):
-        check_choice(loss, LOSSES, "loss")
-    loss_fn = loss_from_logits(model, loss, kappa=kappa)
+    if isinstance(loss, InputLoss):
+        # a loss on the inputs (e.g. DiffAttack's): used as it is, for the model it was built on
+        if getattr(loss, "model", model) is not model:
+            raise ValueError("loss: this loss was built for another model; build it with the "
+                             "model the attack attacks (e.g. diffattack_loss(model, x))")
+        if kappa is not None:
+            raise ValueError("kappa: only the 'cw' loss takes a confidence cap")
+        loss_fn = loss
+        if x is not None and y is not None:
+            loss.check(x, y)
+    else:
+        if not callable(loss):
+            check_choice(loss, LOSSES, "loss")
+        loss_fn = loss_from_logits(model, loss, kappa=kappa)
     if x is not None and y is not None and not isinstance(y, jax.core.Tracer):
         check_num_classes(model, x, y, key)
     return loss_fn

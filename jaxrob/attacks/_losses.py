@@ -180,6 +180,16 @@ TARGETED_LOSSES: dict[str, Callable[..., Array]] = {
     "ce": ce_loss_targeted, "cw": cw_loss_targeted, "dlr": dlr_loss_targeted}
 
 
+class InputLoss:
+    """Base of losses an attack takes as they are: ``loss(x, y, key) -> (B,)`` on the *inputs*
+    (e.g. :class:`jaxrob.attacks.DiffAttackLoss`, which needs the purifier's intermediate
+    states, not only the logits). Passed as an attack's ``loss=``, it is used instead of a loss
+    on the model's logits; it carries its model in ``.model``, which must be the attack's."""
+
+    def check(self, x: Images, y: Labels) -> None:
+        """Raise ``ValueError`` if the loss cannot score this batch (before any work)."""
+
+
 @pytree_dataclass
 class LogitsLoss:
     """``loss_fn(x, y, key)`` built from a model ``logits_fn(x, key)`` and a loss.

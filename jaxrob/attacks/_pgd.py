@@ -159,7 +159,9 @@ def pgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
         in the ball) instead of at ``x``.
       num_restarts: independent runs (restart ``r`` uses ``fold_in(key, r)``); the best is kept.
       loss: ``"ce"`` (default), ``"cw"``, ``"dlr"`` or a callable ``loss(logits, y) -> (B,)``
-        maximised by the attacker.
+        maximised by the attacker; or a loss on the inputs built on ``model``
+        (:class:`InputLoss`, e.g. :func:`diffattack_loss`: DiffAttack's classification plus
+        deviated-reconstruction loss), untargeted only.
       target: None (default): untargeted. A (B,) int array of target classes, or
         ``"least_likely"`` (per example, the class other than ``y`` with the lowest clean logit
         under ``model(x, fold_in(key, LEAST_LIKELY))``, :mod:`jaxrob._keys`): the attack

@@ -1,9 +1,12 @@
-"""Purifiers built on :mod:`jaxrob.diffusion`: DiffPure-style, multi-stage, majority vote,
-DiffDefense reconstruction.
+"""Purifiers built on :mod:`jaxrob.diffusion`: DiffPure-style, multi-stage, GDMP-guided, majority
+vote, DiffDefense reconstruction.
 
 Public: :func:`diffpure` / :func:`multistage` build a :class:`Purifier` (``purify(x, key)``;
 ``purify(x, key, forward_key=k_f)`` takes the forward noise from ``k_f`` alone, as
 ``randomness="forward_lock"`` evaluations do),
+:func:`gdmp` a :class:`GuidedPurifier` (GDMP: every reverse step guided towards the noised input
+by the gradient of an MSE or :func:`ssim` distance; exact second-order or guidance-as-constant
+gradients),
 :func:`diffdefense` builds a :class:`DiffDefense` (``defence(x, key)``, and
 ``defence.reconstruct(x, key)`` -> :class:`Reconstruction` with the detection score),
 :class:`DefendedModel` (or :func:`purified_logits`) puts a classifier behind it -- the
@@ -29,3 +32,9 @@ from jaxrob.purify._diffpure import example_keys as example_keys
 from jaxrob.purify._diffpure import majority_vote as majority_vote
 from jaxrob.purify._diffpure import multistage as multistage
 from jaxrob.purify._diffpure import purified_logits as purified_logits
+from jaxrob.purify._gdmp import DISTANCES as DISTANCES
+from jaxrob.purify._gdmp import GDMP_GRADIENTS as GDMP_GRADIENTS
+from jaxrob.purify._gdmp import GuidedPurifier as GuidedPurifier
+from jaxrob.purify._gdmp import gdmp as gdmp
+from jaxrob.purify._gdmp import guidance_scales as guidance_scales
+from jaxrob.purify._gdmp import ssim as ssim

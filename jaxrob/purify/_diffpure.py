@@ -267,6 +267,90 @@ class Purifier:
             return to01(x_t), to01(out[1])
         return jd.from_model_space(out, clip=True)
 
+    # ------------------------------------------------------------------ DiffAttack's hook
+    @property
+    def num_states(self) -> int:
+        """States of the reverse chains that :meth:`reconstruction_deviation` scores: per stage,
+        the forward-diffused input and the state after every reverse step."""
+        return sum(steps + 1 for _, steps in self.stages)
+
+    def reconstruction_deviation(self, x: Images, x_ref: Images,
+                                 key: AnyKey) -> tuple[Images, Array]:
+        """The purified ``x`` and, per state of the reverse chains, its deviation from the
+        forward-diffused reference (DiffAttack's deviated-reconstruction distance).
+
+        For every state ``s`` of every stage (the forward-diffused input, then the state after
+        each reverse step, down to the output) at noise level ``(a_s, b_s)`` (``x_s ~ a_s x_0 +
+        b_s noise``: ``sqrt(abar)``, ``sqrt(1 - abar)`` of the discrete chain, the VP-SDE's
+        marginal mean coefficient and std for ``"sde"``/``"ode"``; the output has ``(1, 0)``),
+        ``d_s = mean((x_s - (a_s x_ref + b_s xi))^2)`` over pixels in diffusion space
+        ([-1, 1]), where ``xi`` is the stage's own forward noise (the reference is diffused
+        with the noise the purification used). A stage after the first is scored against the
+        same ``x_ref``.
+
+        The chain is the exact-gradient one (this ignores ``gradient=``) with the purifier's
+        ``remat``; the purified output equals ``purifier(x, key)`` up to float rounding.
+
+        Args:
+          x: images in [0, 1] (the attacked input).
+          x_ref: the clean images the reconstruction is compared with, shaped like ``x``.
+          key: one key or one per example, as :meth:`__call__`.
+
+        Returns:
+          ``(x_purified, dev)``: purified images, and (num_states, B) squared deviations in
+          the order the states are computed (stage by stage, start state first).
+        """
+        check_images(x, "x")
+        check_images(x_ref, "x_ref")
+        if x_ref.shape != x.shape:
+            raise ValueError(f"x_ref: expected the shape of x {tuple(x.shape)}, got "
+                             f"{tuple(x_ref.shape)}")
+        if _is_key_batch(key):
+            if key.shape[0] != x.shape[0]:
+                raise ValueError(f"key: expected one key or {x.shape[0]} keys (one per "
+                                 f"example), got {key.shape[0]} keys")
+            out, dev = jax.vmap(lambda xi, ri, ki: self._deviation(xi[None], ri[None], ki))(
+                x, x_ref, key)
+            return out[:, 0], dev[:, :, 0].T
+        return self._deviation(x, x_ref, key)
+
+    def _deviation(self, x, x_ref, key):
+        h, devs = x, []
+        ref = jd.to_model_space(x_ref)
+        for i, ((t_star, steps), chain) in enumerate(zip(self.stages, self.chains, strict=True)):
+            k = jr.fold_in(key, i) if len(self.stages) > 1 else key
+            h, d = self._stage_deviation(h, ref, k, t_star, steps, chain)
+            devs.append(d)
+        return h, jnp.concatenate(devs, axis=0)
+
+    def _stage_deviation(self, x01, ref, key, t_star, steps, chain):
+        x = jd.to_model_space(x01)
+        k_fwd, k_rev = jr.fold_in(key, tags.PURIFY_FORWARD), jr.fold_in(key, tags.PURIFY_REVERSE)
+        noise = jr.normal(k_fwd, x.shape, x.dtype)
+        kw = dict(remat=self.remat, unroll=self.unroll, return_trajectory=True)
+        if self.sampler in ("ddpm", "ddim"):
+            x_t = jd.q_sample(x, chain.num_steps - 1, noise, chain)
+            if self.sampler == "ddpm":
+                out, traj = jd.ddpm_sample(self.eps_fn, x_t, k_rev, chain,
+                                           variance=self.variance, **kw)
+            else:
+                out, traj = jd.ddim_sample(self.eps_fn, x_t, k_rev, chain, eta=self.eta, **kw)
+            # the start is at the chain's last position; reverse step n lands on position n - 1
+            a2 = jnp.concatenate([chain.alphas_cumprod[-1:], chain.alphas_cumprod_prev[::-1]])
+            b2 = jnp.concatenate([chain.one_minus_alphas_cumprod[-1:],
+                                  chain.one_minus_alphas_cumprod_prev[::-1]])
+            a, b = jnp.sqrt(a2), jnp.sqrt(b2)
+        else:
+            sde = jd.VPSDE(num_train_steps=self.schedule.num_train_steps)
+            x_t = sde.marginal_sample(x, jnp.asarray(t_star, x.dtype), noise)
+            out, traj = jd.vpsde_sample(self.eps_fn, x_t, k_rev, sde, t_start=t_star,
+                                        num_steps=steps, method=self.sampler, **kw)
+            ts = t_star - jnp.arange(steps + 1, dtype=x.dtype) * (t_star / steps)
+            a, b = sde.marginal_mean_coeff(ts), sde.marginal_std(ts)
+            a, b = a.at[-1].set(1.0), b.at[-1].set(0.0)  # the output: the clean reference
+        states = jnp.concatenate([x_t[None], traj], axis=0)
+        return jd.from_model_space(out, clip=True), _deviations(states, ref, noise, a, b)
+
     def trajectory(self, x: Images, key: Key, forward_key: Key | None = None
                    ) -> tuple[Images, Array]:
         """The states of a single-stage purification, for distance-to-clean studies.
@@ -287,6 +371,13 @@ class Purifier:
         (t_star, steps), = self.stages
         return self._stage(x, key, t_star, steps, self.chains[0], forward_key=forward_key,
                            trajectory=True)
+
+
+def _deviations(states, ref, noise, a, b):
+    """(S, B) ``mean((states_s - (a_s ref + b_s noise))^2)`` over each example's pixels."""
+    col = lambda v: v.reshape((-1,) + (1,) * ref.ndim)
+    target = col(a) * ref[None] + col(b) * noise[None]
+    return jnp.mean(jnp.square(states - target), axis=tuple(range(2, states.ndim)))
 
 
 def _model_and_schedule(model, schedule):
