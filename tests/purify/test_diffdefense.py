@@ -100,10 +100,11 @@ def test_reference_learning_rate_is_the_reference_codes_step_decay():
     np.testing.assert_allclose(rates, [0.02, 25 * 0.1 ** 0.25, 25 * 0.1 ** 0.5,
                                        25 * 0.1 ** 0.75], rtol=1e-6)
     assert float(reference_learning_rate(10)(8)) == pytest.approx(25 * 0.1)  # ceil(8.0) = 8
-    assert _dd().learning_rate == "reference" and _dd().manifest()["learning_rate"] == "reference"
-    # the default is that schedule: the same reconstruction as passing it explicitly
+    dd = _dd(learning_rate="reference")
+    assert dd.learning_rate == "reference" and dd.manifest()["learning_rate"] == "reference"
+    # the named option is that schedule: the same reconstruction as passing it explicitly
     key = jr.key(3)
-    a = _dd(restarts=1).reconstruct(X, key).error
+    a = _dd(restarts=1, learning_rate="reference").reconstruct(X, key).error
     b = _dd(restarts=1, learning_rate=reference_learning_rate(2)).reconstruct(X, key).error
     np.testing.assert_array_equal(a, b)
 
