@@ -22,6 +22,19 @@ def test_every_config_builds(name):
     for arg in (None, "smoke"):
         cfg = load_config(name, arg)
         assert "mesh" in cfg and "seed" in cfg
+        if "defence" in cfg:  # DiffDefense: the defence, every row and its attack build
+            from experiments import _diffdefense_eval as dd
+            from jaxrob.models import DiffusionModel
+
+            schedule = schedule_from_metadata(_common.to_plain(cfg.ddpm.diffusion))
+            unet = unet_from_metadata(_common.to_plain(cfg.ddpm.model))
+            model = DiffusionModel(unet, {}, schedule)  # options are checked, nothing runs
+            for row in cfg.rows:
+                rc = _common.row_config(cfg, row)
+                dd.check_row(rc, row)
+                dd.make_defence(rc.defence, model)
+                dd.make_attack(rc.attack)
+            continue
         if "rows" in cfg or "study" in cfg:  # every row's purifier and attack build
             from jaxrob.models import DiffusionModel
 
