@@ -300,6 +300,10 @@ def soundness_checks(defended: Model, x: Images, y: Labels, indices, *, key: Key
                 "batch_size": batch_size}
     results: dict = {}
 
+    def finished(name):
+        r = results[name]
+        say(f"soundness {name}: {r['verdict']} ({r['reason']}; {r['wall_s']:.0f} s)")
+
     # The randomness probe: five calls with different keys (AutoAttack's check_randomized).
     t0 = time.perf_counter()
     keys = _fold_all(example_keys(key, indices), tags.SOUND_PROBE)
@@ -347,6 +351,7 @@ def soundness_checks(defended: Model, x: Images, y: Labels, indices, *, key: Key
         results["large_eps"] = {"verdict": verdict, "reason": reason, "eps": large,
                                 "threshold": thr, "adv": s["adv"], "clean": s["clean"],
                                 "wall_s": time.perf_counter() - t0}
+        finished("large_eps")
 
     if "iterations" in selected:
         t0 = time.perf_counter()
@@ -370,6 +375,7 @@ def soundness_checks(defended: Model, x: Images, y: Labels, indices, *, key: Key
                                  "eot_samples": strong_eot,
                                  "drop": base["adv"]["accuracy"] - s["adv"]["accuracy"],
                                  "wall_s": time.perf_counter() - t0}
+        finished("iterations")
 
     def versus(name, per, s, what):
         """Verdict of another attack's accuracy against the base (gradient, adaptive) run's."""
@@ -398,6 +404,7 @@ def soundness_checks(defended: Model, x: Images, y: Labels, indices, *, key: Key
         results["gradient_free"] = {**versus("square", per, s, "gradient-free (Square)"),
                                     "queries": square_queries,
                                     "wall_s": time.perf_counter() - t0}
+        finished("gradient_free")
 
     if "transfer" in selected:
         t0 = time.perf_counter()
@@ -413,6 +420,7 @@ def soundness_checks(defended: Model, x: Images, y: Labels, indices, *, key: Key
             results["transfer"] = {**versus("transfer", per, s, "transfer"),
                                    "undefended": undefended,
                                    "wall_s": time.perf_counter() - t0}
+        finished("transfer")
 
     if "flags" in selected:
         t0 = time.perf_counter()
@@ -472,9 +480,8 @@ def soundness_checks(defended: Model, x: Images, y: Labels, indices, *, key: Key
         results["flags"] = {"verdict": verdict,
                             "reason": "; ".join(f"{k}: {v['verdict']}" for k, v in sub.items()),
                             **sub, "wall_s": time.perf_counter() - t0}
+        finished("flags")
 
-    for name in selected:
-        say(f"soundness {name}: {results[name]['verdict']} ({results[name]['reason']})")
     verdicts = {name: results[name]["verdict"] for name in selected}
     return {"verdict": _worst(verdicts.values()), "verdicts": verdicts, "checks": results,
             "base": base, "probe": probe, "settings": settings, "num_images": int(n),

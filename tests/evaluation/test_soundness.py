@@ -52,7 +52,10 @@ RANDOMISED = DefendedModel(clf, noise)
 
 
 def _checks(model, **kw):
+    # PGD's default step 2.5 eps / T, given explicitly: a traced step size (like eps), so the
+    # runs of the honest model and of the too-few-iterations test share their compilations
     kw.setdefault("num_steps", 5)
+    kw.setdefault("step_size", 2.5 * kw.get("eps", EPS) / kw["num_steps"])
     kw.setdefault("square_queries", 200)
     return soundness_checks(model, X, Y, INDICES, key=jr.key(1), eps=kw.pop("eps", EPS),
                             mesh=MESH, **kw)
@@ -100,27 +103,25 @@ def test_results_are_json_serialisable_with_wall_times(honest):
 
 
 def test_a_gradient_masking_defence_fails_the_gradient_free_and_transfer_checks():
-    res = _checks(MASKED, checks=("large_eps", "gradient_free", "transfer"))
-    assert set(res["verdicts"]) == {"large_eps", "gradient_free", "transfer"}
+    res = _checks(MASKED, checks=("gradient_free", "transfer"))
+    assert set(res["verdicts"]) == {"gradient_free", "transfer"}
     # PGD sees a zero gradient: it does not move, the robust accuracy stays the clean one
     assert res["base"]["adv"]["accuracy"] == res["base"]["clean"]["accuracy"]
     assert res["verdicts"]["gradient_free"] == "fail"
-    assert res["verdicts"]["transfer"] == "fail"
-    assert res["verdicts"]["large_eps"] == "fail"
-    assert res["verdict"] == "fail"
+    assert res["verdicts"]["transfer"] == "fail" and res["verdict"] == "fail"
     sq = res["checks"]["gradient_free"]
     assert sq["broken_only_by_square"] >= 1 and sq["broken_only_by_base"] == 0
     assert not res["checks"]["transfer"]["undefended"]
 
 
 def test_too_few_iterations_are_flagged_as_not_converged():
-    # 2 steps of eps/10 reach at most a fifth of the ball; 8 steps reach most of it
-    res = _checks(HONEST, eps=0.06, num_steps=2, step_size=0.006, checks=("iterations",))
+    # 5 steps of eps/20 reach a quarter of the ball; 20 steps reach all of it
+    res = _checks(HONEST, eps=0.06, step_size=0.003, checks=("iterations",))
     it = res["checks"]["iterations"]
     assert res["verdicts"] == {"iterations": "fail"}
     assert "not converged" in it["reason"]
     assert it["stronger"]["accuracy"] < it["base"]["ci95"][0] and it["drop"] > 0
-    assert res["settings"]["base_step_size"] == pytest.approx(0.006)
+    assert res["settings"]["base_step_size"] == pytest.approx(0.003)
 
 
 def test_a_randomised_model_attacked_without_eot_is_flagged():
@@ -131,12 +132,6 @@ def test_a_randomised_model_attacked_without_eot_is_flagged():
     assert flags["perturbation"]["verdict"] == "pass"
     # the stronger run scales the EoT samples too, the model being randomised
     assert res["checks"]["iterations"]["eot_samples"] == 2
-    # with its randomness fixed, the numbers are the DW-box model's: inconclusive, and the
-    # re-measure with the same fixed keys agrees exactly
-    fixed = _checks(RANDOMISED, eot_samples=1, randomness="fixed", checks=("flags",))
-    assert fixed["checks"]["flags"]["randomised"]["verdict"] == "inconclusive"
-    assert fixed["checks"]["flags"]["remeasure"]["agree"] == N
-    assert fixed["verdicts"]["flags"] == "inconclusive"
 
 
 def test_score_adversarial_matches_the_evaluation_of_the_same_attack():
