@@ -231,6 +231,32 @@ def robust_base() -> config_dict.ConfigDict:
     return c
 
 
+def robust_eval_options(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Add, in place, the options that only ``experiments/robust_eval.py`` reads: AutoAttack rows
+    (``attack.autoattack``, used when ``attack.name == "autoattack"``) and the soundness checks
+    (``eval.soundness``, off while ``num_images`` is None). Not in :func:`robust_base`: the
+    studies built on it fingerprint their whole ``config.attack``, and their records must
+    resume."""
+    c.attack.autoattack = config_dict.ConfigDict({
+        "version": "standard",  # standard | plus | rand | custom (jaxrob.attacks.autoattack)
+        "attacks": config_dict.placeholder(tuple),  # custom: names of jaxrob.attacks.AA_ATTACKS
+        "n_target_classes": 9,  # APGD-T / FAB-T targets
+        "n_queries": 5000,  # Square's budget per image
+        "eot_samples": config_dict.placeholder(int),  # None: 20 for rand, else 1
+    })  # iterations: attack.num_steps; radius and norm: attack.eps / attack.norm
+    c.eval.soundness = config_dict.ConfigDict({
+        "num_images": config_dict.placeholder(int),  # None: off; else the row's first images
+        "checks": ("large_eps", "iterations", "gradient_free", "transfer", "flags"),
+        "protocol": config_dict.placeholder(str),  # None: the first of eval.protocols
+        "large_eps": config_dict.placeholder(float),  # None: Linf 0.5 / L2 0.5 sqrt(dim)
+        "large_eps_accuracy": 0.1,  # the robust accuracy at large_eps that passes
+        "factor": 4,  # iterations of the stronger run (x num_steps)
+        "eot_factor": config_dict.placeholder(int),  # its EoT multiple (None: factor)
+        "square_queries": 1000,
+    })
+    return c
+
+
 def use_digits(c: config_dict.ConfigDict, test_split: str) -> config_dict.ConfigDict:
     """Point a ``robust_base``-style config at the bundled 8x8 digits and the committed digits
     DDPM and classifier (``checkpoints/digits_*``), in place."""

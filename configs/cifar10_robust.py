@@ -17,7 +17,7 @@ from configs import _common
 
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
-    c = _common.robust_base()
+    c = _common.robust_eval_options(_common.robust_base())
     c.data = _common.data("cifar10", "train", "test[:512]")
     c.data.num_images = 0
     c.ddpm.source = "diffusers"

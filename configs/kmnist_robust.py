@@ -15,7 +15,7 @@ from configs import _common, mnist_robust
 
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
-    c = _common.robust_base()
+    c = _common.robust_eval_options(_common.robust_base())
     c.data = _common.data("kmnist", "test[:8000]", "test[8000:8256]")
     c.data.num_images = 0
     c.classifier.path = "checkpoints/kmnist_classifier"

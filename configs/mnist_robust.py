@@ -56,7 +56,7 @@ def dwbox_rows(t_star=0.1):
 
 def get_config(arg=None):
     arg = _common.parse_arg(arg, VARIANTS)
-    c = _common.robust_base()
+    c = _common.robust_eval_options(_common.robust_base())
     c.rows = rows()
     if arg == "eps01":
         c.attack.eps = 0.1

@@ -14,6 +14,20 @@ Randomness modes: ``stochastic`` (fresh purifier noise in every attack step and 
 and ``fixed`` (one purifier key per image shared by attack and scoring: the deterministic
 white-box setting). Gradient methods: ``exact`` (scan + remat through every step), ``bpda``
 (identity backward), ``surrogate`` (gradient of a shorter chain).
+
+Attacks: ``fgsm``, ``pgd``, ``apgd`` and ``autoattack`` (``jaxrob.attacks.autoattack``; version,
+attacks, targets, Square queries and EoT in ``attack.autoattack``, its iterations
+``attack.num_steps``; stochastic randomness only). An AutoAttack row runs AutoAttack's host
+loop over resumable chunks of ``eval.batch_size`` images (``<row>/autoattack/``), then scores
+its ``x_adv`` under the row's protocols like any row; its running robust accuracy after each
+attack and its flags (randomised model, probabilities, Square stronger than the gradient
+attacks, re-measure consistency) go to results.json and a section of table.md.
+
+Soundness checks (``eval.soundness.num_images`` set): ``jaxrob.evaluation.soundness_checks``
+on the row's first images -- large eps, more iterations / EoT, Square vs the gradient attack,
+a transfer attack from the bare classifier, AutoAttack's flags -- each with a verdict, its
+numbers and wall time, in results.json (``soundness``), ``<row>/soundness.json`` (reused on
+rerun) and a column and a section of table.md.
 """
 
 import pathlib

@@ -102,3 +102,13 @@ GUIDE_REFERENCE = 30
 # deviated-reconstruction term are drawn from fold_in(key, DIFFATTACK_STATES), key being the one
 # the defended model gets (folded beside the purifier's stage indices, so far above them).
 DIFFATTACK_STATES = 1_000_040
+
+# Soundness checks (jaxrob.evaluation.soundness_checks), folded into example i's key k_i: each
+# check's evaluation runs on fold_in(k_i, SOUND_<run>) and then folds the evaluation's own tags
+# (ATTACK, CLEAN, ADV, FIXED) into that, exactly as evaluate_robustness does into k_i.
+SOUND_BASE = 60  # the base attack (and the re-measure of its x_adv)
+SOUND_LARGE_EPS = 61  # the same attack at a large radius
+SOUND_STRONGER = 62  # the attack with more iterations (and EoT samples)
+SOUND_SQUARE = 63  # the gradient-free attack (Square)
+SOUND_TRANSFER = 64  # the transfer attack from the bare classifier
+SOUND_PROBE = 65  # the randomness probe: call j of the model gets fold_in(fold_in(k_i, 65), j)

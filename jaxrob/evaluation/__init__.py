@@ -9,13 +9,18 @@ Public: :func:`evaluate_robustness` (attack + scoring over a dataset, resumable 
 :func:`fixed_purifier_keys` (the keys of ``randomness="fixed"``, and the forward-noise keys of
 ``"forward_lock"``), and :func:`run_chunks` /
 :class:`ChunkStore`, the one chunk runner that every per-example computation of the library and
-the experiments goes through.
+the experiments goes through; :func:`score_adversarial` scores adversarial inputs computed
+elsewhere (AutoAttack's host loop) exactly as :func:`evaluate_robustness` scores its own;
+:func:`soundness_checks` runs the soundness checks of an evaluation (large eps, more
+iterations, gradient-free and transfer attacks, AutoAttack's flags) with verdicts
+(:data:`CHECKS`, :data:`VERDICTS`).
 """
 
 from jaxrob.evaluation._detection import Detection as Detection
 from jaxrob.evaluation._detection import detection_rate as detection_rate
 from jaxrob.evaluation._detection import roc_auc as roc_auc
 from jaxrob.evaluation._detection import roc_curve as roc_curve
+from jaxrob.evaluation._given import score_adversarial as score_adversarial
 from jaxrob.evaluation._protocols import PROTOCOLS as PROTOCOLS
 from jaxrob.evaluation._protocols import RANDOMNESS as RANDOMNESS
 from jaxrob.evaluation._protocols import check_randomness as check_randomness
@@ -34,4 +39,8 @@ from jaxrob.evaluation._robust import robust_scores as robust_scores
 from jaxrob.evaluation._robust import score_record as score_record
 from jaxrob.evaluation._runner import ChunkRun as ChunkRun
 from jaxrob.evaluation._runner import run_chunks as run_chunks
+from jaxrob.evaluation._soundness import CHECKS as CHECKS
+from jaxrob.evaluation._soundness import SOUNDNESS_ATTACKS as SOUNDNESS_ATTACKS
+from jaxrob.evaluation._soundness import VERDICTS as VERDICTS
+from jaxrob.evaluation._soundness import soundness_checks as soundness_checks
 from jaxrob.evaluation._store import ChunkStore as ChunkStore
