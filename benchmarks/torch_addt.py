@@ -90,9 +90,10 @@ class TorchTrainer:
         sab, s1m = self._coef(n)
         return torch.clamp(unit * sab / s1m, lo, hi)
 
-    def cgpo(self, x0, y, n, inject=None, record=None):
+    def cgpo(self, x0, y, n, inject=None, record=None, record_acc=None):
         """CGPO + RBGM; ``inject``: ``delta0`` and per-iteration ``noise`` / ``fresh`` lists;
-        ``record``: a list that receives ``delta`` after every iteration."""
+        ``record`` / ``record_acc``: lists that receive ``delta`` / the gradient sum after
+        every iteration."""
         sab, s1m = self._coef(n)
         r = self.ratio(n)
         keep = torch.sqrt(1.0 - r * r)
@@ -118,6 +119,8 @@ class TorchTrainer:
                 delta = rbgm(acc, fresh)
             if record is not None:
                 record.append(delta)
+            if record_acc is not None:
+                record_acc.append(acc.clone())
         return delta
 
     def _update(self, loss, ema_power):
