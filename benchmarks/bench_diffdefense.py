@@ -265,8 +265,11 @@ def drive(args):
         log(f"workers ready ({time.time() - t_start:.0f}s); torch {meta['torch_threads']}")
         if not args.no_numerics:
             t0 = time.time()
-            out["numerics"]["jax"] = procs[first].call("numerics", dir=tmp)
-            out["numerics"].update(procs["torch"].call("numerics", dir=tmp))
+            try:
+                out["numerics"]["jax"] = procs[first].call("numerics", dir=tmp)
+                out["numerics"].update(procs["torch"].call("numerics", dir=tmp))
+            except h.WorkerFailed as e:   # recorded; the timings still run
+                out["errors"].append(f"numerics: {e}")
             log(f"numerics ({time.time() - t0:.0f}s): {out['numerics']}")
             procs[first].call("release")
         runs = {}
