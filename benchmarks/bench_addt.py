@@ -62,7 +62,8 @@ SETTINGS = {"1dev": (1, "all"), "2dev": (2, "all"), "2dev_noconv": (2, "no_conv"
 WORKLOADS = ("addt", "ddpm")
 TORCH_RUNS = {"addt": ("torch_ref", "torch_lean"), "ddpm": ("torch",)}
 LOSS_RTOL = 1e-5       # |loss_torch - loss_jax| / loss_jax, same inputs and delta
-PARAM_TOL = 1e-2       # |p_torch - p_jax| / lr after one AdamW step, for 99.9% of entries
+PARAM_TOL = 1e-2       # |p_torch - p_jax| / lr after one AdamW step...
+GRAD_TINY = 1e-6       # ... allowed above it only where |g| < this (Adam's eps is 1e-8)
 SMOKE = dict(batch=4, num_iters=2, reps=1, settings="2dev", workloads="addt,ddpm")
 CKPT = os.path.join(h.REPO, "checkpoints")
 
@@ -393,8 +394,15 @@ class TorchWorker(h.TorchWorker):
         tp, te = _torch_tree(tr.unet, tr.params), _torch_tree(tr.unet, tr.ema)
         lr = tr.opt.param_groups[0]["lr"]
         dp = np.concatenate([np.abs(tp[k] - p1[k]).ravel() for k in p1]) / lr
+        # Adam's first step is lr g / (|g| + eps): where |g| is near eps (1e-8), float rounding
+        # of g moves the update by up to 2 lr. PyTorch's gradient of the entries that differ:
+        tg = _torch_tree(tr.unet, [p.grad for p in tr.params])
+        g = np.concatenate([np.abs(tg[k]).ravel() for k in p1])
+        bad = dp >= PARAM_TOL
         res["params"] = {"max_abs_diff_over_lr": float(dp.max()),
-                         "frac_within_tol": float(np.mean(dp < PARAM_TOL)),
+                         "frac_within_tol": float(np.mean(~bad)),
+                         "grad_abs_max_where_differ": float(g[bad].max()) if bad.any() else 0.0,
+                         "grad_abs_median": float(np.median(g)),
                          "max_update_over_lr": max(float(np.abs(p1[k] - p0[k]).max())
                                                    for k in p1) / lr,
                          "ema_max_abs_diff": max(float(np.abs(te[k] - e1[k]).max())
@@ -615,14 +623,17 @@ def render(out):
     num = out["numerics"]
     if num.get("loss"):
         ok_loss = num["loss"]["rel"] < LOSS_RTOL
-        ok_p = num["params"]["frac_within_tol"] > 0.999
+        # the updates may differ only where the gradient is of the order of Adam's eps
+        ok_p = num["params"].get("grad_abs_max_where_differ", 1.0) < GRAD_TINY
         lines += [
             f"numerics, step 0 with jaxrob's delta, noise and positions fed to PyTorch: loss "
             f"{num['loss']['jax']:.6f} vs {num['loss']['torch']:.6f} (rel {num['loss']['rel']:.1e}"
             f", tol {LOSS_RTOL:g}) {h.ok(ok_loss)}; grad norm rel {num['grad_norm']['rel']:.1e}; "
             f"params after the AdamW step: {100 * num['params']['frac_within_tol']:.3f}% within "
-            f"{PARAM_TOL:g} lr, max|diff| {num['params']['max_abs_diff_over_lr']:.2f} lr (Adam's "
-            f"first step is ~lr sign(g): tiny g flip) {h.ok(ok_p)}; EMA "
+            f"{PARAM_TOL:g} lr, max|diff| {num['params']['max_abs_diff_over_lr']:.2f} lr, where "
+            f"they differ |g| <= {num['params'].get('grad_abs_max_where_differ', float('nan')):.1e}"
+            f" (median |g| {num['params'].get('grad_abs_median', float('nan')):.1e}; Adam's first "
+            f"step is lr g / (|g| + 1e-8)) {h.ok(ok_p)}; EMA "
             f"max|diff| {num['params']['ema_max_abs_diff']:.1e}",
             "  PyTorch's own CGPO on jaxrob's draws: delta entries equal to jaxrob's (RBGM ranks "
             "agree), correlation of the two deltas per row, and where they differ |G| / its "

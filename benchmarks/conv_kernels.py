@@ -9,8 +9,10 @@ device, batch 112 (one ``vjp_chunks`` chunk of the dense-Jacobian benchmark):
 
 ``--wgrad`` times the gradient w.r.t. the kernel instead (the VJP of the convolution in its
 weights, as a train step computes it; XLA expresses it as a convolution whose window is the
-whole activation), and adds a PyTorch row (``conv2d`` backward with only the weight requiring
-a gradient; channels_last, the malloc settings, 2 threads).
+whole activation), and adds a row ``all+dot`` (XLA's defaults, the same gradient as one
+matrix product over the 9 shifted views of the input, checked against ``jax.vjp``'s) and a
+PyTorch row (``conv2d`` backward with only the weight requiring a gradient; channels_last, the
+malloc settings, 2 threads).
 """
 
 from __future__ import annotations
@@ -56,13 +58,27 @@ def _torch_worker(batch, calls):
     print(" ".join(out))
 
 
+def _kernel_grad_dot(x, ct):
+    """The 3x3 kernel gradient (HWIO, padding 1) as one matrix product over the 9 shifted
+    views of the input: ``sum_{b,h,w} x[b, h+i-1, w+j-1, c] ct[b, h, w, o]``."""
+    import jax.numpy as jnp
+
+    b, hh, ww, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    views = jnp.stack([xp[:, i:i + hh, j:j + ww] for i in range(3) for j in range(3)], 3)
+    g = views.reshape(-1, 9 * c).T @ ct.reshape(-1, ct.shape[-1])
+    return g.reshape(3, 3, c, ct.shape[-1])
+
+
 def _worker(mode, batch, calls, wgrad=False):
     if mode == "torch":
         return _torch_worker(batch, calls)
     from jaxrob import parallel
 
-    parallel.configure_cpu(device_count=1, ynn=mode)
+    dot = mode == "all+dot"
+    parallel.configure_cpu(device_count=1, ynn="all" if dot else mode)
     import jax
+    import numpy as np
     from jax import lax
 
     fwd = lambda x, w: lax.conv_general_dilated(
@@ -75,7 +91,11 @@ def _worker(mode, batch, calls, wgrad=False):
         x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
         w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
         ct = jax.random.normal(jax.random.key(2), (batch, size, size, cout))
-        if wgrad:
+        if wgrad and dot:
+            kdot = jax.jit(_kernel_grad_dot)
+            np.testing.assert_allclose(kdot(x, ct), kgrad(x, w, ct), rtol=1e-3, atol=1e-2)
+            call = lambda: jax.block_until_ready(kdot(x, ct))  # noqa: B023
+        elif wgrad:
             call = lambda: jax.block_until_ready(kgrad(x, w, ct))  # noqa: B023
         else:
             call = lambda: jax.block_until_ready(conv(x, w))  # noqa: B023
@@ -102,7 +122,7 @@ def main():
     what = "kernel gradient of a 3x3 conv" if args.wgrad else "3x3 conv"
     print(f"{what}, batch {args.batch}, 1 device: GFLOP/s (median of {args.calls} calls)")
     print("mode     " + " ".join(f"{f'{s}:{a}>{b}':>6s}" for s, a, b in SHAPES))
-    for mode in ("all", "no_conv", "off") + (("torch",) if args.wgrad else ()):
+    for mode in ("all", "no_conv", "off") + (("all+dot", "torch") if args.wgrad else ()):
         res = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", mode,
                               "--batch", str(args.batch), "--calls", str(args.calls)]
                              + (["--wgrad"] if args.wgrad else []),
