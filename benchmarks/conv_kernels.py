@@ -10,7 +10,8 @@ device, batch 112 (one ``vjp_chunks`` chunk of the dense-Jacobian benchmark):
 ``--wgrad`` times the gradient w.r.t. the kernel instead (the VJP of the convolution in its
 weights, as a train step computes it; XLA expresses it as a convolution whose window is the
 whole activation), and adds a row ``all+dot`` (XLA's defaults, the same gradient as one
-matrix product over the 9 shifted views of the input, checked against ``jax.vjp``'s) and a
+matrix product over the 9 shifted views of the input, checked against ``jax.vjp``'s: a
+candidate formulation, measured no faster) and a
 PyTorch row (``conv2d`` backward with only the weight requiring a gradient; channels_last, the
 malloc settings, 2 threads).
 """
