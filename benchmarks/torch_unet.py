@@ -160,7 +160,7 @@ class TorchUNet(nn.Module):
 
     def forward(self, x, step):
         m = self.m
-        temb = timestep_embedding(step, self.ch)
+        temb = timestep_embedding(step, self.ch).to(x.dtype)   # float64 checks
         temb = m["temb_dense_1"](F.silu(m["temb_dense_0"](temb)))
         hs = [m["conv_in"](x)]
         for level in range(self.n_levels):
