@@ -62,6 +62,22 @@ def _check_keys(key, x, name: str) -> None:
                          f"got {key.shape[0]} keys")
 
 
+def deviation_per_example(run, x, x_ref, key):
+    """Check ``x``, ``x_ref`` and ``key``, then ``run(x, x_ref, key) -> (x_purified, dev)``
+    over the batch, or once per example (vmapped) when ``key`` holds one key per example;
+    ``dev`` comes back (num_states, B) either way."""
+    check_images(x, "x")
+    check_images(x_ref, "x_ref")
+    if x_ref.shape != x.shape:
+        raise ValueError(f"x_ref: expected the shape of x {tuple(x.shape)}, got "
+                         f"{tuple(x_ref.shape)}")
+    _check_keys(key, x, "key")
+    if _is_key_batch(key):
+        out, dev = jax.vmap(lambda xi, ri, ki: run(xi[None], ri[None], ki))(x, x_ref, key)
+        return out[:, 0], dev[:, :, 0].T
+    return run(x, x_ref, key)
+
+
 def check_options(owner: str, eps_fn, schedule, options: dict, defaults: dict) -> dict:
     """``defaults`` updated with ``options`` (unknown names refused), after checking that
     ``eps_fn`` is callable and ``schedule`` a :class:`jaxrob.diffusion.Schedule`."""
@@ -300,19 +316,7 @@ class Purifier:
           ``(x_purified, dev)``: purified images, and (num_states, B) squared deviations in
           the order the states are computed (stage by stage, start state first).
         """
-        check_images(x, "x")
-        check_images(x_ref, "x_ref")
-        if x_ref.shape != x.shape:
-            raise ValueError(f"x_ref: expected the shape of x {tuple(x.shape)}, got "
-                             f"{tuple(x_ref.shape)}")
-        if _is_key_batch(key):
-            if key.shape[0] != x.shape[0]:
-                raise ValueError(f"key: expected one key or {x.shape[0]} keys (one per "
-                                 f"example), got {key.shape[0]} keys")
-            out, dev = jax.vmap(lambda xi, ri, ki: self._deviation(xi[None], ri[None], ki))(
-                x, x_ref, key)
-            return out[:, 0], dev[:, :, 0].T
-        return self._deviation(x, x_ref, key)
+        return deviation_per_example(self._deviation, x, x_ref, key)
 
     def _deviation(self, x, x_ref, key):
         h, devs = x, []

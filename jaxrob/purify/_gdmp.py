@@ -59,7 +59,14 @@ import jaxrob.diffusion as jd
 from jaxrob._checks import check_choice, check_images, check_positive_int, check_t_star
 from jaxrob._pytree import pytree_dataclass, static_field
 from jaxrob._types import AnyKey, Array, Images
-from jaxrob.purify._diffpure import _deviations, _is_key_batch, _model_and_schedule, check_options
+from jaxrob.purify._diffpure import (
+    _check_keys,
+    _deviations,
+    _is_key_batch,
+    _model_and_schedule,
+    check_options,
+    deviation_per_example,
+)
 
 DISTANCES = ("mse", "ssim")
 GDMP_GRADIENTS = ("exact", "guidance_constant", "bpda")
@@ -213,8 +220,8 @@ class GuidedPurifier:
         """Purify ``x`` (float32 NHWC in [0, 1]) with randomness ``key`` (one key, or one per
         example as :meth:`jaxrob.purify.Purifier.__call__`)."""
         check_images(x, "x")
+        _check_keys(key, x, "key")
         if _is_key_batch(key):
-            _check_keys(key, x)
             return jax.vmap(lambda xi, ki: self._purify(xi[None], ki)[0])(x, key)
         return self._purify(x, key)
 
@@ -230,17 +237,7 @@ class GuidedPurifier:
         the (num_states, B) squared deviations of the guided chain's states from ``x_ref``
         diffused with each iteration's forward noise (DiffAttack's hook). Uses this purifier's
         ``gradient`` (``"exact"`` or ``"guidance_constant"``; BPDA is refused by DiffAttack)."""
-        check_images(x, "x")
-        check_images(x_ref, "x_ref")
-        if x_ref.shape != x.shape:
-            raise ValueError(f"x_ref: expected the shape of x {tuple(x.shape)}, got "
-                             f"{tuple(x_ref.shape)}")
-        if _is_key_batch(key):
-            _check_keys(key, x)
-            out, dev = jax.vmap(lambda xi, ri, ki: self._run(xi[None], ki, ri[None]))(
-                x, x_ref, key)
-            return out[:, 0], dev[:, :, 0].T
-        return self._run(x, key, x_ref)
+        return deviation_per_example(lambda a, r, k: self._run(a, k, r), x, x_ref, key)
 
     def _run(self, x01, key, x_ref=None):
         """``(purified [0, 1], deviations (num_states, B) or None)``."""
@@ -292,12 +289,6 @@ class GuidedPurifier:
                                           chain.one_minus_alphas_cumprod_prev[::-1]]))
             dev = _deviations(jnp.concatenate([x_t[None], traj], axis=0), ref, noise, a, b)
         return jd.from_model_space(out, clip=True), dev
-
-
-def _check_keys(key, x):
-    if key.shape[0] != x.shape[0]:
-        raise ValueError(f"key: expected one key or {x.shape[0]} keys (one per example), got "
-                         f"{key.shape[0]} keys")
 
 
 def gdmp(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, t_star: float,

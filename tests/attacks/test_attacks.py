@@ -7,15 +7,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _attack_checks import norms
 
 import jaxrob.attacks as ja
 
 TOL = 1e-6
-
-
-def _norm(d, norm):
-    d = np.asarray(d, np.float64).reshape(d.shape[0], -1)
-    return np.abs(d).max(1) if norm == "linf" else np.sqrt((d**2).sum(1))
 
 
 def _accuracy(logits_fn, x, y):
@@ -75,7 +71,7 @@ def test_iterates_stay_in_ball_and_box(model, attack, norm, eps):
                       return_iterates=True)
         assert res.iterates.shape == (11,) + x.shape
     for pt in [res.x_adv, *res.iterates]:
-        assert _norm(pt - x, norm).max() <= eps + TOL
+        assert norms(pt - x, norm).max() <= eps + TOL
         assert float(pt.min()) >= 0.0 and float(pt.max()) <= 1.0
     # The best iterate is the highest-loss point visited, and its loss is the reported one.
     loss_fn = ja.loss_from_logits(logits_fn, "ce" if attack == "pgd" else "dlr")
@@ -88,7 +84,7 @@ def test_iterates_stay_in_ball_and_box(model, attack, norm, eps):
 def test_fgsm_stays_in_ball_and_raises_a_convex_loss(model):
     logits_fn, x, y = model
     res = ja.fgsm(logits_fn, x, y, jr.key(0), eps=0.05, loss="ce")
-    assert _norm(res.x_adv - x, "linf").max() <= 0.05 + TOL
+    assert norms(res.x_adv - x, "linf").max() <= 0.05 + TOL
     assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
     # CE of a linear model is convex in x and the (clipped) step has g . d >= 0.
     assert np.all(np.asarray(res.loss) >= np.asarray(ja.ce_loss(logits_fn(x, None), y)) - TOL)
@@ -194,7 +190,7 @@ def test_pgd_with_eot_on_a_randomised_model_stays_in_ball(model):
     logits_fn, x, y = model
     res = ja.pgd(_noisy_logits(logits_fn), x[:8], y[:8], jr.key(0), eps=0.1, num_steps=3,
                  loss="ce", eot_samples=4, eot_chunk=2, random_start=True)
-    assert _norm(res.x_adv - x[:8], "linf").max() <= 0.1 + TOL
+    assert norms(res.x_adv - x[:8], "linf").max() <= 0.1 + TOL
     assert np.all(np.isfinite(np.asarray(res.loss)))
 
 
@@ -214,7 +210,7 @@ def test_cw_l2_finds_valid_adversarials_and_search_never_hurts(model):
         assert s.mean() > 0.9
         pred = np.asarray(jnp.argmax(logits_fn(res.x_adv, None), axis=1))
         assert np.all(pred[s] != np.asarray(y)[s])
-        np.testing.assert_allclose(np.asarray(res.norm)[s], _norm(res.x_adv - x, "l2")[s],
+        np.testing.assert_allclose(np.asarray(res.norm)[s], norms(res.x_adv - x, "l2")[s],
                                    rtol=1e-4, atol=1e-5)
     # The first search step repeats the fixed-c run, so the search keeps a point at least as close.
     assert np.all(np.asarray(more.norm) <= np.asarray(one.norm))
@@ -229,7 +225,7 @@ def test_deepfool_reaches_the_boundary(model, norm):
     assert s.mean() > 0.9
     pred = np.asarray(jnp.argmax(logits_fn(res.x_adv, None), axis=1))
     np.testing.assert_array_equal(pred != np.asarray(y), s)
-    np.testing.assert_allclose(res.norm, _norm(res.x_adv - x, norm), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.norm, norms(res.x_adv - x, norm), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,25 +13,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _attack_checks import norms, predictions
 from scipy.optimize import linprog
 
 import jaxrob.attacks as ja
 from jaxrob._pytree import pytree_dataclass, static_field
 
 TOL = 1e-6
-
-
-def _norm(d, norm):
-    d = np.asarray(d, np.float64).reshape(d.shape[0], -1)
-    if norm == "linf":
-        return np.abs(d).max(1)
-    if norm == "l1":
-        return np.abs(d).sum(1)
-    return np.sqrt((d**2).sum(1))
-
-
-def _pred(logits_fn, x):
-    return np.asarray(jnp.argmax(logits_fn(x, None), axis=1))
 
 
 @pytree_dataclass
@@ -96,7 +84,7 @@ def _l2_exact(t, w, b):
     return np.stack(out)
 
 
-def _lp_norm(t, w, b, norm):
+def _lpnorms(t, w, b, norm):
     """The optimal ||d|| of min ||d||_inf or ||d||_1 s.t. <w, t + d> = b, t + d in [0, 1]."""
     dim = t.shape[0]
     if norm == "linf":  # variables (d, s): min s, -s <= d_i <= s
@@ -128,8 +116,8 @@ def test_projections_are_the_smallest_feasible_step_under_the_box():
         if norm == "l2":
             np.testing.assert_allclose(d, _l2_exact(t, w, b), atol=1e-4)
         else:
-            best = [_lp_norm(t64[i], w64[i], float(b[i]), norm) for i in range(len(b))]
-            np.testing.assert_allclose(_norm(d, norm), best, rtol=1e-4, atol=1e-5,
+            best = [_lpnorms(t64[i], w64[i], float(b[i]), norm) for i in range(len(b))]
+            np.testing.assert_allclose(norms(d, norm), best, rtol=1e-4, atol=1e-5,
                                        err_msg=norm)
 
 
@@ -148,13 +136,13 @@ def test_fab_stays_in_the_ball_and_fools_an_undefended_model(model, norm, eps, t
     logits_fn, x, y = model
     res = ja.fab(logits_fn, x, y, jr.key(0), eps=eps, norm=norm, num_steps=20,
                  targeted=targeted, n_target_classes=3)
-    n = _norm(res.x_adv - x, norm)
+    n = norms(res.x_adv - x, norm)
     assert n.max() <= eps * (1 + TOL) + TOL
     assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
-    pred, yy = _pred(logits_fn, res.x_adv), np.asarray(y)
+    pred, yy = predictions(logits_fn, res.x_adv), np.asarray(y)
     assert np.mean(pred == yy) == 0.0
     np.testing.assert_array_equal(res.success, True)
-    clean_wrong = _pred(logits_fn, x) != yy
+    clean_wrong = predictions(logits_fn, x) != yy
     assert clean_wrong.any()  # not attacked: x_adv = x, distance 0
     np.testing.assert_array_equal(np.asarray(res.x_adv)[clean_wrong], np.asarray(x)[clean_wrong])
     np.testing.assert_allclose(np.asarray(res.norm), n, rtol=1e-5, atol=1e-6)
@@ -179,7 +167,7 @@ def test_fab_stays_in_the_ball_and_fools_an_undefended_model(model, norm, eps, t
     found = n[ids]
     assert np.all(found >= dist.min(1) * (1 - 1e-4))
     if not targeted:  # FAB-T aims at fixed targets, not the nearest class
-        assert np.all(found <= 1.05 * _norm(d, norm) * (1 + 1e-4) + 1e-6)
+        assert np.all(found <= 1.05 * norms(d, norm) * (1 + 1e-4) + 1e-6)
 
 
 def test_fab_bad_inputs_raise(model):
@@ -215,10 +203,10 @@ def test_autoattack_standard_runs_every_attack_on_the_still_robust(det, standard
     np.testing.assert_array_equal(r.robust, r.broken_by == -1)
     for s in range(len(r.stages)):
         assert np.mean((r.broken_by >= 0) & (r.broken_by <= s)) == pytest.approx(1 - acc[s])
-    assert _norm(r.x_adv - np.asarray(x), "linf").max() <= AA["eps"] * (1 + TOL) + TOL
+    assert norms(r.x_adv - np.asarray(x), "linf").max() <= AA["eps"] * (1 + TOL) + TOL
     assert r.x_adv.min() >= 0.0 and r.x_adv.max() <= 1.0
     broken = ~r.robust
-    assert np.all(_pred(m.base, jnp.asarray(r.x_adv))[broken] != np.asarray(y)[broken])
+    assert np.all(predictions(m.base, jnp.asarray(r.x_adv))[broken] != np.asarray(y)[broken])
     np.testing.assert_array_equal(r.x_adv[r.robust], np.asarray(x)[r.robust])
     assert r.consistent and r.final_accuracy == pytest.approx(acc[-1])
     assert not r.looks_randomised and r.randomness == 0.0

@@ -5,25 +5,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _attack_checks import norms, predictions
 
 import jaxrob.attacks as ja
 from jaxrob.attacks._ead import _shrink
 from jaxrob.attacks._square import square_eta, square_p_selection
 
 TOL = 1e-6
-
-
-def _norm(d, norm):
-    d = np.asarray(d, np.float64).reshape(d.shape[0], -1)
-    if norm == "linf":
-        return np.abs(d).max(1)
-    if norm == "l1":
-        return np.abs(d).sum(1)
-    return np.sqrt((d**2).sum(1))
-
-
-def _pred(logits_fn, x):
-    return np.asarray(jnp.argmax(logits_fn(x, None), axis=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,11 +21,11 @@ def _pred(logits_fn, x):
 @pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 2.0)])
 def test_square_stays_in_ball_and_fools_an_undefended_model(model, norm, eps):
     logits_fn, x, y = model
-    assert np.mean(_pred(logits_fn, x) == np.asarray(y)) > 0.9
+    assert np.mean(predictions(logits_fn, x) == np.asarray(y)) > 0.9
     res = ja.square(logits_fn, x, y, jr.key(0), eps=eps, norm=norm, n_queries=300)
-    assert _norm(res.x_adv - x, norm).max() <= eps * (1 + TOL) + TOL
+    assert norms(res.x_adv - x, norm).max() <= eps * (1 + TOL) + TOL
     assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
-    assert np.mean(_pred(logits_fn, res.x_adv) == np.asarray(y)) == 0.0
+    assert np.mean(predictions(logits_fn, res.x_adv) == np.asarray(y)) == 0.0
     # loss is the C&W margin at x_adv (positive = misclassified), success its sign
     np.testing.assert_allclose(res.loss, ja.cw_loss(logits_fn(res.x_adv, None), y),
                                rtol=1e-5, atol=1e-5)
@@ -76,7 +64,7 @@ def test_square_respects_the_budget_and_stops_querying_fooled_examples(model, no
             np.testing.assert_array_equal(x_adv[b], inputs[first, b])
             for later in inputs[first:, b]:  # no new point tried after success
                 np.testing.assert_array_equal(later, x_adv[b])
-            assert _pred(logits_fn, x_adv[b:b + 1])[0] != yy[b]
+            assert predictions(logits_fn, x_adv[b:b + 1])[0] != yy[b]
             success_seen += 1
             done_any += first == 0
         else:
@@ -160,14 +148,14 @@ def test_ead_finds_sparse_adversarials_in_the_box(model, rule, method):
     assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
     s = np.asarray(res.success)
     assert s.all()  # an undefended linear model: every example is broken
-    np.testing.assert_array_equal(_pred(logits_fn, res.x_adv) != np.asarray(y), s)
-    np.testing.assert_allclose(res.norm, _norm(res.x_adv - x, "l1"), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(predictions(logits_fn, res.x_adv) != np.asarray(y), s)
+    np.testing.assert_allclose(res.norm, norms(res.x_adv - x, "l1"), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(res.loss, ja.cw_loss(logits_fn(res.x_adv, None), y), rtol=1e-5,
                                atol=1e-5)
     # sparser than C&W-L2 from the same budget of search steps, on average
     cw = ja.cw_l2(logits_fn, x, y, jr.key(0), num_steps=100, learning_rate=0.05,
                   binary_search_steps=6)
-    assert np.mean(res.norm) < np.mean(_norm(cw.x_adv - x, "l1")[np.asarray(cw.success)])
+    assert np.mean(res.norm) < np.mean(norms(cw.x_adv - x, "l1")[np.asarray(cw.success)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +172,9 @@ def test_targeted_attacks_reach_their_target(model, attack, loss):
         res = ja.pgd(logits_fn, x, y, jr.key(0), step_size=0.05, random_start=True, **kw)
     else:
         res = ja.apgd(logits_fn, x, y, jr.key(0), **kw)
-    assert _norm(res.x_adv - x, "linf").max() <= 0.5 + TOL
+    assert norms(res.x_adv - x, "linf").max() <= 0.5 + TOL
     assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
-    pred = _pred(logits_fn, res.x_adv)
+    pred = predictions(logits_fn, res.x_adv)
     np.testing.assert_array_equal(pred, np.asarray(target))
     np.testing.assert_array_equal(res.success, pred == np.asarray(target))
     # loss is the targeted loss at x_adv
@@ -202,11 +190,11 @@ def test_targeted_dlr_and_least_likely(model):
     least = z0.argmin(1)
     res = ja.apgd(logits_fn, x, y, jr.key(0), eps=0.5, num_steps=30, loss="ce",
                   target="least_likely")
-    np.testing.assert_array_equal(_pred(logits_fn, res.x_adv), least)
+    np.testing.assert_array_equal(predictions(logits_fn, res.x_adv), least)
     assert np.all(np.asarray(res.success))
     res = ja.pgd(logits_fn, x, y, jr.key(0), eps=0.5, step_size=0.05, num_steps=30, loss="cw",
                  target="least_likely")
-    np.testing.assert_array_equal(_pred(logits_fn, res.x_adv), least)
+    np.testing.assert_array_equal(predictions(logits_fn, res.x_adv), least)
     # APGD-T's targeted DLR is positive exactly when z_t > z_y: it gets there for every example
     target = (y + 5) % 10
     res = ja.apgd(logits_fn, x, y, jr.key(0), eps=0.5, num_steps=30, loss="dlr", target=target)
