@@ -22,6 +22,7 @@ from jaxrob._types import Images, Key, Labels
 from jaxrob.evaluation._protocols import predictions
 from jaxrob.evaluation._robust import (
     Model,
+    _check_labels,
     _check_splits,
     _fold_all,
     _num_samples,
@@ -89,13 +90,8 @@ def score_adversarial(defended: Model, x: Images, x_adv: Images, y: Labels, indi
     if tuple(x.shape) != tuple(x_adv.shape):
         raise ValueError(f"x_adv: expected the shape of x {tuple(x.shape)}, got "
                          f"{tuple(x_adv.shape)}")
-    labels, indices = np.asarray(y), np.asarray(indices)
     n = x.shape[0]
-    if labels.shape != (n,) or indices.shape != (n,):
-        raise ValueError(f"y and indices: expected shape ({n},), got {labels.shape} and "
-                         f"{indices.shape}")
-    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
-        raise ValueError("y: expected non-negative integer class labels")
+    labels, indices = _check_labels(y, indices, n, names=("y", "indices"))
     protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
     _num_samples(protocols, randomness)
     _check_splits(defended, randomness)

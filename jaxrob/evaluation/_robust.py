@@ -95,6 +95,18 @@ def _fold_all(keys_B: Keys, data) -> Keys:
     return jax.vmap(lambda k: jr.fold_in(k, data))(keys_B)
 
 
+def _check_labels(labels, indices, n: int, names=("labels", "indices")):
+    """``(labels, indices)`` as NumPy arrays, after checking both are shaped (n,) and the labels
+    are non-negative integers; ``names`` are how the error message calls them."""
+    labels, indices = np.asarray(labels), np.asarray(indices)
+    if labels.shape != (n,) or indices.shape != (n,):
+        raise ValueError(f"{names[0]} and {names[1]}: expected shape ({n},), got "
+                         f"{labels.shape} and {indices.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+        raise ValueError(f"{names[0]}: expected non-negative integer class labels")
+    return labels, indices
+
+
 def _num_samples(protocols, randomness: str) -> int:
     """Purifications per example that score every protocol (1 in fixed mode)."""
     if isinstance(protocols, str):
@@ -333,14 +345,8 @@ def evaluate_robustness(defended: Model, attack: Attack | Sequence[Attack] | Non
       call.
     """
     check_images(images, "images")
-    labels = np.asarray(labels)
-    indices = np.asarray(indices)
     n = images.shape[0]
-    if labels.shape != (n,) or indices.shape != (n,):
-        raise ValueError(f"labels and indices: expected shape ({n},), got {labels.shape} and "
-                         f"{indices.shape}")
-    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
-        raise ValueError("labels: expected non-negative integer class labels")
+    labels, indices = _check_labels(labels, indices, n)
     protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
     _num_samples(protocols, randomness)
     if not callable(defended):

@@ -23,6 +23,7 @@ from jaxrob.evaluation import (
     fixed_purifier_keys,
     parse_protocol,
     robust_scores,
+    score_adversarial,
     score_predictions,
 )
 from jaxrob.parallel import make_mesh
@@ -333,6 +334,16 @@ def test_bad_input_raises_a_clear_error():
         _evaluate(det, functools.partial(scripted_attack, iterates=False), candidates=(1,))
     with pytest.raises(ValueError, match="below 3"):
         _evaluate(det, scripted_attack, candidates=(3,))
+    # labels: one non-negative integer per image, in evaluate_robustness and score_adversarial
+    with pytest.raises(ValueError, match=r"labels and indices: expected shape \(8,\)"):
+        evaluate_robustness(det, scripted_attack, XS, np.zeros(B - 1, np.int64), INDICES,
+                            key=KEY, progress=False)
+    with pytest.raises(ValueError, match="labels: expected non-negative integer"):
+        evaluate_robustness(det, scripted_attack, XS, -np.ones(B, np.int64), INDICES,
+                            key=KEY, progress=False)
+    with pytest.raises(ValueError, match="y: expected non-negative integer"):
+        score_adversarial(det, XS, XS, np.zeros(B, np.float32), INDICES, key=KEY,
+                          progress=False)
     with pytest.raises(ValueError, match="candidates"):
         _evaluate(det, scripted_attack, candidates=(-1,))
     # a purifier's forward_key must match its key
