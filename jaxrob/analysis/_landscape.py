@@ -208,19 +208,28 @@ def _per_example(loss_B, b: int):
     return loss_B
 
 
+def _map_padded(fn, idx, batch_size):
+    """``lax.map(fn, idx, batch_size=...)`` over ``idx`` padded (with its last entry) to a
+    multiple of ``batch_size``: one traced body instead of lax.map's batched one plus a
+    remainder one, i.e. half the code to compile, for at most ``batch_size - 1`` wasted
+    evaluations."""
+    n = idx.shape[0]
+    bs = min(batch_size or n, n)
+    pad = -n % bs
+    if pad:
+        idx = jnp.concatenate([idx, jnp.broadcast_to(idx[-1:], (pad,))])
+    return jax.lax.map(fn, idx, batch_size=bs)[:n]
+
+
 def _eot_losses(loss_fn, inputs_fn, num_points: int, keys, y, batch_size):
     """(num_points, K, B) losses ``loss_fn(inputs_fn(p), y, keys[k])`` over every (p, k)."""
     k = keys.shape[0]
-    p_idx = jnp.repeat(jnp.arange(num_points), k)
-    k_idx = jnp.tile(jnp.arange(k), num_points)
+    idx = jnp.arange(num_points * k)  # evaluation i: point i // K, key i % K
 
-    def one(args):
-        p, kk = args
-        return _per_example(loss_fn(inputs_fn(p), y, keys[kk]), y.shape[0])
+    def one(i):
+        return _per_example(loss_fn(inputs_fn(i // k), y, keys[i % k]), y.shape[0])
 
-    out = jax.lax.map(one, (p_idx, k_idx), batch_size=min(batch_size or num_points * k,
-                                                          num_points * k))
-    return out.reshape(num_points, k, y.shape[0])
+    return _map_padded(one, idx, batch_size).reshape(num_points, k, y.shape[0])
 
 
 @filter_jit
@@ -318,12 +327,11 @@ def _trajectory(loss_fn, iterates, y, keys, *, per_iterate, batch_size):
         return jnp.mean(losses, axis=1)
     k = keys.shape[1]
     flat = keys.reshape(t * k, *keys.shape[2:])  # row t * K + k: iterate t, key k
-    idx = jnp.arange(t * k)
 
     def one(i):
         return _per_example(loss_fn(iterates[i // k], y, flat[i]), y.shape[0])
 
-    out = jax.lax.map(one, idx, batch_size=min(batch_size or t * k, t * k))
+    out = _map_padded(one, jnp.arange(t * k), batch_size)
     return jnp.mean(out.reshape(t, k, y.shape[0]), axis=1)
 
 
