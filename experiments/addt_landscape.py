@@ -44,7 +44,8 @@ atomically and a rerun skips them (a finished unit loads no model and computes n
 Writes ``results.json`` (per unit: trajectory mean/std/quartiles per iteration, the mean
 landscape, landscape statistics, scores, compute time; manifest), ``landscape.npz`` (every
 per-image array), ``landscape_<model>.png`` (surfaces and contours, stochastic vs DW-box),
-``slices.png`` (the landscapes along the two axes) and ``trajectories.png``.
+``examples_<first model>.png`` (single images' landscapes), ``slices.png`` (the landscapes
+along the two axes) and ``trajectories.png``.
 """
 
 from __future__ import annotations
@@ -254,7 +255,10 @@ def summarize_unit(per: dict, grid: np.ndarray) -> dict:
                       "random_rise": _stats(land[:, i0, i1] - origin),
                       "max_in_eps_box": _stats(land[:, inside][:, :, inside].max((1, 2))),
                       "max_on_grid": _stats(land.max((1, 2))),
-                      "roughness": _stats(np.abs(lap).mean((1, 2)))},
+                      "roughness": _stats(np.abs(lap).mean((1, 2))),
+                      # the same over the image's loss range on the grid (scale-free)
+                      "roughness_relative": _stats(np.abs(lap).mean((1, 2)) / np.maximum(
+                          land.max((1, 2)) - land.min((1, 2)), 1e-12))},
         "accuracy": {"clean": float(np.mean(per["clean_correct"])),
                      "adversarial": float(np.mean(per["adv_correct"]))},
         "attack": {"mean_linf": float(np.mean(per["adv_linf"])),
@@ -304,6 +308,36 @@ def plot_landscapes(path, name: str, units: dict, grid: np.ndarray) -> None:
     fig.suptitle(f"{name}: mean CE loss around clean images (dashed: the eps-ball slice, "
                  f"star: x_adv direction at eps)", fontsize=9)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_examples(path, name: str, units: dict, grid: np.ndarray, index, num: int = 4) -> None:
+    """The first ``num`` images' own landscapes (contours), one row per setting."""
+    plt = _plt()
+    settings = [r for r in RANDOMNESS if r in units]
+    num = min(num, len(index))
+    fig, axes = plt.subplots(len(settings), num, figsize=(3.0 * num, 2.9 * len(settings)),
+                             squeeze=False, constrained_layout=True)
+    a, b = np.meshgrid(grid, grid, indexing="ij")
+    for j in range(num):
+        hi = max(np.asarray(units[r]["landscape"])[j].max() for r in settings)
+        levels = np.linspace(0.0, max(hi, 1e-6), 16)
+        for i, r in enumerate(settings):
+            ax = axes[i, j]
+            cs = ax.contourf(a, b, np.asarray(units[r]["landscape"])[j], levels=levels,
+                             cmap="viridis")
+            ax.plot([-1, 1, 1, -1, -1], [-1, -1, 1, 1, -1], "w--", lw=1)
+            ax.set_aspect("equal")
+            ax.set_title(f"#{int(index[j])}, {LABELS[r]}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("random (eps units)")
+            if i == len(settings) - 1:
+                ax.set_xlabel("adversarial (eps units)")
+        fig.colorbar(cs, ax=axes[:, j], location="bottom", shrink=0.8, ticks=levels[::5],
+                     format="%.1f", label="CE loss")
+    fig.suptitle(f"{name}: CE loss around single images (each setting along its own attack "
+                 f"direction)", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -451,6 +485,9 @@ def run(config, workdir) -> dict:
         p = workdir / f"landscape_{name}.png"
         plot_landscapes(p, name, units[name], grid)
         figures.append(p.name)
+    first = next(iter(units))
+    plot_examples(workdir / f"examples_{first}.png", first, units[first], grid, data["index"])
+    figures.append(f"examples_{first}.png")
     plot_slices(workdir / "slices.png", units, grid)
     plot_trajectories(workdir / "trajectories.png", units)
     figures += ["slices.png", "trajectories.png"]
