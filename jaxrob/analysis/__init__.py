@@ -1,5 +1,7 @@
 """Why is a purifier robust? Distances, randomness decomposition, Jacobian spectra, compression,
-and curve fits with confidence intervals (Yuezhang & Wei, arXiv 2505.22839).
+and curve fits with confidence intervals (Yuezhang & Wei, arXiv 2505.22839); loss landscapes
+and attack trajectories under given purifier keys, stochastic vs DW-box (Liu et al., ICLR 2025):
+:func:`loss_landscape`, :func:`landscape_directions`, :func:`attack_trajectory`.
 
 Analysis functions take callables: ``purify(x, key)``, a fixed-randomness ``f(x)``, or any
 differentiable map of one image; forward-mode Jacobians need models built with
@@ -26,6 +28,10 @@ from jaxrob.analysis._jacobian import SVD_METHODS as SVD_METHODS
 from jaxrob.analysis._jacobian import jacobian as jacobian
 from jaxrob.analysis._jacobian import singular_values as singular_values
 from jaxrob.analysis._jacobian import top_singular_values as top_singular_values
+from jaxrob.analysis._landscape import DIRECTION_KINDS as DIRECTION_KINDS
+from jaxrob.analysis._landscape import attack_trajectory as attack_trajectory
+from jaxrob.analysis._landscape import landscape_directions as landscape_directions
+from jaxrob.analysis._landscape import loss_landscape as loss_landscape
 from jaxrob.analysis._randomness import RandomnessDecomposition as RandomnessDecomposition
 from jaxrob.analysis._randomness import RandomnessSummary as RandomnessSummary
 from jaxrob.analysis._randomness import displacement_correlations as displacement_correlations
