@@ -301,15 +301,16 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
     """``(model, description)`` for ``config.ddpm``: a :class:`jaxrob.models.DiffusionModel`.
 
     Sources: ``export`` (a jaxrob export, ``jaxrob.models.load``), ``random`` (``ddpm.model``
-    randomly initialised: smoke tests, timing), ``diffusers`` (a diffusers ``UNet2DModel``
-    state dict file, e.g. google/ddpm-cifar10-32, ``ddpm.model.config`` naming the UNet).
+    with :func:`jaxrob.models.random_variables`: smoke tests, timing), ``diffusers`` (a
+    diffusers ``UNet2DModel`` state dict file, e.g. google/ddpm-cifar10-32, ``ddpm.model.config``
+    naming the UNet).
     """
-    import jax.random as jr
 
     from jaxrob.models import (
         DiffusionModel,
         load,
         load_state_dict_file,
+        random_variables,
         schedule_from_metadata,
         unet_from_diffusers_state_dict,
         unet_from_metadata,
@@ -329,9 +330,10 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
     unet = unet_from_metadata(to_plain(ddpm_config.model))
     schedule = schedule_from_metadata(to_plain(ddpm_config.diffusion))
     if source == "random":
-        x = jax.ShapeDtypeStruct((1, *image_shape), np.float32)
-        variables = jax.jit(unet.init)(jr.key(int(ddpm_config.seed)), x,
-                                       jax.ShapeDtypeStruct((1,), np.int32))
+        # eval_shape + NumPy: jit(unet.init) spends ~20 s compiling threefry on a small CPU
+        variables = random_variables(unet, jax.ShapeDtypeStruct((1, *image_shape), np.float32),
+                                     jax.ShapeDtypeStruct((1,), np.int32),
+                                     seed=int(ddpm_config.seed))
         info = {"source": source, "seed": int(ddpm_config.seed)}
     else:
         path = resolve_path(ddpm_config.path, base=REPO_ROOT)

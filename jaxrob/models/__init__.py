@@ -21,6 +21,7 @@ from jaxrob.models._loaded import classifier_from_metadata as classifier_from_me
 from jaxrob.models._loaded import load as load
 from jaxrob.models._loaded import schedule_from_metadata as schedule_from_metadata
 from jaxrob.models._loaded import unet_from_metadata as unet_from_metadata
+from jaxrob.models._random import random_variables as random_variables
 from jaxrob.models._torch_import import load_state_dict_file as load_state_dict_file
 from jaxrob.models._unet import UNET_CONFIGS as UNET_CONFIGS
 from jaxrob.models._unet import UNet as UNet

@@ -1,14 +1,13 @@
 """experiments/jacobian_spectrum.py: outputs, resume after a kill, sharding, bad input.
 
-One setting on 3 digits (D = 64) with a random tiny UNet (made once for the module, without
-compiling its init), one image per chunk. ``run_chunks`` keeps the compiled chunk function of
-a study configuration for the process (the model's parameters are traced), so the resume and
-rerun tests compile nothing.
+One setting on 3 digits (D = 64) with a random tiny UNet (made once for the module by
+``jaxrob.models.random_variables``), one image per chunk. ``run_chunks`` keeps the compiled
+chunk function of a study configuration for the process (the model's parameters are traced),
+so the resume and rerun tests compile nothing.
 """
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,40 +29,15 @@ def _config(**study):
     return cfg
 
 
-def _random_ddpm(ddpm_config, image_shape):
-    """``load_ddpm``'s ``source="random"`` without compiling ``unet.init`` (~15 s on the
-    shared CPU): shapes from ``jax.eval_shape``, scaled Gaussian weights from numpy."""
-    from jaxrob.models import DiffusionModel, schedule_from_metadata, unet_from_metadata
-
-    assert ddpm_config.source == "random"
-    unet = unet_from_metadata(_common.to_plain(ddpm_config.model))
-    shapes = jax.eval_shape(unet.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, *image_shape), np.float32),
-                            jax.ShapeDtypeStruct((1,), np.int32))
-    rng = np.random.default_rng(0)
-
-    def leaf(path, s):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            return np.ones(s.shape, s.dtype)
-        if "bias" in name:
-            return np.zeros(s.shape, s.dtype)
-        fan_in = max(int(np.prod(s.shape[:-1])), 1)
-        return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(s.dtype)
-
-    params = jax.tree_util.tree_map_with_path(leaf, shapes)
-    schedule = schedule_from_metadata(_common.to_plain(ddpm_config.diffusion))
-    return DiffusionModel(unet, params, schedule), {"source": "random"}
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_model():
     """Every run of this module shares one random model, made without compiling."""
     model = {}
+    load_ddpm = _common.load_ddpm  # source="random": jaxrob.models.random_variables, no compile
 
     def cached(ddpm_config, image_shape, fast_vjp=False):
         if not model:
-            model["m"] = _random_ddpm(ddpm_config, tuple(image_shape))
+            model["m"] = load_ddpm(ddpm_config, tuple(image_shape))
         ddpm, info = model["m"]
         return ddpm.with_fast_vjp(fast_vjp), info
 
