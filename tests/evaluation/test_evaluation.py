@@ -92,6 +92,9 @@ def test_intervals():
     assert summarize(np.array([1.0, 0.0, 1.0]))["ci95"] == list(wilson_interval(2, 3))
 
 
+# ~60 s of compilation; fixed vs stochastic randomness is checked in CI by test_dwbox_fixed_aa.py
+# and the robust smoke
+@pytest.mark.slow
 def test_fixed_randomness_is_deterministic_and_protocol_free():
     keys = example_keys(jr.key(4), jnp.arange(N))
     f = jax.jit(functools.partial(robust_scores, DEFENDED, attack,

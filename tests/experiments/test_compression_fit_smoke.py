@@ -18,6 +18,8 @@ def _one_setting(cfg):
     return cfg
 
 
+# ~75 s; jaxrob.analysis's compression functions are unit-tested in CI (tests/analysis)
+@pytest.mark.slow
 def test_compression_fit_smoke(data_dir, tmp_path):
     cfg = _one_setting(load_config("mnist_compression", "smoke"))
     cfg.data.data_dir = str(data_dir)

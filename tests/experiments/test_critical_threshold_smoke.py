@@ -17,6 +17,9 @@ def _config():
     return cfg
 
 
+# ~90 s; the chunked-run/resume machinery it shares is covered in CI by the robust and jacobian
+# smokes
+@pytest.mark.slow
 def test_critical_threshold_smoke_and_resume(tmp_path, monkeypatch):
     # Reruns below load the same models, whose parameters run_chunks traces, so they reuse the
     # first run's compilation (the attack's is most of this test's time) -- provided the attack

@@ -152,6 +152,7 @@ def test_sharded_equals_single_device(full, tmp_path):
                                _per(full[0])["ddpm_t0.1.svals"], rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # a second study configuration (one more compilation); the clipped one runs in CI
 def test_unclipped_has_fewer_zero_directions(full, tmp_path, monkeypatch):
     from jaxrob.purify import Purifier
 

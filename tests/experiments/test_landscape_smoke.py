@@ -21,6 +21,8 @@ def _config():
     return cfg
 
 
+# ~65 s; the landscape functions are unit-tested in CI (tests/analysis/test_landscape.py)
+@pytest.mark.slow
 def test_landscape_smoke_one_unit_and_resume(tmp_path):
     cfg = _config()
     cfg.models = cfg.models[:1]

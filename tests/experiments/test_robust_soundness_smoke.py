@@ -32,6 +32,9 @@ def _config(*rows):
     return cfg
 
 
+# ~45 s; soundness_checks and AutoAttack are unit-tested in CI (test_soundness.py,
+# test_autoattack_fab.py)
+@pytest.mark.slow
 def test_autoattack_rows_and_soundness_checks_are_recorded_and_resume(tmp_path):
     res = robust_eval.run(_config(), tmp_path)
     clf, rand = res["rows"]

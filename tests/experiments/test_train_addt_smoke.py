@@ -117,6 +117,8 @@ def test_smoke_writes_a_loadable_addt_export(smoke, exports):
     assert meta["metrics"]["eval"] == ev
 
 
+# ~30 s each; the step's options are unit-tested in CI (tests/training/test_addt.py)
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["no_rbgm", "no_cgpo"])
 def test_ablation_variants_run(exports, tmp_path, variant):
     cfg = _config(exports, variant)

@@ -82,6 +82,7 @@ def test_upsample_conv_module_initialises_like_nn_conv():
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
 
+@pytest.mark.slow  # the per-op VJPs are checked in CI one cotangent at a time
 def test_batched_cotangents_at_one_point_match():
     """The dense-Jacobian pattern: vmap of one VJP over many cotangents."""
     model = unet_from_config("digits", ch=8, num_groups=4, dropout=0.0)
@@ -96,6 +97,8 @@ def test_batched_cotangents_at_one_point_match():
     np.testing.assert_allclose(rows["fast"], rows["plain"], atol=1e-5, rtol=1e-4)
 
 
+# sharded == single device is checked in CI on the purifier, the attacks and training
+@pytest.mark.slow
 def test_parameter_gradients_inside_shard_map_equal_single_device():
     """The custom VJPs' parameter cotangents are reduced over devices like JAX's own."""
     mesh = parallel.make_mesh()

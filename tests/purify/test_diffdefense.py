@@ -78,7 +78,7 @@ def test_zero_iterations_keep_the_best_random_initialisation():
     assert d.nfe == 4 * 1 * 4 and d.nfe_vjp == 0
 
 
-@pytest.mark.parametrize("per_example", [False, True])
+@pytest.mark.parametrize("per_example", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_more_restarts_never_raise_the_error(per_example):
     key = example_keys(jr.key(2), jnp.arange(3)) if per_example else jr.key(2)
     errors = [np.asarray(jax.jit(_dd(restarts=r).reconstruct)(X, key).error) for r in (1, 4)]

@@ -84,7 +84,8 @@ def _purify(pur, x, key):
 # gradient (each step's -grad through x_n and +grad through the reference nearly cancel while
 # the chain is close to the identity); SSIM's does at once
 @pytest.mark.parametrize("distance, settings", [
-    ("mse", dict(num_steps=6, num_iterations=2, guide_scale=40.0)),
+    pytest.param("mse", dict(num_steps=6, num_iterations=2, guide_scale=40.0),
+                 marks=pytest.mark.slow),  # ~25 s; the SSIM row checks the same chain in CI
     ("ssim", dict(num_steps=3, num_iterations=1, guide_scale=10.0))])
 def test_gdmp_exact_gradient_matches_float64_finite_differences_guidance_constant_does_not(
         distance, settings):

@@ -102,7 +102,8 @@ def test_sharded_over_8_devices_equals_single_device():
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "sde"])
+# sde: ~110 s, outside CI
+@pytest.mark.parametrize("sampler", ["ddpm", pytest.param("sde", marks=pytest.mark.slow)])
 def test_exact_gradient_remat_equals_plain_and_fast_vjp(sampler):
     kw = dict(t_star=0.1, num_steps=3, sampler=sampler)
     key = jr.key(7)
@@ -130,6 +131,9 @@ def test_jvp_and_vjp_agree_and_finite_differences_match():
     np.testing.assert_allclose(fd, jnp.vdot(jax.grad(lf)(X), v), rtol=2e-2)
 
 
+# eager gradients of three purifiers; BPDA's identity backward is checked in CI by
+# test_diffdefense.py and the batch-invariance test's bpda rows
+@pytest.mark.slow
 def test_bpda_and_surrogate_gradients():
     key = jr.key(11)
     full = diffpure(EPS, SCHED, t_star=0.1, num_steps=4)
@@ -149,6 +153,7 @@ def test_bpda_and_surrogate_gradients():
     assert bpda.nfe_backward == 0 and full.nfe_backward == 12
 
 
+@pytest.mark.slow  # three purifier compilations for a composition rule
 def test_multistage_composes_stages_with_folded_keys():
     key = jr.key(13)
     ms = multistage(EPS, SCHED, [(0.05, 2), (0.1, 3)])
@@ -167,6 +172,9 @@ def test_trajectory_ends_at_the_output():
     np.testing.assert_allclose(jnp.clip(traj[-1], 0, 1), pur(X, key), atol=1e-6)
 
 
+# protocol chunking is checked in CI by
+# test_evaluation.py::test_protocol_semantics_on_a_key_dependent_model
+@pytest.mark.slow
 def test_majority_vote_counts_and_chunking():
     pur = diffpure(EPS, SCHED, t_star=0.3, num_steps=2)
     key = jr.key(15)
