@@ -120,6 +120,10 @@ def _run(batch_size, mesh, store=None, log=None, **kw):
                                progress=False, log=log, **kw)
 
 
+# ~140 s (three compilations); the same contract runs in CI on the committed digits models in
+# test_batch_invariance.py, the self-check in
+# test_self_check_flags_a_record_that_differs_from_a_recomputation
+@pytest.mark.slow
 def test_record_is_independent_of_batch_size_and_devices():
     ref = _run(4, make_mesh(1))
     for batch_size, devices in [(16, 8)]:
@@ -136,6 +140,9 @@ def test_record_is_independent_of_batch_size_and_devices():
     assert ref["clean"]["one_shot"]["accuracy"] >= adv["accuracy"] - 0.25
 
 
+# ~60 s; resume after a kill is checked in CI by the robust and jacobian smokes and
+# test_resume_with_another_batch_size_finishes_the_missing_examples
+@pytest.mark.slow
 def test_killed_run_resumes_without_recounting(tmp_path):
     mesh = make_mesh(1)
     full = _run(8, mesh)  # compiled once, reused by the killed and the resumed run

@@ -50,6 +50,9 @@ def _check_rows(res, names):
     return rows
 
 
+# ~60 s; the defence, detection and detection-aware attack are unit-tested in CI
+# (test_diffdefense.py, test_detection_aware.py), the config rows by test_bad_input.py
+@pytest.mark.slow
 def test_diffdefense_smoke_end_to_end_and_resume(tmp_path):
     cfg = _smoke()
     res = diffdefense_eval.run(cfg, tmp_path)

@@ -77,6 +77,9 @@ def test_models_fast_vjp_twin_shares_params_and_gradients(i):
                                jax.jit(jax.grad(loss(model)))(x), atol=1e-5, rtol=1e-4)
 
 
+# ~55 s; gradients through the purifier's scan with fast_vjp models are checked in CI by
+# test_purify.py::test_exact_gradient_remat_equals_plain_and_fast_vjp[ddpm]
+@pytest.mark.slow
 def test_gradient_through_scan_matches_and_forward_mode_is_refused():
     model = unet_from_config("digits", ch=8, num_groups=4, dropout=0.0)
     twin = model.clone(fast_vjp=True)

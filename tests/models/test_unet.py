@@ -142,6 +142,8 @@ def test_dropout_train_mode(digits, fwd):
         fwd(variables, x, step, train=True)
 
 
+# input gradients of the UNet are taken by every purifier-gradient test in CI
+@pytest.mark.slow
 def test_grad_wrt_input_is_finite(digits):
     model, variables = digits
     x = jr.normal(jr.key(5), (2, 8, 8, 1))

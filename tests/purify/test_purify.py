@@ -164,6 +164,8 @@ def test_multistage_composes_stages_with_folded_keys():
     assert ms.nfe == 5
 
 
+# one more purifier compilation; trajectories run in CI in the distance smoke
+@pytest.mark.slow
 def test_trajectory_ends_at_the_output():
     pur = diffpure(EPS, SCHED, t_star=0.1, num_steps=3, sampler="ddpm")
     key = jr.key(14)
