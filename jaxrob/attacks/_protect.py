@@ -143,12 +143,11 @@ def sds_loss(ddpm: Callable, x: Images, key: Key, *, encode_fn: Callable | None 
 # --------------------------------------------------------------------------------------------
 # Objectives (pytrees: the models' parameters are traced by the jitted loop).
 
-_KINDS = ("advdm", "sds", "photoguard", "mist", "edit")
-
-
 @pytree_dataclass
 class _Objective:
-    """``objective(x, target, key) -> (B,)``; ``prepare(x_target)`` is the target it takes."""
+    """``objective(x, target, key) -> (B,)``; ``prepare(x_target)`` is the target it takes.
+
+    ``kind``: ``"advdm"``, ``"sds"``, ``"photoguard"``, ``"mist"`` or ``"edit"``."""
 
     ddpm: Callable | None
     schedule: jd.Schedule | None
