@@ -16,8 +16,9 @@ the scaled latent), ``decode_fn(z) -> x`` and an eps-model on the latents with i
 
 The diffusion loss of one evaluation with key ``k`` draws, per example, a schedule position
 ``n ~ U{0..N-1}`` from ``fold_in(k, PROTECT_TIME)`` and the noise ``eps ~ N(0, I)`` from
-``fold_in(k, PROTECT_NOISE)`` and is ``mean((eps_hat(sqrt(abar_n) z + sqrt(1 - abar_n) eps, n) -
-eps)^2)`` over the latent's elements (the LDM training loss, Monte-Carlo over n and eps).
+``fold_in(k, PROTECT_NOISE)`` (drawn flat, then reshaped) and is
+``mean((eps_hat(sqrt(abar_n) z + sqrt(1 - abar_n) eps, n) - eps)^2)`` over the latent's
+elements (the LDM training loss, Monte-Carlo over n and eps).
 
 Keys (:mod:`jaxrob._keys`): example ``i`` (global index ``indices[i]``, default ``i``) is attacked
 alone with ``k_i = fold_in(key, indices[i])`` (or with ``key[i]`` when ``key`` is a (B,) batch of
@@ -53,7 +54,7 @@ from jaxrob._checks import check_choice, check_images, check_positive_int
 from jaxrob._jit import filter_jit
 from jaxrob._pytree import pytree_dataclass, static_field
 from jaxrob._types import AnyKey, Array, Images, Key, PerExample
-from jaxrob.attacks._common import AttackResult, check_eot, check_scalar, project, uniform_in_ball
+from jaxrob.attacks._common import AttackResult, check_eot, check_scalar, project
 from jaxrob.attacks._eot import eot_value_and_grad
 from jaxrob.purify._diffpure import _model_and_schedule
 from jaxrob.purify._sdedit import PurifyThenEdit, pdm_pure, sdeditor
@@ -77,7 +78,9 @@ def _latent(encode_fn, x):
 def _draw(key: Key, z: Array, schedule: jd.Schedule) -> tuple[Array, Array]:
     """Per-example schedule positions (B,) and noise shaped like ``z`` (module docstring)."""
     n = jr.randint(jr.fold_in(key, tags.PROTECT_TIME), (z.shape[0],), 0, schedule.num_steps)
-    noise = jr.normal(jr.fold_in(key, tags.PROTECT_NOISE), z.shape, z.dtype)
+    # drawn flat, then reshaped: the same distribution, but XLA:CPU compiles an N-d threefry
+    # normal about 3x slower (seconds per draw site in every attack's compilation)
+    noise = jr.normal(jr.fold_in(key, tags.PROTECT_NOISE), (z.size,), z.dtype).reshape(z.shape)
     return n, noise
 
 
@@ -183,9 +186,14 @@ class _Objective:
         return _mean_sq(self.edit_fn(x, key) - target)  # "edit"
 
 
-def _eot_value(loss_fn, x, y, key, samples):
-    keys = jax.vmap(lambda j: jr.fold_in(key, j))(jnp.arange(samples, dtype=jnp.uint32))
-    return jnp.mean(jax.vmap(lambda k: loss_fn(x, y, k))(keys), axis=0)
+def _summed(loss_fn, y, key):
+    """``v -> (sum_b loss_b, loss)``: the per-example gradients in one backward pass."""
+
+    def f(v):
+        loss_B = loss_fn(v, y, key)
+        return jnp.sum(loss_B), loss_B
+
+    return f
 
 
 def _run_one(objective, x, x_target, key, eps, step_size, *, direction, num_steps,
@@ -194,17 +202,26 @@ def _run_one(objective, x, x_target, key, eps, step_size, *, direction, num_step
     target = objective.prepare(x_target)
     y = jnp.zeros((x.shape[0],), jnp.int32)  # eot_value_and_grad's labels: unused
     loss_fn = lambda xx, _y, k: objective(xx, target, k)
-    x0 = uniform_in_ball(k_init, x, eps, "linf") if random_start else x
+    x0 = x
+    if random_start:  # uniform in the Linf ball (drawn flat: see _draw), then clipped
+        u = jr.uniform(k_init, (x.size,), x.dtype, -1.0, 1.0).reshape(x.shape)
+        x0 = project(x + eps * u, x, eps, "linf")
 
-    def body(x_t, t):
-        _, g = eot_value_and_grad(loss_fn, x_t, y, jr.fold_in(k_steps, t), samples=eot_samples)
+    # num_steps + 1 evaluations in one scan (as PGD): the last one only measures the loss at
+    # the last iterate (its step is dropped), so the loss has one call site to compile
+    def body(carry, t):
+        x_t = carry[0]
+        k_t = jr.fold_in(k_steps, t)
+        if eot_samples == 1:  # sample 0 of the EoT convention, without the EoT scan
+            (_, loss_B), g = jax.value_and_grad(_summed(loss_fn, y, jr.fold_in(k_t, 0)),
+                                                has_aux=True)(x_t)
+        else:
+            loss_B, g = eot_value_and_grad(loss_fn, x_t, y, k_t, samples=eot_samples)
         x_next = project(x_t + direction * step_size * jnp.sign(g), x, eps, "linf")
-        return x_next, (x_t if return_iterates else None)
+        return (x_next, x_t, loss_B), (x_t if return_iterates else None)
 
-    x_last, its = jax.lax.scan(body, x0, jnp.arange(num_steps))
-    loss = _eot_value(loss_fn, x_last, y, jr.fold_in(k_steps, num_steps), eot_samples)
-    if return_iterates:
-        its = jnp.concatenate([its, x_last[None]], axis=0)
+    init = (x0, x0, jnp.zeros((x.shape[0],), jnp.float32))
+    (_, x_last, loss), its = jax.lax.scan(body, init, jnp.arange(num_steps + 1))
     return AttackResult(x_last, loss, its)
 
 
