@@ -47,7 +47,7 @@ def test_fid_on_given_features_and_on_the_classifier_penultimate_layer():
     f = feature_fn(x)
     assert f.shape == (12, 6) and float(f.min()) >= 0.0  # after the hidden layer's ReLU
     out = clf.variables["params"]["out"]
-    np.testing.assert_allclose(np.asarray(f @ out["kernel"] + out["bias"]),
+    np.testing.assert_allclose(np.asarray(f @ out["kernel"] + out["bias"][None, :]),
                                np.asarray(clf(x)), rtol=1e-5, atol=1e-5)
     assert je.fid(feature_fn, x, x) <= 1e-9
 
