@@ -7,7 +7,7 @@ from exp_helpers import load_config
 from experiments import protect_eval
 
 
-@pytest.mark.slow  # ~1-2 min on the shared 2-core CPU: one compilation per protection and edit
+@pytest.mark.slow  # ~3 min on the loaded 2-core CPU: a compilation per protection, edit and rerun
 def test_protect_eval_smoke(data_dir, tmp_path):
     cfg = load_config("mnist_protect", "smoke")
     cfg.data.data_dir = str(data_dir)
