@@ -14,6 +14,7 @@ FID, SSIM, LPIPS and IA-Score of the edits. Here:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -175,6 +176,13 @@ def psnr(x: Images, y: Images, *, data_range: float = 1.0) -> PerExample:
     return 10.0 * jnp.log10(data_range**2 / mse)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _ssim_psnr(x, y, window):
+    from jaxrob.analysis import ssim
+
+    return ssim(x, y, window=window), psnr(x, y)
+
+
 def edit_quality(x_edit: Images, x_ref: Images, *,
                  feature_fn: Callable[[Array], Array] | None = None,
                  ssim_window: int | None = None) -> dict:
@@ -190,16 +198,15 @@ def edit_quality(x_edit: Images, x_ref: Images, *,
       ``{"ssim": float, "psnr": float, "fid": float | None, "ssim_per_example": list,
       "psnr_per_example": list}`` (PSNR capped at 100 dB for identical pairs in the mean).
     """
-    from jaxrob.analysis import ssim
-
     check_images(x_edit, "x_edit")
     check_images(x_ref, "x_ref")
     if tuple(x_edit.shape) != tuple(x_ref.shape):
         raise ValueError(f"x_ref: expected the shape of x_edit {tuple(x_edit.shape)}, got "
                          f"{tuple(x_ref.shape)}")
     window = ssim_window or min(11, x_edit.shape[1], x_edit.shape[2])
-    s = np.asarray(ssim(jnp.asarray(x_edit), jnp.asarray(x_ref), window=window), np.float64)
-    p = np.minimum(np.asarray(psnr(x_edit, x_ref), np.float64), 100.0)
+    s, p = _ssim_psnr(jnp.asarray(x_edit), jnp.asarray(x_ref), window)
+    s = np.asarray(s, np.float64)
+    p = np.minimum(np.asarray(p, np.float64), 100.0)
     return {"ssim": float(s.mean()), "psnr": float(p.mean()),
             "fid": None if feature_fn is None else fid(feature_fn, x_edit, x_ref),
             "ssim_per_example": s.tolist(), "psnr_per_example": p.tolist()}

@@ -62,26 +62,31 @@ def test_latent_sdedit_with_the_pixel_codec_is_the_pixel_sdedit(toys, sampler):
     latent = _apply(jp.sdeditor(toys["pdm"], strength=0.4, encode_fn=jd.to_model_space,
                                 decode_fn=_to01, **kw), x, keys)
     np.testing.assert_allclose(np.asarray(latent), np.asarray(pixel), atol=1e-6)
-
-
-def test_latent_sdedit_per_example_keys(toys):
-    codec, x = toys["codec"], toys["x"]
-    edit = jp.sdeditor(toys["ldm"], strength=0.5, steps=3, encode_fn=codec.encode,
-                       decode_fn=codec.decode)
-    keys = jr.split(jr.key(3), B)
-    batch = _apply(edit, x, keys)
     # each example is edited with its own key alone: permuting the batch permutes the edits
     # (same shapes, so the same compilation)
     perm = np.array([2, 0, 1])
-    np.testing.assert_allclose(np.asarray(_apply(edit, x[perm], keys[perm])),
-                               np.asarray(batch)[perm], atol=1e-6)
-    assert batch.shape == x.shape and float(batch.min()) >= 0 and float(batch.max()) <= 1
-    assert edit.latent and edit.nfe == 3 and edit.manifest()["strength"] == 0.5
+    latent_perm = _apply(jp.sdeditor(toys["pdm"], strength=0.4, encode_fn=jd.to_model_space,
+                                     decode_fn=_to01, **kw), x[perm], keys[perm])
+    np.testing.assert_allclose(np.asarray(latent_perm), np.asarray(latent)[perm], atol=1e-6)
+    assert float(latent.min()) >= 0 and float(latent.max()) <= 1
 
 
-def test_pdm_pure_then_edit(toys):
+def test_sdeditor_bookkeeping(toys):
+    codec = toys["codec"]
+    edit = jp.sdeditor(toys["ldm"], strength=0.5, steps=3, encode_fn=codec.encode,
+                       decode_fn=codec.decode)
+    assert edit.latent and edit.nfe == 3 and edit.chain.num_steps == 3
+    assert edit.manifest() == {"strength": 0.5, "steps": 3, "sampler": "ddpm", "eta": 0.0,
+                               "latent": True, "nfe": 3}
+
+
+def test_pdm_pure_defaults_are_the_papers(toys):
     pure = jp.pdm_pure(toys["pdm"])
     assert pure.stages == ((0.1, 10),) and pure.sampler == "ddpm" and pure.gradient == "exact"
+
+
+@pytest.mark.slow  # ~5-15 s (two chains compiled); the attacks' tests run PurifyThenEdit too
+def test_pdm_pure_then_edit_keys(toys):
     codec, x, key = toys["codec"], toys["x"], jr.key(4)
     pure = jp.pdm_pure(toys["pdm"], num_steps=2)
     edit = jp.sdeditor(toys["ldm"], strength=0.2, steps=2, encode_fn=codec.encode,
