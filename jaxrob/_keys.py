@@ -112,3 +112,13 @@ SOUND_STRONGER = 62  # the attack with more iterations (and EoT samples)
 SOUND_SQUARE = 63  # the gradient-free attack (Square)
 SOUND_TRANSFER = 64  # the transfer attack from the bare classifier
 SOUND_PROBE = 65  # the randomness probe: call j of the model gets fold_in(fold_in(k_i, 65), j)
+
+# Protective perturbations and their edits (jaxrob.attacks.advdm / sds / mist / photoguard /
+# edit_attack, jaxrob.purify.PurifyThenEdit). Inside the key k of one evaluation of a diffusion
+# loss (iteration t, Monte-Carlo sample j: fold_in(fold_in(k_steps, t), j), the attacks'
+# convention) the diffusion position n and the noise eps of every example are drawn from:
+PROTECT_TIME = 85  # n ~ uniform over the model's schedule positions
+PROTECT_NOISE = 86  # eps ~ N(0, I) shaped like the latent
+# PDM-Pure before an edit (PurifyThenEdit): the purifier's and the editor's keys
+PROTECT_PURIFY = 88
+PROTECT_EDIT = 89

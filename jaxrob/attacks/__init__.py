@@ -25,6 +25,20 @@ baked in: attacking new parameters of the same shapes reuses the compilation.
   each attack, the original's checks (randomised defence, consistency, Square).
 * ``AA_ATTACKS`` / ``AA_VERSIONS`` / ``FAB_NORMS``: the names :func:`autoattack` and :func:`fab`
   accept.
+
+Protective perturbations against diffusion-based editing (``attack(model, x, ..., key) ->
+AttackResult``, Linf sign steps, last iterate, per-example keys; an LDM is ``encode_fn`` +
+an eps-model on its latents, a PDM a pixel eps-model):
+
+* ``advdm``: AdvDM(+/-), sign steps up (down) the Monte-Carlo diffusion training loss.
+* ``sds``: SDS(+/-), the score-distillation gradient (encoder VJP of ``eps_hat - eps``, no
+  UNet Jacobian), optionally with a texture target.
+* ``photoguard``: PhotoGuard's encoder attack (latent pulled toward a target's).
+* ``mist``: Mist, texture loss toward a target plus the weighted AdvDM loss.
+* ``edit_attack``: end-to-end attack through any ``edit_fn(x, key)`` with exact gradients;
+  ``sdedit_attack`` through SDEdit, ``pdm_pure_attack`` through PDM-Pure then an LDM edit.
+* ``diffusion_loss`` / ``advdm_loss`` / ``sds_loss``: the losses; ``PROTECT_MODES``: ``"+"``,
+  ``"-"``.
 """
 
 from jaxrob.attacks._apgd import APGD_LOSSES as APGD_LOSSES
@@ -67,4 +81,15 @@ from jaxrob.attacks._losses import dlr_loss_targeted as dlr_loss_targeted
 from jaxrob.attacks._losses import loss_from_logits as loss_from_logits
 from jaxrob.attacks._pgd import fgsm as fgsm
 from jaxrob.attacks._pgd import pgd as pgd
+from jaxrob.attacks._protect import PROTECT_MODES as PROTECT_MODES
+from jaxrob.attacks._protect import advdm as advdm
+from jaxrob.attacks._protect import advdm_loss as advdm_loss
+from jaxrob.attacks._protect import diffusion_loss as diffusion_loss
+from jaxrob.attacks._protect import edit_attack as edit_attack
+from jaxrob.attacks._protect import mist as mist
+from jaxrob.attacks._protect import pdm_pure_attack as pdm_pure_attack
+from jaxrob.attacks._protect import photoguard as photoguard
+from jaxrob.attacks._protect import sdedit_attack as sdedit_attack
+from jaxrob.attacks._protect import sds as sds
+from jaxrob.attacks._protect import sds_loss as sds_loss
 from jaxrob.attacks._square import square as square

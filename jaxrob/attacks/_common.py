@@ -32,10 +32,13 @@ class AttackResult(NamedTuple):
         the best iterate per example, the one with the highest loss (ties keep the earliest),
         inside the eps-ball around ``x``; Square: its best (highest-margin) query, in the ball.
         Minimum-norm attacks (C&W, EAD, DeepFool): the closest successful point found (C&W,
-        EAD: ``x`` where it failed; DeepFool: its last iterate).
+        EAD: ``x`` where it failed; DeepFool: its last iterate). Protective perturbations
+        (:func:`jaxrob.attacks.advdm`, ``sds``, ``photoguard``, ``mist``, ``edit_attack``): the
+        last iterate, in the eps-ball.
       loss: (B,) the attack loss at ``x_adv`` as measured when it was chosen (the EoT mean over
         that iteration's keys for randomised losses); minimum-norm attacks report the C&W
-        margin ``max_{j != y} z_j - z_y`` there (positive = misclassified).
+        margin ``max_{j != y} z_j - z_y`` there (positive = misclassified); protective
+        perturbations their own loss (each names it), measured once more at ``x_adv``.
       iterates: every evaluated point, (num_restarts * (num_steps + 1), B, H, W, C), when the
         attack was asked for them; otherwise None.
       norm: (B,) ``||x_adv - x||`` in the attack's norm (minimum-norm attacks: L2 for C&W, L1

@@ -14,12 +14,22 @@ elsewhere (AutoAttack's host loop) exactly as :func:`evaluate_robustness` scores
 :func:`soundness_checks` runs the soundness checks of an evaluation (large eps, more
 iterations, gradient-free and transfer attacks, AutoAttack's flags) with verdicts
 (:data:`CHECKS`, :data:`VERDICTS`).
+
+Edit quality (protective perturbations, PDM-Pure): :func:`fid` / :func:`frechet_distance` (the
+FID formula on a given feature function, e.g. :func:`classifier_features`, the penultimate
+features of our MNIST classifier; not Inception-FID), :func:`psnr`, and :func:`edit_quality`
+(mean SSIM, PSNR and FID of edits against references).
 """
 
 from jaxrob.evaluation._detection import Detection as Detection
 from jaxrob.evaluation._detection import detection_rate as detection_rate
 from jaxrob.evaluation._detection import roc_auc as roc_auc
 from jaxrob.evaluation._detection import roc_curve as roc_curve
+from jaxrob.evaluation._edit_quality import classifier_features as classifier_features
+from jaxrob.evaluation._edit_quality import edit_quality as edit_quality
+from jaxrob.evaluation._edit_quality import fid as fid
+from jaxrob.evaluation._edit_quality import frechet_distance as frechet_distance
+from jaxrob.evaluation._edit_quality import psnr as psnr
 from jaxrob.evaluation._given import score_adversarial as score_adversarial
 from jaxrob.evaluation._protocols import PROTOCOLS as PROTOCOLS
 from jaxrob.evaluation._protocols import RANDOMNESS as RANDOMNESS

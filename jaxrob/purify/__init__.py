@@ -12,6 +12,13 @@ gradients),
 :class:`DefendedModel` (or :func:`purified_logits`) puts a classifier behind it -- the
 ``logits_fn(x, key)`` that attacks and evaluations take -- :func:`majority_vote`, and
 :func:`example_keys` (per-example keys from global indices).
+
+Editing and PDM-Pure: :func:`sdedit` / :func:`sdeditor` (SDEdit on a pixel model, which is
+:func:`diffpure` wrapped, or on a latent model through ``encode_fn`` / ``decode_fn``;
+an :class:`SDEdit` is ``edit(x, key)``), :func:`pdm_pure` (PDM-Pure's purifier: SDEdit with a
+pixel model at t* = 0.1 in 10 steps), :class:`PurifyThenEdit` (a purifier, then an edit, as one
+``edit(x, key)``), and the paper's baselines :func:`jpeg` (PIL, quality 65) and
+:func:`crop_resize` (central 80%, resized back).
 """
 
 from jaxrob.purify._diffdefense import DD_GRADIENTS as DD_GRADIENTS
@@ -38,3 +45,11 @@ from jaxrob.purify._gdmp import GuidedPurifier as GuidedPurifier
 from jaxrob.purify._gdmp import gdmp as gdmp
 from jaxrob.purify._gdmp import guidance_scales as guidance_scales
 from jaxrob.purify._gdmp import ssim as ssim
+from jaxrob.purify._sdedit import SDEDIT_SAMPLERS as SDEDIT_SAMPLERS
+from jaxrob.purify._sdedit import PurifyThenEdit as PurifyThenEdit
+from jaxrob.purify._sdedit import SDEdit as SDEdit
+from jaxrob.purify._sdedit import crop_resize as crop_resize
+from jaxrob.purify._sdedit import jpeg as jpeg
+from jaxrob.purify._sdedit import pdm_pure as pdm_pure
+from jaxrob.purify._sdedit import sdedit as sdedit
+from jaxrob.purify._sdedit import sdeditor as sdeditor
