@@ -408,8 +408,24 @@ def _file_manifest(root: pathlib.Path) -> dict:
     return {_FORMAT_KEY: EXPORT_FORMAT, "algorithm": "sha256", "files": files}
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """Orbax options for a read or write by this process alone (no barrier with the others):
+    exports are host NumPy arrays that one process writes and every process reads itself."""
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
+def _sync_processes(name: str) -> None:
+    """Wait for every process at a barrier called ``name`` (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _orbax_save(directory: pathlib.Path, host_params, metadata: dict) -> None:
-    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
+                          multiprocessing_options=_this_process_only())
     try:
         ck.save(directory, args=ocp.args.Composite(**{
             _PARAMS: ocp.args.StandardSave(host_params),
@@ -451,7 +467,8 @@ def _quiet_closed_loop_callbacks(grace_s: float = 0.05):
 
 def _orbax_restore_host(directory: pathlib.Path):
     """The params pytree of an export as host numpy arrays, exactly as stored."""
-    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
+                          multiprocessing_options=_this_process_only())
     try:
         with _quiet_closed_loop_callbacks():
             out = ck.restore(directory, args=ocp.args.Composite(**{
@@ -480,6 +497,9 @@ def save_params(directory: str | os.PathLike, params, metadata: Mapping | None =
     Everything is written beside ``directory`` first and renamed into place when complete, so
     an interrupted save leaves the old export or none, never a partial one.
 
+    On several processes every process calls it (with the same ``params``, e.g. replicated);
+    process 0 writes the export and the others wait until it has.
+
     Args:
       directory: export directory (must not exist unless ``overwrite``).
       params: the pytree to store (e.g. EMA params); every leaf must be finite.
@@ -496,6 +516,19 @@ def save_params(directory: str | os.PathLike, params, metadata: Mapping | None =
       ValueError: a parameter is NaN or infinite (nothing is written).
     """
     directory = pathlib.Path(directory).absolute()
+    if directory.exists() and not overwrite:  # on every process, before any of them writes
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    if jax.process_count() > 1:
+        host_params = jax.tree.map(np.asarray, jax.device_get(params))  # every process
+        _sync_processes(f"jaxrob.save_params.start:{directory}")
+        if jax.process_index() == 0:
+            _save_params(directory, host_params, metadata, overwrite)
+        _sync_processes(f"jaxrob.save_params.done:{directory}")
+        return directory
+    return _save_params(directory, params, metadata, overwrite)
+
+
+def _save_params(directory: pathlib.Path, params, metadata, overwrite: bool) -> pathlib.Path:
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
     host_params = jax.tree.map(np.asarray, jax.device_get(params))
