@@ -408,13 +408,6 @@ def _file_manifest(root: pathlib.Path) -> dict:
     return {_FORMAT_KEY: EXPORT_FORMAT, "algorithm": "sha256", "files": files}
 
 
-def _this_process_only() -> ocp.options.MultiprocessingOptions:
-    """Orbax options for a read or write by this process alone (no barrier with the others):
-    exports are host NumPy arrays that one process writes and every process reads itself."""
-    me = jax.process_index()
-    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-
-
 def _sync_processes(name: str) -> None:
     """Wait for every process at a barrier called ``name`` (no-op on one process)."""
     if jax.process_count() > 1:
@@ -424,8 +417,7 @@ def _sync_processes(name: str) -> None:
 
 
 def _orbax_save(directory: pathlib.Path, host_params, metadata: dict) -> None:
-    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
-                          multiprocessing_options=_this_process_only())
+    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
         ck.save(directory, args=ocp.args.Composite(**{
             _PARAMS: ocp.args.StandardSave(host_params),
@@ -467,8 +459,7 @@ def _quiet_closed_loop_callbacks(grace_s: float = 0.05):
 
 def _orbax_restore_host(directory: pathlib.Path):
     """The params pytree of an export as host numpy arrays, exactly as stored."""
-    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
-                          multiprocessing_options=_this_process_only())
+    ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
         with _quiet_closed_loop_callbacks():
             out = ck.restore(directory, args=ocp.args.Composite(**{
@@ -518,19 +509,8 @@ def save_params(directory: str | os.PathLike, params, metadata: Mapping | None =
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and not overwrite:  # on every process, before any of them writes
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    if jax.process_count() > 1:
-        host_params = jax.tree.map(np.asarray, jax.device_get(params))  # every process
-        _sync_processes(f"jaxrob.save_params.start:{directory}")
-        if jax.process_index() == 0:
-            _save_params(directory, host_params, metadata, overwrite)
-        _sync_processes(f"jaxrob.save_params.done:{directory}")
-        return directory
-    return _save_params(directory, params, metadata, overwrite)
-
-
-def _save_params(directory: pathlib.Path, params, metadata, overwrite: bool) -> pathlib.Path:
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    multi = jax.process_count() > 1
+    main = jax.process_index() == 0
     host_params = jax.tree.map(np.asarray, jax.device_get(params))
     leaves = _named_leaves(host_params)
     bad = _nonfinite_report(leaves)
@@ -540,12 +520,38 @@ def _save_params(directory: pathlib.Path, params, metadata, overwrite: bool) -> 
     meta[_FORMAT_KEY] = EXPORT_FORMAT
     meta[_CHECKSUM_KEY] = _checksums(leaves)
 
+    # several processes: all take part in orbax's save (it writes from process 0 and keeps them
+    # in step with barriers), process 0 alone prepares, finishes and renames the directory
+    suffix = "multi" if multi else str(os.getpid())
+    target = directory.with_name(f"{directory.name}.new-{suffix}")
+    if multi:
+        _sync_processes(f"jaxrob.save_params.start:{directory}")
+        if main:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+        _sync_processes(f"jaxrob.save_params.prepared:{directory}")
+        _orbax_save(target, host_params, meta)
+        _sync_processes(f"jaxrob.save_params.written:{directory}")
+        if main:
+            _finish_export(directory, target)
+        _sync_processes(f"jaxrob.save_params.done:{directory}")
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    target = directory.with_name(f"{directory.name}.new-{os.getpid()}")
     if target.exists():
         shutil.rmtree(target)
     try:
         _orbax_save(target, host_params, meta)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    _finish_export(directory, target)
+    return directory
+
+
+def _finish_export(directory: pathlib.Path, target: pathlib.Path) -> None:
+    """Write the file manifest into ``target`` and rename it to ``directory`` (atomically)."""
+    try:
         manifest = json.dumps(_file_manifest(target), indent=1, sort_keys=True)
         (target / _FILES).write_text(manifest + "\n")
         if directory.exists():
@@ -558,7 +564,6 @@ def _save_params(directory: pathlib.Path, params, metadata, overwrite: bool) -> 
     finally:
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
-    return directory
 
 
 def _export_dir(directory: str | os.PathLike) -> pathlib.Path:
