@@ -241,10 +241,30 @@ def define_flags(default_config: str | None = None):
         lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "Output directory (resumes when it holds "
                                   "checkpoints of the same configuration).")
-    distributed = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
-                                    "first (multi-host TPU/GPU); one host works without it.")
+    distributed = flags.DEFINE_bool(
+        "distributed", False, "Join a multi-process run first (jaxrob.parallel."
+        "initialize_distributed; also on with JAXROB_DISTRIBUTED=1): auto-detected on TPU pods "
+        "and SLURM, else give --coordinator_address, --num_processes and --process_id. One "
+        "host works without it.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with "
+                        "--distributed; default: auto-detect).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+    flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 (with "
+                         "--distributed).")
+    flags.DEFINE_float("distributed_timeout_s", 300.0, "Longest wait for the coordinator and "
+                       "for the other processes to join (with --distributed).")
     flags.mark_flag_as_required("workdir")
     return config, workdir, distributed
+
+
+def distributed_flags() -> dict:
+    """``start``'s keyword arguments from the ``--coordinator_address``, ``--num_processes``,
+    ``--process_id`` and ``--distributed_timeout_s`` flags."""
+    from absl import flags
+
+    f = flags.FLAGS
+    return {"coordinator_address": f.coordinator_address, "num_processes": f.num_processes,
+            "process_id": f.process_id, "timeout_s": f.distributed_timeout_s}
 
 
 def quiet_orbax() -> None:
@@ -266,26 +286,31 @@ def cli(run_fn, default_config: str | None = None) -> None:
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        start(distributed.value, config.value)
+        start(distributed.value, config.value, **distributed_flags())
         absl_main(run_fn, config, workdir)
 
     app.run(main)
 
 
-def start(distributed: bool, config=None) -> None:
+def start(distributed: bool, config=None, *, coordinator_address: str | None = None,
+          num_processes: int | None = None, process_id: int | None = None,
+          timeout_s: float = 300.0) -> None:
     """First thing in every ``main``: CPU device set-up (before JAX starts), multi-host init.
 
     ``config.mesh.cpu_ynn`` / ``cpu_no_ynn`` (when set) choose the XLA:CPU YNNPACK setting.
+    ``distributed`` (or ``JAXROB_DISTRIBUTED=1`` in the environment, as ``tpu_scripts/run.sh``
+    sets it) joins a multi-process run with :func:`jaxrob.parallel.initialize_distributed`.
     """
-    from jaxrob.parallel import configure_cpu
+    from jaxrob.parallel import configure_cpu, initialize_distributed
 
     mesh_config = config.get("mesh") if config is not None else None
     no_ynn = mesh_config.get("cpu_no_ynn") if mesh_config is not None else None
     ynn = mesh_config.get("cpu_ynn") if mesh_config is not None else None
     configure_cpu(disable_ynn=None if ynn is not None else no_ynn, ynn=ynn)
     quiet_orbax()
-    if distributed:
-        jax.distributed.initialize()
+    if distributed or os.environ.get("JAXROB_DISTRIBUTED", "0") == "1":
+        initialize_distributed(coordinator_address, num_processes, process_id,
+                               timeout_s=timeout_s)
 
 
 # ----------------------------------------------------------------------------- models, studies

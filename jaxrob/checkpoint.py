@@ -408,6 +408,14 @@ def _file_manifest(root: pathlib.Path) -> dict:
     return {_FORMAT_KEY: EXPORT_FORMAT, "algorithm": "sha256", "files": files}
 
 
+def _sync_processes(name: str) -> None:
+    """Wait for every process at a barrier called ``name`` (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _orbax_save(directory: pathlib.Path, host_params, metadata: dict) -> None:
     ck = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
@@ -480,6 +488,9 @@ def save_params(directory: str | os.PathLike, params, metadata: Mapping | None =
     Everything is written beside ``directory`` first and renamed into place when complete, so
     an interrupted save leaves the old export or none, never a partial one.
 
+    On several processes every process calls it (with the same ``params``, e.g. replicated);
+    process 0 writes the export and the others wait until it has.
+
     Args:
       directory: export directory (must not exist unless ``overwrite``).
       params: the pytree to store (e.g. EMA params); every leaf must be finite.
@@ -496,8 +507,10 @@ def save_params(directory: str | os.PathLike, params, metadata: Mapping | None =
       ValueError: a parameter is NaN or infinite (nothing is written).
     """
     directory = pathlib.Path(directory).absolute()
-    if directory.exists() and not overwrite:
+    if directory.exists() and not overwrite:  # on every process, before any of them writes
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    multi = jax.process_count() > 1
+    main = jax.process_index() == 0
     host_params = jax.tree.map(np.asarray, jax.device_get(params))
     leaves = _named_leaves(host_params)
     bad = _nonfinite_report(leaves)
@@ -507,12 +520,38 @@ def save_params(directory: str | os.PathLike, params, metadata: Mapping | None =
     meta[_FORMAT_KEY] = EXPORT_FORMAT
     meta[_CHECKSUM_KEY] = _checksums(leaves)
 
+    # several processes: all take part in orbax's save (it writes from process 0 and keeps them
+    # in step with barriers), process 0 alone prepares, finishes and renames the directory
+    suffix = "multi" if multi else str(os.getpid())
+    target = directory.with_name(f"{directory.name}.new-{suffix}")
+    if multi:
+        _sync_processes(f"jaxrob.save_params.start:{directory}")
+        if main:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+        _sync_processes(f"jaxrob.save_params.prepared:{directory}")
+        _orbax_save(target, host_params, meta)
+        _sync_processes(f"jaxrob.save_params.written:{directory}")
+        if main:
+            _finish_export(directory, target)
+        _sync_processes(f"jaxrob.save_params.done:{directory}")
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    target = directory.with_name(f"{directory.name}.new-{os.getpid()}")
     if target.exists():
         shutil.rmtree(target)
     try:
         _orbax_save(target, host_params, meta)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    _finish_export(directory, target)
+    return directory
+
+
+def _finish_export(directory: pathlib.Path, target: pathlib.Path) -> None:
+    """Write the file manifest into ``target`` and rename it to ``directory`` (atomically)."""
+    try:
         manifest = json.dumps(_file_manifest(target), indent=1, sort_keys=True)
         (target / _FILES).write_text(manifest + "\n")
         if directory.exists():
@@ -525,7 +564,6 @@ def save_params(directory: str | os.PathLike, params, metadata: Mapping | None =
     finally:
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
-    return directory
 
 
 def _export_dir(directory: str | os.PathLike) -> pathlib.Path:

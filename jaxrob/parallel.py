@@ -6,13 +6,26 @@ One code path from a laptop CPU to a TPU pod: batches (and EoT samples) are shar
 On CPU, call :func:`configure_cpu` before JAX initialises its backend. XLA:CPU keeps only ~1.3
 of 2 cores busy per device on small convolutions; splitting the host into several XLA devices
 and sharding the batch over them recovers most of the rest (see ``benchmarks/README.md``).
+
+Several processes (hosts of a TPU pod, GPU nodes, or local CPU processes): every process calls
+:func:`initialize_distributed` first, then runs the same program over one global mesh
+(:func:`make_mesh` spans every process's devices). Host data enters through :func:`put_rows` /
+:func:`shard_batch` (each process reads only the rows its own devices hold), per-example
+outputs come back through :func:`host_gather`, and :func:`broadcast_from_main` hands process
+0's view (e.g. what a store on its disk already holds) to every process. Files are written by
+process 0 only (:func:`is_main_process`). ``docs/multihost.md`` has the commands.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import re
+import socket
+import time
 import warnings
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -108,10 +121,58 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put_rows(array, rows, mesh: jax.sharding.Mesh) -> jax.Array:
+    """``array[rows]`` as one global array split over the ``data`` axis of ``mesh``.
+
+    Each process reads only the rows that its own devices hold (``array`` may be a
+    ``np.memmap`` or any array-like that supports ``array[int_index_array]``), so on several
+    hosts no process touches the others' share of the data. Every process must pass the same
+    ``rows`` (and an ``array`` with the same values at the rows it reads).
+
+    Args:
+      array: host array-like with a leading example axis.
+      rows: (B,) integer positions into ``array``'s leading axis; B a multiple of the mesh size.
+      mesh: 1-D ``data`` mesh.
+
+    Returns:
+      A (B, ...) ``jax.Array`` sharded with :func:`data_sharding`.
+    """
+    rows = np.asarray(rows)
+    n = mesh.shape[DATA_AXIS]
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"rows: expected a 1-D integer array, got {rows.dtype} of shape "
+                         f"{rows.shape}")
+    if rows.shape[0] % n:
+        raise ValueError(f"batch of {rows.shape[0]} does not divide over {n} devices; "
+                         "pad it with jaxrob.parallel.pad_to_multiple")
+    sharding = data_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(np.asarray(array[rows]), sharding)
+    shape = (rows.shape[0], *np.shape(array)[1:])
+
+    def local(index):  # index: one device's slices of the global (B, ...) array
+        return np.asarray(array[rows[index[0]]])[(slice(None), *index[1:])]
+
+    return jax.make_array_from_callback(shape, sharding, local)
+
+
+def process_rows(batch_size: int, mesh: jax.sharding.Mesh) -> np.ndarray:
+    """Positions in a ``batch_size`` batch that this process's devices hold (sorted).
+
+    What this process needs of a batch placed with :func:`put_rows` / :func:`shard_batch`; the
+    processes' positions are disjoint and together cover the batch exactly once.
+    """
+    sharding = data_sharding(mesh)
+    idx = sharding.addressable_devices_indices_map((int(batch_size),))
+    return np.unique(np.concatenate([np.arange(batch_size)[sl[0]] for sl in idx.values()]))
+
+
 def shard_batch(tree, mesh: jax.sharding.Mesh):
     """Place a host batch (pytree of arrays with a common leading axis) over the ``data`` axis.
 
-    The leading axis must divide by the mesh size; pad with :func:`pad_to_multiple` first.
+    The leading axis must divide by the mesh size; pad with :func:`pad_to_multiple` first. On
+    several processes every process passes the same global batch and reads only its rows
+    (:func:`put_rows`).
     """
     n = mesh.shape[DATA_AXIS]
 
@@ -120,9 +181,53 @@ def shard_batch(tree, mesh: jax.sharding.Mesh):
         if a.shape[0] % n:
             raise ValueError(f"batch of {a.shape[0]} does not divide over {n} devices; "
                              "pad it with jaxrob.parallel.pad_to_multiple")
-        return jax.device_put(a, data_sharding(mesh))
+        if jax.process_count() == 1:
+            return jax.device_put(a, data_sharding(mesh))
+        return put_rows(a, np.arange(a.shape[0]), mesh)
 
     return jax.tree.map(put, tree)
+
+
+def host_gather(tree):
+    """Host NumPy copies of a pytree of (possibly multi-process) arrays, on every process.
+
+    One process: ``np.asarray`` of each leaf. Several: arrays that span other processes'
+    devices are gathered (``multihost_utils.process_allgather``), so every process gets the
+    global value; every process must call it, in the same order (it is a collective).
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    def gather(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+
+    return jax.tree.map(gather, tree)
+
+
+def broadcast_from_main(arrays: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Process 0's dict of host arrays, on every process (others' argument is ignored).
+
+    For what only process 0 can see (files it wrote on its own disk). A collective: every
+    process must call it, in the same order. One process: the dict itself.
+    """
+    if jax.process_count() == 1:
+        return {k: np.asarray(v) for k, v in (arrays or {}).items()}
+    from jax.experimental import multihost_utils
+
+    main = is_main_process()
+    payload = b""
+    if main:
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in (arrays or {}).items()})
+        payload = buf.getvalue()
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload)), is_source=main))
+    data = (np.frombuffer(payload, np.uint8) if main else np.zeros((size,), np.uint8))
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data, is_source=main), np.uint8)
+    with np.load(io.BytesIO(data.tobytes())) as z:
+        return {k: z[k] for k in z.files}
 
 
 def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
@@ -136,4 +241,144 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
 
 
 def is_main_process() -> bool:
+    """Whether this is process 0, the one that writes files."""
     return jax.process_index() == 0
+
+
+CPU_COLLECTIVES = ("gloo", "mpi")
+
+
+def _parse_address(address) -> tuple[str, int]:
+    if not isinstance(address, str) or ":" not in address:
+        raise ValueError(f"coordinator_address: expected 'host:port' (e.g. '127.0.0.1:12355'), "
+                         f"got {address!r}")
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator_address: expected 'host:port' with a port in 1..65535, "
+                         f"got {address!r}")
+    return host, int(port)
+
+
+def _wait_for_coordinator(host: str, port: int, deadline: float, what: str) -> None:
+    """Connect to the coordinator's port until it answers; a clear error at ``deadline``."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConnectionError(f"{what}: cannot resolve the coordinator host {host!r} ({e})") \
+            from None
+    last = None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.create_connection((host, port), timeout=min(1.0, left)):
+                return
+        except OSError as e:
+            last = e
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    raise TimeoutError(f"{what}: the coordinator at {host}:{port} could not be reached "
+                       f"({last}); process 0 runs the coordinator: start it, and check the "
+                       f"address, the port and the firewall")
+
+
+def _check_port_free(port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise ConnectionError(f"{what}: process 0 runs the coordinator but cannot listen on "
+                                  f"port {port} ({e}); choose a free port") from None
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None, *,
+                           timeout_s: float = 300.0, cpu_collectives: str | None = "gloo",
+                           heartbeat_timeout_s: int | None = None) -> None:
+    """Join a multi-process JAX run (``jax.distributed.initialize``) with a bounded wait.
+
+    Call it first, before anything runs on a device, in every process of the job. With no
+    address (TPU pods, SLURM, ...) JAX detects the cluster itself. With one, every process
+    gets the same ``coordinator_address`` and ``num_processes`` and its own ``process_id``;
+    process 0 runs the coordinator on that port. Before JAX is asked, the other processes wait
+    for the coordinator's port to answer, at most ``timeout_s``: an address that cannot be
+    reached raises :class:`TimeoutError` naming it, instead of JAX's abort (a C++ check
+    failure, not an exception) or a hang.
+
+    Example (two local CPU processes with 4 devices each, one global mesh of 8)::
+
+        XLA_FLAGS=--xla_force_host_platform_device_count=4 python -c "
+        from jaxrob.parallel import initialize_distributed, make_mesh
+        initialize_distributed('127.0.0.1:12355', 2, PROCESS_ID)
+        print(make_mesh())"
+
+    Args:
+      coordinator_address: ``host:port`` of process 0 (None: auto-detect; then
+        ``num_processes`` and ``process_id`` must be None too).
+      num_processes: number of processes of the job.
+      process_id: this process, in ``[0, num_processes)``.
+      timeout_s: the longest wait for the coordinator, and JAX's initialization timeout (for
+        process 0: the longest wait for every other process to join; JAX aborts after it).
+      cpu_collectives: cross-process collectives of the CPU backend (``"gloo"``, ``"mpi"``;
+        None: JAX's default, which has none). Accelerator backends ignore it.
+      heartbeat_timeout_s: seconds after which JAX declares a silent process dead and stops
+        the others (None: JAX's default, 100 s).
+
+    Raises:
+      ValueError: a malformed address, process count or id, or timeout.
+      TimeoutError: the coordinator did not answer within ``timeout_s``.
+      ConnectionError: the coordinator's host cannot be resolved, or process 0 cannot listen
+        on the port.
+      RuntimeError: JAX's backend is already running or JAX is already initialised.
+    """
+    given = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in given) and any(v is None for v in given):
+        raise ValueError("initialize_distributed: expected coordinator_address, num_processes "
+                         "and process_id together (or none of them, to auto-detect), got "
+                         f"{coordinator_address!r}, {num_processes!r}, {process_id!r}")
+    try:
+        timeout = float(timeout_s)
+    except (TypeError, ValueError):
+        timeout = math.nan
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+    if cpu_collectives is not None and cpu_collectives not in CPU_COLLECTIVES:
+        raise ValueError(f"cpu_collectives: expected one of {list(CPU_COLLECTIVES)} or None, "
+                         f"got {cpu_collectives!r}")
+    if heartbeat_timeout_s is not None:
+        if isinstance(heartbeat_timeout_s, bool) or not isinstance(heartbeat_timeout_s, int) \
+                or heartbeat_timeout_s <= 0:
+            raise ValueError(f"heartbeat_timeout_s: expected a positive integer, got "
+                             f"{heartbeat_timeout_s!r}")
+    if coordinator_address is not None:
+        host, port = _parse_address(coordinator_address)
+        for v, name in ((num_processes, "num_processes"), (process_id, "process_id")):
+            if isinstance(v, bool) or not isinstance(v, int | np.integer):
+                raise ValueError(f"{name}: expected an integer, got {v!r}")
+        num_processes, process_id = int(num_processes), int(process_id)
+        if num_processes <= 0 or not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id: expected 0 <= process_id < num_processes, got "
+                             f"process_id={process_id}, num_processes={num_processes}")
+    if jax.distributed.is_initialized():
+        raise RuntimeError("initialize_distributed: jax.distributed is already initialised")
+    if _backend_initialized():
+        raise RuntimeError("initialize_distributed: JAX's backend is already running; call it "
+                           "first, before any array is created or computed")
+    deadline = time.monotonic() + timeout
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    kwargs = {} if heartbeat_timeout_s is None else {
+        "heartbeat_timeout_seconds": int(heartbeat_timeout_s)}
+    if coordinator_address is None:
+        jax.distributed.initialize(initialization_timeout=max(1, math.ceil(timeout)), **kwargs)
+        return
+    what = f"process {process_id} of {num_processes}"
+    if process_id == 0:
+        _check_port_free(port, what)
+    else:
+        _wait_for_coordinator(host, port, deadline, what)
+    left = max(1, math.ceil(deadline - time.monotonic()))
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=left, **kwargs)

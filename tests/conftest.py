@@ -88,7 +88,8 @@ def _missing_module(name: str) -> str | None:
 # that the two xdist workers (pyproject's addopts) overlap them with the many short files
 # instead of finishing on one of them alone.
 _LONG_FIRST = ("tests/test_quickstart.py", "tests/evaluation/test_batch_invariance.py",
-               "tests/evaluation/test_evaluation.py", "tests/experiments/")
+               "tests/evaluation/test_evaluation.py", "tests/test_multihost.py",
+               "tests/experiments/")
 
 
 def _long_rank(item) -> int:

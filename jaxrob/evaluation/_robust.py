@@ -415,7 +415,7 @@ def _self_check(defended, images, labels, indices, recorded, *, key, randomness,
         return {"checked": [], "agree": 0, "mismatches": []}
     first = list(range(0, n, stride))[: max(num - 1, 1)]
     pos = np.asarray(sorted(set(first) | {n - 1})[:num])
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # this process's own (jax.devices()[0] is process 0's)
     x = jax.device_put(np.asarray(images[pos], np.float32), device)
     keys = jax.device_put(example_keys(key, indices[pos]), device)
     y = jax.device_put(labels[pos].astype(np.int32), device)

@@ -13,7 +13,11 @@
   skipped on rerun; the work still to do is found per example, so a rerun with another
   ``batch_size`` finishes the missing examples instead of recomputing or overlapping;
 * progress bar with ETA, and the compute seconds of every chunk kept in the record
-  (``"seconds"``, per example), so a resumed run still reports the whole run's time.
+  (``"seconds"``, per example), so a resumed run still reports the whole run's time;
+* several processes (``jaxrob.parallel.initialize_distributed``): every process calls it with
+  the same arguments over one global mesh; each reads only the rows of ``data`` that its own
+  devices hold, process 0 alone writes the store, decides (from the store on its disk) which
+  chunks are left to do, and hands the finished record to every process.
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ import numpy as np
 from jaxrob._jit import filter_jit
 from jaxrob._keys import example_keys
 from jaxrob.evaluation._store import ChunkStore
-from jaxrob.parallel import DATA_AXIS, data_sharding, make_mesh, replicated
+from jaxrob.parallel import (
+    DATA_AXIS,
+    broadcast_from_main,
+    data_sharding,
+    host_gather,
+    is_main_process,
+    make_mesh,
+    put_rows,
+    replicated,
+)
 
 SECONDS = "seconds"  # per-example share of its chunk's compute time
 
@@ -49,6 +62,15 @@ class ChunkRun(NamedTuple):
     total_s: float
     chunks_run: int
     chunks_total: int
+
+
+def _host_array_like(v) -> bool:
+    """NumPy arrays, memory maps and objects with ``shape``, ``dtype`` and row indexing
+    (``v[int_rows]``) are read row by row; anything else (JAX arrays, lists) is copied."""
+    if isinstance(v, jax.Array):
+        return False
+    return isinstance(v, np.ndarray) or all(hasattr(v, a) for a in ("shape", "dtype", "ndim",
+                                                                     "__getitem__"))
 
 
 def _todo_ranges(done: np.ndarray, n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -110,12 +132,15 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
         the chunk's rows of every array of ``data``, ``keys`` the (B,) per-example keys
         ``fold_in(key, index)``. Examples must not interact (no batch statistics).
       data: host arrays with a common leading length N; ``data["index"]`` (int) holds each
-        example's global index (its key).
+        example's global index (its key). NumPy arrays (memory maps included) are read only
+        row by row, at the rows of a chunk that this process's devices hold (so is any
+        object with ``shape``, ``dtype``, ``ndim`` and ``v[int_rows]``).
       key: the run's key.
       args: pytrees passed to ``fn`` first (models, purifiers, attacks); their arrays are
         traced (replicated over the mesh), everything else is static.
       batch_size: examples per chunk, a multiple of the mesh size.
-      store: a :class:`ChunkStore`: finished chunks are kept and skipped on rerun.
+      store: a :class:`ChunkStore`: finished chunks are kept and skipped on rerun (written by
+        process 0 only).
       mesh: 1-D ``data`` mesh (default: every device).
       progress: show a progress bar with ETA.
       desc: the progress bar's label.
@@ -132,7 +157,8 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
     if "index" not in data:
         raise ValueError("data: expected an 'index' array of global example indices (their "
                          "keys)")
-    data = {k: np.asarray(v) for k, v in data.items()}
+    data = {k: (v if _host_array_like(v) else np.asarray(v)) for k, v in data.items()}
+    data["index"] = np.asarray(data["index"])
     n = int(data["index"].shape[0])
     for k, v in data.items():
         if v.ndim == 0 or v.shape[0] != n:
@@ -152,18 +178,26 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
     shard = data_sharding(mesh)
     args = _onto_mesh(tuple(args), mesh)
 
+    multi = jax.process_count() > 1
+    main = is_main_process()
     done = np.zeros(n, bool)
-    if store is not None:
-        for s, e in store.finished():
+    num_finished = 0
+    if store is not None and main:
+        finished = store.finished()
+        for s, e in finished:
             if e > n:
                 raise ValueError(f"{store.directory}: holds chunk [{s}, {e}) beyond the {n} "
                                  "examples of this run; use a new workdir or delete it")
             done[s:e] = True
+        num_finished = len(finished)
+    if store is not None and multi:  # process 0's store decides, so all run the same chunks
+        got = broadcast_from_main({"done": done, "num": np.int64(num_finished)})
+        done, num_finished = got["done"].astype(bool), int(got["num"])
     todo = _todo_ranges(done, n, batch_size)
-    chunks_total = len(store.finished()) + len(todo) if store is not None else len(todo)
+    chunks_total = num_finished + len(todo) if store is not None else len(todo)
 
     bar = None
-    if progress and todo:
+    if progress and todo and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=int(sum(e - s for s, e in todo)), desc=desc, unit="ex",
@@ -172,19 +206,17 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
     t_run = time.perf_counter()
     for s, e in todo:
         t0 = time.perf_counter()
-        pad = batch_size - (e - s)
-        batch = {k: (np.concatenate([v[s:e], np.repeat(v[e - 1:e], pad, axis=0)]) if pad
-                     else v[s:e]) for k, v in data.items()}
-        batch["index"] = batch["index"].astype(np.uint32)
-        placed = jax.device_put(batch, shard)
+        rows = np.minimum(np.arange(s, s + batch_size), e - 1)  # padded: repeat the last
+        placed = {k: put_rows(v, rows, mesh) for k, v in data.items() if k != "index"}
+        placed["index"] = put_rows(data["index"].astype(np.uint32), rows, mesh)
         out = _program(fn, tuple(args), placed, key, shard if constrain_out else None)
-        out = {k: np.asarray(v)[: e - s] for k, v in out.items()
-               if keep is None or keep(k)}
+        out = {k: v for k, v in out.items() if keep is None or keep(k)}
+        out = {k: v[: e - s] for k, v in host_gather(out).items()}
         out[SECONDS] = np.full((e - s,), (time.perf_counter() - t0) / (e - s), np.float64)
-        rows = {**{k: v[s:e] for k, v in data.items() if k == "index"}, **out}
-        if store is not None:
-            store.save(s, e, **rows)
-        results[s] = rows
+        chunk = {"index": data["index"][s:e], **out}
+        if store is not None and main:
+            store.save(s, e, **chunk)
+        results[s] = chunk
         if bar is not None:
             bar.update(e - s)
         if log is not None:
@@ -194,10 +226,14 @@ def run_chunks(fn: Callable[..., Mapping[str, Any]], data: Mapping[str, Any], *,
     wall_s = time.perf_counter() - t_run
 
     if store is not None:
-        per = store.load()
-        if sorted(per["position"].tolist()) != list(range(n)):
-            raise RuntimeError(f"{store.directory}: finished chunks do not cover the {n} "
-                               "examples exactly")
+        per = None
+        if main:
+            per = store.load()
+            if sorted(per["position"].tolist()) != list(range(n)):
+                raise RuntimeError(f"{store.directory}: finished chunks do not cover the {n} "
+                                   "examples exactly")
+        if multi:
+            per = broadcast_from_main(per)
         order = np.argsort(per.pop("position"), kind="stable")
         records = {k: v[order] for k, v in per.items()}
     else:

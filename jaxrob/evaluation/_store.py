@@ -33,13 +33,18 @@ class ChunkStore:
     Args:
       directory: where chunk files live (created when missing).
       fingerprint: JSON-able description of the run; must match the stored one on resume.
-      write: whether this process writes files (process 0 of a multi-host run).
+      write: whether this process writes files (default: only process 0 of a multi-process
+        run, ``jaxrob.parallel.is_main_process()``).
     """
 
     def __init__(self, directory: str | os.PathLike, *, fingerprint: Mapping | None = None,
-                 write: bool = True):
+                 write: bool | None = None):
         self.directory = pathlib.Path(directory)
-        self.write = write
+        if write is None:
+            from jaxrob.parallel import is_main_process
+
+            write = is_main_process()
+        self.write = bool(write)
         self.fingerprint = normalize_fingerprint(fingerprint)
         if write:
             self.directory.mkdir(parents=True, exist_ok=True)
