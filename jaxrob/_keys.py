@@ -112,3 +112,10 @@ SOUND_STRONGER = 62  # the attack with more iterations (and EoT samples)
 SOUND_SQUARE = 63  # the gradient-free attack (Square)
 SOUND_TRANSFER = 64  # the transfer attack from the bare classifier
 SOUND_PROBE = 65  # the randomness probe: call j of the model gets fold_in(fold_in(k_i, 65), j)
+
+# Latent diffusion (jaxrob.models.Autoencoder, jaxrob.training.make_autoencoder_train_step, the
+# latent DDPM's train step): folded into the key handed to encode_latent (or into each example's
+# key of a (B,) batch of keys), or into a train step's key.
+LATENT_SAMPLE = 80  # the posterior sample z = mean + std * normal(fold_in(key, 80))
+VAE_TRAIN_SAMPLE = 81  # the autoencoder train step's posterior sample of the batch
+LDM_TRAIN_SAMPLE = 82  # the latent DDPM train step's draw of the batch's latent codes
