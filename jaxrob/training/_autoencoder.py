@@ -185,8 +185,8 @@ def encode_dataset(autoencoder, images01: Images, key: Key | None = None, *,
       autoencoder: the :class:`jaxrob.models.Autoencoder`.
       images01: (N, H, W, C) float32 images in [0, 1] (host or device array).
       key: None for the posterior means; a key for one posterior sample per image, image
-        ``i``'s from ``fold_in(key, i)`` exactly as ``encode_latent(x_i, fold_in(key, i))``
-        draws it (so independent of ``batch_size`` and devices).
+        ``i``'s drawn exactly as ``encode_latent(x, keys)`` draws it for the per-example keys
+        ``keys[i] = fold_in(key, i)`` (so independent of ``batch_size`` and devices).
       batch_size: images per compiled call.
       mesh: the ``data`` mesh (default: all devices).
 
