@@ -208,6 +208,32 @@ def test_posterior_sample_moments_and_per_example_keys(ae, images, fns):
     assert not np.allclose(both[0], fns["latent"](ae, x, jr.key(4))[0])
 
 
+def test_scaling_factor_gives_unit_variance_codes(ae, images, fns):
+    from jaxrob.training import autoencoder_loss, encode_dataset, latent_scaling_factor
+
+    x = jnp.concatenate([images, 1.0 - images])
+    key = jr.key(7)
+    s = latent_scaling_factor(ae, x, key, batch_size=8)
+    scaled = ae.replace(scaling_factor=s, shift_factor=0.0)
+    z, std = encode_dataset(scaled, x, key, batch_size=8)
+    assert np.std(z.astype(np.float64)) == pytest.approx(1.0, rel=1e-4)
+    # the draws are encode_latent's with per-example keys fold_in(key, i)
+    keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(6))
+    np.testing.assert_allclose(z, fns["latent"](scaled, x, keys), rtol=1e-5, atol=1e-5)
+    _, logvar = fns["encode"](ae, x)
+    np.testing.assert_allclose(std, jnp.exp(0.5 * logvar) * s, rtol=1e-5)
+    # the training loss: per-pixel L1 of a posterior draw's reconstruction + weighted KL
+    loss0, parts = autoencoder_loss(ae.variables["params"], x, key, module=ae.module,
+                                    kl_weight=0.0)
+    assert float(loss0) == pytest.approx(float(parts["recon"]), rel=1e-5)
+    loss1, _ = autoencoder_loss(ae.variables["params"], x, key, module=ae.module,
+                                kl_weight=1.0)
+    assert float(loss1 - loss0) == pytest.approx(float(parts["kl"]) / 784, rel=1e-4)
+    mean, logvar = fns["encode"](ae, x)
+    kl = 0.5 * jnp.sum(mean**2 + jnp.exp(logvar) - 1 - logvar, axis=(1, 2, 3))
+    assert float(parts["kl"]) == pytest.approx(float(kl.mean()), rel=1e-5)
+
+
 def test_exports_load_in_one_call(ae, ldm, images, fns, tmp_path):
     ae_meta = {"config": AE, "scaling_factor": 0.7, "shift_factor": 0.2}
     save_params(tmp_path / "ae", ae.variables, {"kind": "autoencoder", "autoencoder": ae_meta,
