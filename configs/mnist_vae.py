@@ -18,7 +18,7 @@ from configs import _common, _latent
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
     c = _latent.vae_base("mnist", "mnist")
-    c.train.update(batch_size=64, num_steps=3000, learning_rate=1e-3, lr_schedule="cosine",
+    c.train.update(batch_size=32, num_steps=700, learning_rate=2e-3, lr_schedule="cosine",
                    warmup_steps=100, log_every=50, checkpoint_every=250)
     if arg == "smoke":
         _latent.vae_smoke(c)

@@ -388,7 +388,7 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
     # Latent DDPMs on the codes of AUTOENCODER_CONFIGS' "mnist" (7x7x4: 7 is odd, so no
     # downsampling; attention at 7x7 gives every block the whole code) and "cifar10" (8x8x4).
     "mnist_latent": dict(
-        ch=64,
+        ch=32,
         ch_mult=(1,),
         num_res_blocks=2,
         attn_resolutions=(7,),
