@@ -120,13 +120,13 @@ class Autoencoder:
         Returns:
           (B, H/f, W/f, latent_channels) codes.
         """
+        if key is not None and jnp.ndim(key) == 1 and key.shape[0] != x.shape[0]:
+            raise ValueError(f"key: expected one key or {x.shape[0]} keys (one per example), "
+                             f"got {key.shape[0]} keys")
         mean, logvar = self.encode(x)
         if key is None:
             u = mean
         else:
-            if jnp.ndim(key) == 1 and key.shape[0] != x.shape[0]:
-                raise ValueError(f"key: expected one key or {x.shape[0]} keys (one per "
-                                 f"example), got {key.shape[0]} keys")
             if jnp.ndim(key) == 1:
                 noise = jax.vmap(lambda k: jr.normal(jr.fold_in(k, LATENT_SAMPLE),
                                                      mean.shape[1:]))(key)

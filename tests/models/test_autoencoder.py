@@ -206,6 +206,7 @@ def test_posterior_sample_moments_and_per_example_keys(ae, images, fns):
     assert not np.allclose(fwd[0], fwd[1])
 
 
+@pytest.mark.slow  # ~20 s CPU: two more encoder programs; the train_ldm smoke test runs them too
 def test_scaling_factor_gives_unit_variance_codes(ae, images, fns):
     from jaxrob.parallel import make_mesh
     from jaxrob.training import autoencoder_loss, encode_dataset, latent_scaling_factor
@@ -292,3 +293,24 @@ def test_mismatched_latent_diffusion_model_is_refused(ae, ldm):
         LatentDiffusionModel(ae.replace(module=ae.module.clone(image_size=None)), ddpm)
     with pytest.raises(ValueError, match=r"takes images of shape \(28, 28, 1\)"):
         ldm.encode(jnp.zeros((1, 14, 14, 1)))
+
+
+# --------------------------------------------------------------------------- committed exports
+
+
+def test_committed_mnist_exports(data_dir, fns):
+    import pathlib
+
+    from jaxrob.data import load_dataset
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    ae = load(repo / "checkpoints" / "mnist_vae", kind="autoencoder")
+    ldm = load(repo / "checkpoints" / "mnist_ldm", kind="ldm")
+    x = jnp.asarray(load_dataset("mnist", "test", data_dir=str(data_dir)).images[:3])
+    x_hat = fns["decode"](ae, fns["latent"](ae, x, None))
+    psnr = 10 * np.log10(1.0 / np.mean(np.square(np.asarray(x_hat - x)), axis=(1, 2, 3)))
+    assert psnr.min() > 18.0, psnr  # the export measured 24.5 dB on the whole test set
+    # the LDM holds that autoencoder, and its UNet runs on its 7x7x4 codes
+    assert ldm.latent_shape == (7, 7, 4)
+    jax.tree.map(np.testing.assert_array_equal, ldm.autoencoder.variables, ae.variables)
+    assert float(ldm.autoencoder.scaling_factor) == float(ae.scaling_factor)
