@@ -17,7 +17,7 @@ from configs import _common, _latent
 def get_config(arg=None):
     arg = _common.parse_arg(arg)
     c = _latent.ldm_base("mnist", "checkpoints/mnist_vae", "mnist_latent")
-    c.train.update(batch_size=64, num_steps=800, learning_rate=1e-3, lr_schedule="constant",
+    c.train.update(batch_size=64, num_steps=2000, learning_rate=1e-3, lr_schedule="constant",
                    warmup_steps=100, log_every=50, checkpoint_every=250)
     c.eval.classifier = "checkpoints/mnist_classifier"
     if arg == "smoke":
