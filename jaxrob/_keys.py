@@ -122,3 +122,9 @@ PROTECT_NOISE = 86  # eps ~ N(0, I) shaped like the latent
 # PDM-Pure before an edit (PurifyThenEdit): the purifier's and the editor's keys
 PROTECT_PURIFY = 88
 PROTECT_EDIT = 89
+# Latent diffusion (jaxrob.models.Autoencoder, jaxrob.training.make_autoencoder_train_step, the
+# latent DDPM's train step): folded into the key handed to encode_latent (or into each example's
+# key of a (B,) batch of keys), or into a train step's key.
+LATENT_SAMPLE = 80  # the posterior sample z = mean + std * normal(fold_in(key, 80))
+VAE_TRAIN_SAMPLE = 81  # the autoencoder train step's posterior sample of the batch
+LDM_TRAIN_SAMPLE = 82  # the latent DDPM train step's draw of the batch's latent codes

@@ -19,6 +19,9 @@ _Data = Array
 
 Images = Float[_Data, "b h w c"]  # float32 NHWC in [0, 1] at public boundaries
 Latents = Float[Array, "b h w c"]  # diffusion-space tensors (x_t), usually in about [-1, 1]
+# an autoencoder's latent codes of images (b, h/f, w/f, c_z): own names, so that a function
+# taking images and returning their codes is checked for the batch size only
+LatentCodes = Float[Array, "b zh zw zc"]
 Steps = Int[Array, " b"] | Float[Array, " b"] | Int[Array, ""] | int
 Labels = Int[_Data, " b"]
 Logits = Float[Array, "b k"]
@@ -32,5 +35,5 @@ EpsFn = Callable[[Array, Array], Array]  # eps_fn(x_t, model_step) -> eps
 LogitsFn = Callable[[Array, Array], Array]  # logits_fn(x, key) -> (B, K); the attacked thing
 PurifyFn = Callable[[Array, Array], Array]  # purify(x, key) -> x_purified
 
-__all__ = ["AnyKey", "Array", "EpsFn", "Images", "Key", "Keys", "Labels", "Latents", "Logits",
-           "LogitsFn", "PerExample", "PerExampleInt", "PurifyFn", "Steps"]
+__all__ = ["AnyKey", "Array", "EpsFn", "Images", "Key", "Keys", "Labels", "LatentCodes", "Latents",
+           "Logits", "LogitsFn", "PerExample", "PerExampleInt", "PurifyFn", "Steps"]

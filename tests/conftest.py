@@ -31,7 +31,8 @@ if _TYPECHECK:
         ["jaxrob.analysis", "jaxrob.attacks", "jaxrob.checkpoint", "jaxrob.data",
          "jaxrob.diffusion._forward", "jaxrob.diffusion._reverse", "jaxrob.diffusion._samplers",
          "jaxrob.diffusion._vpsde", "jaxrob.evaluation", "jaxrob.models", "jaxrob.parallel",
-         "jaxrob.purify", "jaxrob.training._addt", "jaxrob.training._classifier",
+         "jaxrob.purify", "jaxrob.training._addt", "jaxrob.training._autoencoder",
+         "jaxrob.training._classifier",
          "jaxrob.training._ddpm",
          "jaxrob.training._loop"],
         "_jaxrob_typecheck.typechecker")

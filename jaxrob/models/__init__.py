@@ -1,11 +1,22 @@
 """Models: :func:`load` a trained export as a ready pytree model, the Flax networks, weight import.
 
 ``jaxrob.models.load(path)`` returns a :class:`DiffusionModel` (``eps_fn(x_t, step)``, with its
-schedule) or a :class:`Classifier` (``logits_fn(x, key)``); both are pytrees whose parameters
-are leaves. The networks (:class:`UNet`, :class:`SmallCNN`, :class:`CifarResNet`,
+schedule), a :class:`Classifier` (``logits_fn(x, key)``), an :class:`Autoencoder` (``encode``,
+``encode_latent``, ``decode``) or a :class:`LatentDiffusionModel` (an autoencoder and a
+``DiffusionModel`` on its latent codes); all are pytrees whose parameters are leaves. The
+networks (:class:`UNet`, :class:`AutoencoderKL`, :class:`SmallCNN`, :class:`CifarResNet`,
 :class:`WideResNet`) and PyTorch / diffusers weight import are here too.
 """
 
+from jaxrob.models._autoencoder import AUTOENCODER_CONFIGS as AUTOENCODER_CONFIGS
+from jaxrob.models._autoencoder import AutoencoderKL as AutoencoderKL
+from jaxrob.models._autoencoder import (
+    autoencoder_config_from_diffusers as autoencoder_config_from_diffusers,
+)
+from jaxrob.models._autoencoder import autoencoder_from_config as autoencoder_from_config
+from jaxrob.models._autoencoder import (
+    autoencoder_from_diffusers_state_dict as autoencoder_from_diffusers_state_dict,
+)
 from jaxrob.models._classifiers import AKAMASTER_MEAN as AKAMASTER_MEAN
 from jaxrob.models._classifiers import AKAMASTER_STD as AKAMASTER_STD
 from jaxrob.models._classifiers import MODELS as MODELS
@@ -15,6 +26,9 @@ from jaxrob.models._classifiers import WideResNet as WideResNet
 from jaxrob.models._classifiers import cifar_resnet_from_state_dict as cifar_resnet_from_state_dict
 from jaxrob.models._classifiers import load_akamaster_resnet as load_akamaster_resnet
 from jaxrob.models._classifiers import wide_resnet_from_state_dict as wide_resnet_from_state_dict
+from jaxrob.models._latent import Autoencoder as Autoencoder
+from jaxrob.models._latent import LatentDiffusionModel as LatentDiffusionModel
+from jaxrob.models._latent import autoencoder_from_metadata as autoencoder_from_metadata
 from jaxrob.models._loaded import Classifier as Classifier
 from jaxrob.models._loaded import DiffusionModel as DiffusionModel
 from jaxrob.models._loaded import classifier_from_metadata as classifier_from_metadata

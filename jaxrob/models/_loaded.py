@@ -27,7 +27,7 @@ import jaxrob.diffusion as jd
 from jaxrob._pytree import pytree_dataclass, static_field
 from jaxrob._types import AnyKey, Images, Latents, Logits, Steps
 
-KINDS = ("ddpm", "classifier")
+KINDS = ("ddpm", "classifier", "autoencoder", "ldm")
 
 
 def _with_fast_vjp(module: nn.Module, on: bool) -> nn.Module:
@@ -130,19 +130,21 @@ def classifier_from_metadata(model: Mapping[str, Any], num_classes: int) -> nn.M
     return MODELS[name](num_classes=int(num_classes), **kwargs)
 
 
-def load(path: str | os.PathLike, *, fast_vjp: bool = False,
-         kind: str | None = None) -> DiffusionModel | Classifier:
+def load(path: str | os.PathLike, *, fast_vjp: bool = False, kind: str | None = None):
     """Load a jaxrob export (``jaxrob.checkpoint.save_params``) as a ready model.
 
     Args:
       path: the export directory (e.g. ``"checkpoints/mnist_ddpm"``).
-      fast_vjp: build the network's reverse-mode twin (attacks and VJP Jacobians on CPU);
+      fast_vjp: build the networks' reverse-mode twins (attacks and VJP Jacobians on CPU);
         the same parameters work either way (:meth:`DiffusionModel.with_fast_vjp`).
-      kind: ``"ddpm"`` or ``"classifier"`` to insist on one (None: whatever the export is).
+      kind: ``"ddpm"``, ``"classifier"``, ``"autoencoder"`` or ``"ldm"`` to insist on one
+        (None: whatever the export is).
 
     Returns:
       A :class:`DiffusionModel` (with the schedule rebuilt from the metadata) for a DDPM
-      export, a :class:`Classifier` for a classifier export.
+      export, a :class:`Classifier` for a classifier export, a
+      :class:`jaxrob.models.Autoencoder` (with its latent scaling) for an autoencoder export, a
+      :class:`jaxrob.models.LatentDiffusionModel` (autoencoder + latent DDPM) for an LDM export.
 
     Raises:
       FileNotFoundError: ``path`` is not a jaxrob export.
@@ -153,6 +155,7 @@ def load(path: str | os.PathLike, *, fast_vjp: bool = False,
 
       ddpm = jaxrob.models.load("checkpoints/mnist_ddpm")
       clf = jaxrob.models.load("checkpoints/mnist_classifier")
+      ldm = jaxrob.models.load("checkpoints/mnist_ldm")
     """
     from jaxrob.checkpoint import load_params, read_metadata
 
@@ -167,18 +170,55 @@ def load(path: str | os.PathLike, *, fast_vjp: bool = False,
     if kind is not None and found != kind:
         raise ValueError(f"{path}: holds a {found!r} export, expected a {kind!r}")
     try:
-        if found == "ddpm":
-            module = unet_from_metadata(meta["model"])
-            schedule = schedule_from_metadata(meta["diffusion"])
-        else:
-            module = classifier_from_metadata(meta["model"], meta["num_classes"])
+        build = _BUILDERS[found](meta)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: the export's metadata does not describe a model this jaxrob "
                          f"can build ({type(e).__name__}: {e})") from e
     variables, _ = load_params(path)
     variables = jax.tree.map(jax.numpy.asarray, variables)
-    if found == "ddpm":
-        model = DiffusionModel(module, variables, schedule)
-    else:
-        model = Classifier(module, variables)
+    try:
+        model = build(variables)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the export's parameters and metadata do not make a "
+                         f"{found!r} model ({type(e).__name__}: {e})") from e
     return model.with_fast_vjp(True) if fast_vjp else model
+
+
+def _ddpm_builder(meta):
+    module = unet_from_metadata(meta["model"])
+    schedule = schedule_from_metadata(meta["diffusion"])
+    return lambda variables: DiffusionModel(module, variables, schedule)
+
+
+def _classifier_builder(meta):
+    module = classifier_from_metadata(meta["model"], meta["num_classes"])
+    return lambda variables: Classifier(module, variables)
+
+
+def _autoencoder_builder(meta):
+    from jaxrob.models._latent import Autoencoder, autoencoder_from_metadata
+
+    ae = meta["autoencoder"]
+    module = autoencoder_from_metadata(ae)
+    scale, shift = float(ae["scaling_factor"]), float(ae.get("shift_factor", 0.0))
+    return lambda variables: Autoencoder(module, variables, scale, shift)
+
+
+def _ldm_builder(meta):
+    from jaxrob.models._latent import LatentDiffusionModel
+
+    make_ae, make_ddpm = _autoencoder_builder(meta), _ddpm_builder(meta)
+    shape = meta.get("data", {}).get("image_shape")
+    shape = None if shape is None else tuple(int(d) for d in shape)
+
+    def build(variables):
+        return LatentDiffusionModel(make_ae(variables["autoencoder"]),
+                                    make_ddpm(variables["diffusion"]), shape)
+
+    return build
+
+
+# export kind -> metadata -> (variables -> model); the metadata is checked before any array is
+# read, the variables' fit when the model is built
+_BUILDERS = {"ddpm": _ddpm_builder, "classifier": _classifier_builder,
+             "autoencoder": _autoencoder_builder, "ldm": _ldm_builder}

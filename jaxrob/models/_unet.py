@@ -114,7 +114,9 @@ def _conv3(features: int, name: str, init=_default_init, fast_vjp: bool = False)
 
 
 class ResBlock(nn.Module):
-    """Ho et al. residual block conditioned on the step embedding."""
+    """Ho et al. residual block conditioned on the step embedding (``temb_BD=None``: no
+    conditioning and no ``temb_proj`` layer, diffusers' ``ResnetBlock2D(temb_channels=None)``
+    of the autoencoders)."""
 
     out_ch: int
     num_groups: int
@@ -127,8 +129,10 @@ class ResBlock(nn.Module):
     def __call__(self, x_BHWC, temb_BD, train: bool):
         gn = lambda name: _group_norm(self.num_groups, self.eps, self.fast_vjp, name)
         h = _conv3(self.out_ch, "conv1", fast_vjp=self.fast_vjp)(nn.silu(gn("norm1")(x_BHWC)))
-        t_BC = nn.Dense(self.out_ch, kernel_init=_default_init, name="temb_proj")(nn.silu(temb_BD))
-        h = h + t_BC[:, None, None, :]
+        if temb_BD is not None:
+            t_BC = nn.Dense(self.out_ch, kernel_init=_default_init, name="temb_proj")(
+                nn.silu(temb_BD))
+            h = h + t_BC[:, None, None, :]
         h = nn.silu(gn("norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv3(self.out_ch, "conv2", _tiny_init if self.zero_init else _default_init,
@@ -313,26 +317,38 @@ class UNet(nn.Module):
                       self.fast_vjp)(nn.silu(h))
 
     def _downsample(self, x_BHWC, name):
-        if self.resamp_with_conv:
-            # TF "SAME" for stride 2 on even sizes: pad bottom/right only (= diffusers padding=0).
-            return nn.Conv(
-                x_BHWC.shape[-1],
-                (3, 3),
-                strides=(2, 2),
-                padding=((0, 1), (0, 1)),
-                kernel_init=_default_init,
-                name=name,
-                conv_general_dilated=_conv_impl(self.fast_vjp),
-            )(x_BHWC)
-        return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
+        return downsample(x_BHWC, name, with_conv=self.resamp_with_conv, fast_vjp=self.fast_vjp)
 
     def _upsample(self, x_BHWC, name):
-        if self.resamp_with_conv and self.fast_vjp:
-            return UpsampleConv(x_BHWC.shape[-1], _default_init, name=name)(x_BHWC)
-        up = (upsample_nearest2x if self.fast_vjp else upsample_nearest2x_plain)(x_BHWC)
-        if self.resamp_with_conv:
-            up = _conv3(x_BHWC.shape[-1], name, fast_vjp=self.fast_vjp)(up)
-        return up
+        return upsample(x_BHWC, name, with_conv=self.resamp_with_conv, fast_vjp=self.fast_vjp)
+
+
+def downsample(x_BHWC, name: str, *, with_conv: bool = True, fast_vjp: bool = False):
+    """Halve height and width: a stride-2 conv3 named ``name`` (TF "SAME" padding, one row and
+    column of zeros on the bottom/right = diffusers' ``Downsample2D(padding=0)``), or a 2x2
+    average pool. Called inside a compact module, whose submodule the conv becomes."""
+    if with_conv:
+        return nn.Conv(
+            x_BHWC.shape[-1],
+            (3, 3),
+            strides=(2, 2),
+            padding=((0, 1), (0, 1)),
+            kernel_init=_default_init,
+            name=name,
+            conv_general_dilated=_conv_impl(fast_vjp),
+        )(x_BHWC)
+    return nn.avg_pool(x_BHWC, (2, 2), strides=(2, 2))
+
+
+def upsample(x_BHWC, name: str, *, with_conv: bool = True, fast_vjp: bool = False):
+    """Double height and width: nearest x2, then a conv3 named ``name`` (diffusers'
+    ``Upsample2D(use_conv=True)``) unless ``with_conv`` is False."""
+    if with_conv and fast_vjp:
+        return UpsampleConv(x_BHWC.shape[-1], _default_init, name=name)(x_BHWC)
+    up = (upsample_nearest2x if fast_vjp else upsample_nearest2x_plain)(x_BHWC)
+    if with_conv:
+        up = _conv3(x_BHWC.shape[-1], name, fast_vjp=fast_vjp)(up)
+    return up
 
 
 # Named configurations. Besides UNet keyword arguments they fix the data shape via
@@ -369,6 +385,28 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         in_ch=1,
         image_size=8,
     ),
+    # Latent DDPMs on the codes of AUTOENCODER_CONFIGS' "mnist" (7x7x4: 7 is odd, so no
+    # downsampling; attention at 7x7 gives every block the whole code) and "cifar10" (8x8x4).
+    "mnist_latent": dict(
+        ch=32,
+        ch_mult=(1,),
+        num_res_blocks=2,
+        attn_resolutions=(7,),
+        dropout=0.0,
+        num_groups=8,
+        in_ch=4,
+        image_size=7,
+    ),
+    "cifar10_latent": dict(
+        ch=128,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(4,),
+        dropout=0.1,
+        num_groups=32,
+        in_ch=4,
+        image_size=8,
+    ),
 }
 
 
@@ -376,7 +414,8 @@ def unet_from_config(config: str | Mapping[str, Any], **overrides: Any) -> UNet:
     """Build a :class:`UNet` from a name in ``UNET_CONFIGS`` or a dict of UNet keyword arguments.
 
     Args:
-      config: ``"cifar10"``, ``"mnist"``, ``"digits"``, or a mapping of UNet attributes.
+      config: a key of ``UNET_CONFIGS`` (``"cifar10"``, ``"mnist"``, ``"digits"``,
+        ``"mnist_latent"``, ``"cifar10_latent"``), or a mapping of UNet attributes.
       **overrides: attributes replacing those of the configuration (e.g. ``dropout=0.0``).
 
     Returns:

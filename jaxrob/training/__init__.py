@@ -1,4 +1,5 @@
-"""Training: DDPM, classifier and ADDT train steps, the resumable train loop, evaluation helpers.
+"""Training: DDPM, classifier, ADDT and KL-autoencoder train steps, the resumable train loop,
+evaluation helpers.
 
 Everything here takes keyword arguments, never a config; ``experiments/`` turn configs into
 calls. Checkpoints go through :mod:`jaxrob.checkpoint`.
@@ -10,6 +11,15 @@ from jaxrob.training._addt import cgpo_delta as cgpo_delta
 from jaxrob.training._addt import make_addt_optimizer as make_addt_optimizer
 from jaxrob.training._addt import make_addt_train_step as make_addt_train_step
 from jaxrob.training._addt import rbgm as rbgm
+from jaxrob.training._autoencoder import RECON_LOSSES as RECON_LOSSES
+from jaxrob.training._autoencoder import autoencoder_loss as autoencoder_loss
+from jaxrob.training._autoencoder import encode_dataset as encode_dataset
+from jaxrob.training._autoencoder import init_autoencoder_state as init_autoencoder_state
+from jaxrob.training._autoencoder import latent_scaling_factor as latent_scaling_factor
+from jaxrob.training._autoencoder import (
+    make_autoencoder_train_step as make_autoencoder_train_step,
+)
+from jaxrob.training._autoencoder import reconstruction_metrics as reconstruction_metrics
 from jaxrob.training._classifier import classifier_accuracy as classifier_accuracy
 from jaxrob.training._classifier import classifier_loss as classifier_loss
 from jaxrob.training._classifier import classifier_predictions as classifier_predictions

@@ -22,6 +22,7 @@ import optax
 
 import jaxrob.diffusion as jd
 from jaxrob._checks import check_images, check_t_star
+from jaxrob._keys import LDM_TRAIN_SAMPLE
 from jaxrob._types import Array, Images, Key
 from jaxrob.diffusion._forward import gather
 from jaxrob.training._state import (
@@ -38,17 +39,19 @@ ApplyFn = Callable[..., Any]
 
 
 def ddpm_loss(params, model_state: dict, images01: Images, key: Key, *, apply_fn: ApplyFn,
-              schedule: jd.Schedule, train: bool = True) -> Array:
+              schedule: jd.Schedule, train: bool = True, model_space: bool = False) -> Array:
     """Mean eps-prediction MSE over a batch with uniformly drawn schedule positions.
 
     Args:
       params: the eps-model's params.
       model_state: other Flax collections ({} for the UNet).
-      images01: clean images, float32 NHWC in [0, 1].
+      images01: clean images, float32 NHWC in [0, 1] (with ``model_space``: x_0 itself).
       key: randomness of the positions, the noise and dropout.
       apply_fn: ``apply_fn(variables, x_t, model_step, train=..., rngs=...) -> eps``.
       schedule: the training chain (positions ``0..N-1``; labels ``schedule.model_steps``).
       train: run the model in training mode (dropout on).
+      model_space: ``images01`` is already in the diffusion space (e.g. a latent DDPM's scaled
+        codes), so it is not mapped from [0, 1] to [-1, 1].
 
     Returns:
       Scalar loss (mean over batch and pixels).
@@ -57,7 +60,8 @@ def ddpm_loss(params, model_state: dict, images01: Images, key: Key, *, apply_fn
     batch = images01.shape[0]
     n = jr.randint(k_n, (batch,), 0, schedule.num_steps)
     noise = normal_noise(k_eps, images01.shape)
-    x_t = jd.q_sample(jd.to_model_space(images01), n, noise, schedule)
+    x0 = images01 if model_space else jd.to_model_space(images01)
+    x_t = jd.q_sample(x0, n, noise, schedule)
     eps = apply_fn({"params": params, **model_state}, x_t, schedule.model_steps[n],
                    train=train, rngs={"dropout": k_drop})
     return jnp.mean(jnp.square(eps - noise))
@@ -84,12 +88,14 @@ def init_ddpm_state(model, key: Key, image_shape: tuple[int, int, int],
 def make_ddpm_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
                          schedule: jd.Schedule, *, ema_decay: float | None = 0.999,
                          ema_warmup: bool = True, lr_fn: optax.Schedule | None = None,
-                         mesh: jax.sharding.Mesh | None = None, jit: bool = True) -> Callable:
+                         mesh: jax.sharding.Mesh | None = None, jit: bool = True,
+                         latents_fn: Callable[[dict, Key], Array] | None = None) -> Callable:
     """Build ``train_step(state, batch) -> (state, metrics)`` for DDPM.
 
     The step's randomness is ``fold_in(state.key, state.step)``; with replicated state and a
     batch sharded over ``data`` the result does not depend on the device count. ``batch`` is a
-    dict with ``"image"`` (float32 NHWC in [0, 1]); other keys are ignored.
+    dict with ``"image"`` (float32 NHWC in [0, 1]); other keys are ignored. A latent DDPM
+    passes ``latents_fn``, which turns the batch into x_0 in its diffusion space.
 
     Args:
       apply_fn: the eps-model's ``apply``.
@@ -100,6 +106,10 @@ def make_ddpm_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
       lr_fn: learning-rate schedule, only to report ``lr`` in the metrics.
       mesh: the ``data`` mesh for :func:`jit_train_step` (default: all devices).
       jit: return the jitted, sharded, state-donating step (False: the plain function).
+      latents_fn: ``latents_fn(batch, key) -> x0`` in the diffusion space (e.g. a posterior
+        draw of latent codes from the batch's stored means and standard deviations), with
+        ``key = fold_in(step_key, LDM_TRAIN_SAMPLE)``; None: ``batch["image"]`` mapped from
+        [0, 1] to [-1, 1].
 
     Returns:
       The train step. Metrics: ``loss``, ``grad_norm`` (before clipping), ``lr``.
@@ -109,8 +119,12 @@ def make_ddpm_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation,
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = state.step_key()
-        loss, grads = loss_grad(state.params, state.model_state, batch["image"], key,
-                                apply_fn=apply_fn, schedule=schedule, train=True)
+        if latents_fn is None:
+            x0, model_space = batch["image"], False
+        else:
+            x0, model_space = latents_fn(batch, jr.fold_in(key, LDM_TRAIN_SAMPLE)), True
+        loss, grads = loss_grad(state.params, state.model_state, x0, key, apply_fn=apply_fn,
+                                schedule=schedule, train=True, model_space=model_space)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params

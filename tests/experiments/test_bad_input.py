@@ -55,6 +55,11 @@ def test_every_config_builds(name):
 
             _train_addt.addt_options(cfg)
             continue
+        if cfg.get("stage") == "autoencoder":  # latent diffusion, stage 1: the network builds
+            from jaxrob.models import autoencoder_from_metadata
+
+            autoencoder_from_metadata(_common.to_plain(cfg.autoencoder))
+            continue
         subs = [cfg.ddpm, cfg.classifier] if name == "main" else [cfg]
         for sub in subs:
             if "diffusion" in sub:
