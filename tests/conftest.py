@@ -93,12 +93,40 @@ _LONG_FIRST = ("tests/test_quickstart.py", "tests/evaluation/test_batch_invarian
                "tests/experiments/")
 
 
-def _long_rank(item) -> int:
-    path = item.nodeid.split("::")[0]
+def _path_rank(path: str) -> int:
     for i, prefix in enumerate(_LONG_FIRST):
         if path.startswith(prefix):
             return i
     return len(_LONG_FIRST)
+
+
+def _long_rank(item) -> int:
+    return _path_rank(item.nodeid.split("::")[0])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the ``_LONG_FIRST`` files handed out first.
+
+    xdist (>= 3.6) orders files by their number of tests, largest first, whatever the
+    collection order: the one-test notebook file ran last, minutes with one core idle.
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongFilesFirst(LoadFileScheduling):
+        _ordered = False
+
+        def _assign_work_unit(self, node):
+            if not self._ordered:  # the first call: the queue is complete, nothing sent yet
+                self._ordered = True
+                units = sorted(self.workqueue.items(), key=lambda kv: _path_rank(kv[0]))
+                self.workqueue.clear()
+                self.workqueue.update(units)
+            super()._assign_work_unit(node)
+
+    return LongFilesFirst(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
