@@ -508,6 +508,31 @@ def begin_training(config, workdir):
     train_ds = load_split(config.data, config.data.train_split)
     return timer, workdir, mesh, batch_size, num_steps, train_ds
 
+
+def run_training(config, workdir, mesh, fingerprint, train_step, init_fn, dataset, batch_size,
+                 num_steps, desc, *, keys=("image",)):
+    """The trainers' resumable loop: checkpoints (fingerprint-checked before anything of an
+    earlier run is touched), config.json, metrics, progress. ``keys``: the dataset fields each
+    batch carries. Returns ``train_loop``'s ``(state, summary)``."""
+    from jaxrob.checkpoint import Checkpointer
+    from jaxrob.training import step_batches, train_loop
+
+    tc = config.train
+    ckpt = Checkpointer(workdir / "checkpoints", fingerprint=fingerprint,
+                        save_every=check_positive(tc.checkpoint_every, "train.checkpoint_every"),
+                        max_to_keep=tc.keep_checkpoints)
+    if ckpt.latest_step() is not None:  # fail before touching anything of the earlier run
+        ckpt.check_fingerprint()
+    write_json(workdir / "config.json", config)
+    with ckpt:
+        return train_loop(
+            train_step, init_fn,
+            lambda start: step_batches(dataset, batch_size, seed=int(config.seed),
+                                       start_step=start, keys=keys),
+            num_steps=num_steps, workdir=workdir, checkpointer=ckpt, mesh=mesh,
+            log_every=check_positive(tc.log_every, "train.log_every"), desc=desc)
+
+
 def start_study(config, workdir, what: str, *, single_stage: bool = False,
                 fast_vjp: bool = False):
     """Common start of the purifier studies: workdir, config.json, test split, DDPM, purifier.

@@ -42,13 +42,11 @@ def public(ev: dict) -> dict:
 
 def run(config, workdir) -> dict:
     """Train (or resume), evaluate and export a classifier; returns ``results.json``'s content."""
-    from jaxrob.checkpoint import Checkpointer, save_params
+    from jaxrob.checkpoint import save_params
     from jaxrob.training import (
         init_classifier_state,
         make_classifier_train_step,
         make_optimizer,
-        step_batches,
-        train_loop,
     )
 
     timer, workdir, mesh, batch_size, num_steps, train_ds = _common.begin_training(
@@ -67,22 +65,9 @@ def run(config, workdir) -> dict:
     init_fn = lambda: init_classifier_state(model, jr.key(int(config.seed)), image_shape, tx)
     train_step = make_classifier_train_step(model.apply, tx, label_smoothing=tc.label_smoothing,
                                             lr_fn=lr_fn, mesh=mesh)
-    ckpt = Checkpointer(workdir / "checkpoints",
-                        fingerprint=fingerprint(config, train_ds.num_classes),
-                        save_every=_common.check_positive(tc.checkpoint_every,
-                                                          "train.checkpoint_every"),
-                        max_to_keep=tc.keep_checkpoints)
-    if ckpt.latest_step() is not None:  # fail before touching anything of the earlier run
-        ckpt.check_fingerprint()
-    _common.write_json(workdir / "config.json", config)
-    with ckpt:
-        state, summary = train_loop(
-            train_step, init_fn,
-            lambda start: step_batches(train_ds, batch_size, seed=int(config.seed),
-                                       start_step=start, keys=("image", "label")),
-            num_steps=num_steps, workdir=workdir, checkpointer=ckpt, mesh=mesh,
-            log_every=_common.check_positive(tc.log_every, "train.log_every"),
-            desc="classifier")
+    state, summary = _common.run_training(
+        config, workdir, mesh, fingerprint(config, train_ds.num_classes), train_step, init_fn,
+        train_ds, batch_size, num_steps, "classifier", keys=("image", "label"))
     variables = jax.device_get(state.variables())
     num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
     ev = evaluate(Classifier(model, variables), test_ds,

@@ -110,13 +110,11 @@ def run(config, workdir, *, evaluate: bool = True) -> dict:
       evaluate: also compute the denoising MSE and the sample grid (``main.py`` does that
         itself and passes False).
     """
-    from jaxrob.checkpoint import Checkpointer, save_params
+    from jaxrob.checkpoint import save_params
     from jaxrob.training import (
         init_ddpm_state,
         make_ddpm_train_step,
         make_optimizer,
-        step_batches,
-        train_loop,
     )
 
     timer, workdir, mesh, batch_size, num_steps, train_ds = _common.begin_training(
@@ -138,20 +136,8 @@ def run(config, workdir, *, evaluate: bool = True) -> dict:
                                       ema=True)
     train_step = make_ddpm_train_step(model.apply, tx, schedule, ema_decay=tc.ema_decay,
                                       ema_warmup=tc.ema_warmup, lr_fn=lr_fn, mesh=mesh)
-    ckpt = Checkpointer(workdir / "checkpoints", fingerprint=fingerprint(config),
-                        save_every=_common.check_positive(tc.checkpoint_every,
-                                                          "train.checkpoint_every"),
-                        max_to_keep=tc.keep_checkpoints)
-    if ckpt.latest_step() is not None:  # fail before touching anything of the earlier run
-        ckpt.check_fingerprint()
-    _common.write_json(workdir / "config.json", config)
-    with ckpt:
-        state, summary = train_loop(
-            train_step, init_fn,
-            lambda start: step_batches(train_ds, batch_size, seed=int(config.seed),
-                                       start_step=start),
-            num_steps=num_steps, workdir=workdir, checkpointer=ckpt, mesh=mesh,
-            log_every=_common.check_positive(tc.log_every, "train.log_every"), desc="ddpm")
+    state, summary = _common.run_training(config, workdir, mesh, fingerprint(config), train_step,
+                                          init_fn, train_ds, batch_size, num_steps, "ddpm")
     num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
     logging.info("trained %d steps (%d this run) of a %d-parameter UNet; %.2f steps/s",
                  num_steps, summary["steps_run"], num_params, summary["steps_per_s"])

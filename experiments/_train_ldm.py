@@ -34,29 +34,6 @@ def _optimizer(tc, num_steps):
                           grad_clip=tc.grad_clip)
 
 
-def _train(config, workdir, mesh, fingerprint, train_step, init_fn, dataset, batch_size,
-           num_steps, desc):
-    """The shared resumable loop: checkpoints (fingerprint-checked), metrics, progress."""
-    from jaxrob.checkpoint import Checkpointer
-    from jaxrob.training import step_batches, train_loop
-
-    tc = config.train
-    ckpt = Checkpointer(workdir / "checkpoints", fingerprint=fingerprint,
-                        save_every=_common.check_positive(tc.checkpoint_every,
-                                                          "train.checkpoint_every"),
-                        max_to_keep=tc.keep_checkpoints)
-    if ckpt.latest_step() is not None:  # fail before touching anything of the earlier run
-        ckpt.check_fingerprint()
-    _common.write_json(workdir / "config.json", config)
-    with ckpt:
-        return train_loop(
-            train_step, init_fn,
-            lambda start: step_batches(dataset, batch_size, seed=int(config.seed),
-                                       start_step=start),
-            num_steps=num_steps, workdir=workdir, checkpointer=ckpt, mesh=mesh,
-            log_every=_common.check_positive(tc.log_every, "train.log_every"), desc=desc)
-
-
 # ----------------------------------------------------------------------------- autoencoder
 
 
@@ -106,8 +83,8 @@ def run_autoencoder(config, workdir) -> dict:
     fingerprint = {"kind": "autoencoder", "autoencoder": meta_ae,
                    "data": {"name": config.data.name, "train_split": config.data.train_split},
                    "loss": {"kl_weight": float(tc.kl_weight), "recon": tc.recon}}
-    state, summary = _train(config, workdir, mesh, fingerprint, train_step, init_fn, train_ds,
-                            batch_size, num_steps, "autoencoder")
+    state, summary = _common.run_training(config, workdir, mesh, fingerprint, train_step,
+                                          init_fn, train_ds, batch_size, num_steps, "autoencoder")
     num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
     logging.info("trained %d steps (%d this run) of a %d-parameter autoencoder; %.2f steps/s",
                  num_steps, summary["steps_run"], num_params, summary["steps_per_s"])
@@ -268,8 +245,8 @@ def run_ldm(config, workdir) -> dict:
     fingerprint = {"kind": "ldm", "model": _common.to_plain(config.model),
                    "diffusion": _common.to_plain(config.diffusion), "autoencoder": ae_ref,
                    "data": {"name": config.data.name, "train_split": config.data.train_split}}
-    state, summary = _train(config, workdir, mesh, fingerprint, train_step, init_fn, codes,
-                            batch_size, num_steps, "ldm")
+    state, summary = _common.run_training(config, workdir, mesh, fingerprint, train_step,
+                                          init_fn, codes, batch_size, num_steps, "ldm")
     num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
     logging.info("trained %d steps (%d this run) of a %d-parameter latent UNet; %.2f steps/s",
                  num_steps, summary["steps_run"], num_params, summary["steps_per_s"])
