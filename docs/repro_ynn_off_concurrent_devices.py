@@ -9,7 +9,10 @@ No sharding and no collective is involved: one ``jax.jit`` of jaxrob's per-chunk
 the ``ddpm_bpda`` row of configs/digits_robust.py) on 8 test digits, placed on device 0 for
 examples 48..55 and on device 1 for 56..63. The two calls are run one after the other (the
 reference), then dispatched together so that they execute concurrently. About 2.5 minutes on
-the 2-core CPU (compilation for each device), jaxlib 0.10.2.
+the 2-core CPU (compilation for each device), jaxlib 0.10.2. ``EXTRA_XLA_FLAGS`` is appended to
+the script's XLA_FLAGS (checked 2026-12-01: the test suite's compile flags,
+``--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true``, with
+``--ynn no_conv``: 0 of 6 concurrent executions differ).
 """
 
 import argparse
@@ -29,7 +32,7 @@ def main():
     args = parser.parse_args()
     # set before JAX starts; deliberately not through jaxrob.parallel.configure_cpu, which
     # refuses "off" on several devices
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=2 {FLAGS[args.ynn]}"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=2 {FLAGS[args.ynn]} " + os.environ.get("EXTRA_XLA_FLAGS", "")
     sys.path.insert(0, str(REPO))
 
     import jax
@@ -57,10 +60,10 @@ def main():
     clf = MODELS[cmeta["model"]["name"]](num_classes=cmeta["num_classes"], fast_vjp=True, **kw)
     purifier = diffpure(lambda x, s: unet.apply(ddpm_vars, x, s, train=False), schedule,
                         t_star=0.1, num_steps=10, gradient="bpda")
-    defended = purified_logits(lambda x: clf.apply(clf_vars, x, train=False), purifier)
+    defended = purified_logits(lambda x, _key: clf.apply(clf_vars, x, train=False), purifier)
 
     def attack(model, x, y, key):
-        return pgd(model, x, y, key, eps=0.2, num_steps=10, loss="ce", eot_samples=4).x_adv
+        return pgd(model, x, y, key, eps=0.2, num_steps=10, loss="ce", eot_samples=4)
 
     def chunk(x, y, idx, key):
         keys = jax.vmap(lambda i: jr.fold_in(key, i))(idx)

@@ -8,6 +8,21 @@ import sys
 
 # Must happen before JAX initialises its backend: exercise multi-device code on CPU.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite is bound by XLA:CPU compilation (tiny models, many distinct programs), most of it in
+# LLVM's optimisation passes. Compile without them: the programs compute the same functions (the
+# tests assert properties and tolerances, not timings) at about half the CPU time of the suite.
+# JAXROB_TEST_XLA_OPT=1 keeps XLA's default optimisation (what users run). Subprocesses started
+# by the tests (experiment smokes, the notebook) inherit the flags.
+_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+# what a test's own subprocess (the notebook kernel, the multi-process workers) adds to
+# the XLA_FLAGS it sets
+os.environ["JAXROB_TEST_XLA_EXTRA"] = ("" if os.environ.get("JAXROB_TEST_XLA_OPT", "0") == "1"
+                                       else " ".join(_FAST_COMPILE))
+if os.environ.get("JAXROB_TEST_XLA_OPT", "0") != "1":
+    _flags = os.environ["XLA_FLAGS"].split()
+    _named = {g.split("=")[0] for g in _flags}
+    os.environ["XLA_FLAGS"] = " ".join(
+        _flags + [f for f in _FAST_COMPILE if f.split("=")[0] not in _named])
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _variables, _jaxrob_typecheck
 os.environ.setdefault("JAXROB_DATA_DIR", str(_REPO.parent / "shared" / "datasets"))

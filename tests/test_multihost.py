@@ -84,7 +84,8 @@ def test_killed_process_job_resumes_with_nothing_lost_or_repeated(tmp_path):
 
 def _child_env():
     env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               + os.environ.get("JAXROB_TEST_XLA_EXTRA", ""), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO))
     return env
 
