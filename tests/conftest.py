@@ -12,7 +12,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # LLVM's optimisation passes. Compile without them: the programs compute the same functions (the
 # tests assert properties and tolerances, not timings) at about half the CPU time of the suite.
 # JAXROB_TEST_XLA_OPT=1 keeps XLA's default optimisation (what users run). Subprocesses started
-# by the tests (experiment smokes, the notebook) inherit the flags.
+# by the tests (experiment smokes) inherit them; the quick-start notebook runs at the default
+# (its Lanczos cell is execution-bound: 28 s -> 158 s at -O0).
 _FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 # what a test's own subprocess (the notebook kernel, the multi-process workers) adds to
 # the XLA_FLAGS it sets
