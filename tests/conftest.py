@@ -15,7 +15,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # by the tests (experiment smokes) inherit them; the quick-start notebook runs at the default
 # (its Lanczos cell is execution-bound: 28 s -> 158 s at -O0).
 _FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-# what a test's own subprocess (the notebook kernel, the multi-process workers) adds to
+# what a test's own subprocess (the multi-process workers) adds to
 # the XLA_FLAGS it sets
 os.environ["JAXROB_TEST_XLA_EXTRA"] = ("" if os.environ.get("JAXROB_TEST_XLA_OPT", "0") == "1"
                                        else " ".join(_FAST_COMPILE))
