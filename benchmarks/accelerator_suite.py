@@ -288,7 +288,7 @@ class JaxSuite:
             logits_fn = lambda z, k: defended(z, example_keys(k, idx))
             loss_B, g = eot_value_and_grad(loss_from_logits(logits_fn), x_adv, y, key,
                                            samples=eot, chunk=chunk)
-            return project(x_adv + STEP_SIZE * jnp.sign(g), x, EPS, "linf"), loss_B
+            return project(x_adv + STEP_SIZE * jnp.sign(g), x, jnp.asarray(EPS), "linf"), loss_B
 
         return step, chunk
 

@@ -9,7 +9,11 @@ reference. Every process runs the same job:
    over a linear classifier, PGD with EoT, resumable chunk store);
 2. a per-example pass through ``jaxrob.evaluation.run_chunks`` over data that records which
    rows each process read;
-3. DDPM training of a tiny UNet (``--model unet``; ``--model tiny``: two convolutions, the same
+3. (``--phases`` with ``jacobian``) the Jacobian sweep of ``experiments/jacobian_spectrum.py``
+   (its run_chunks function and chunk mesh: the dense Jacobian of the fixed-key purifier per
+   image, directions sharded over every device of the global mesh, its singular values and
+   spectrum summary) over ``N_JAC`` images;
+4. DDPM training of a tiny UNet (``--model unet``; ``--model tiny``: two convolutions, the same
    sharded train step at a quarter of the compile time), parameters from
    ``jaxrob.models.random_variables``, with orbax checkpoints, stopped half-way and resumed
    from its checkpoint, then a ``save_params`` export.
@@ -46,6 +50,7 @@ import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+N_JAC = 3  # images of the Jacobian sweep (chunks of 2: one padded)
 N_EVAL = 20  # examples of the robust evaluation (not a multiple of the batch: padding)
 EVAL_BATCH = 8
 HW = 8
@@ -85,21 +90,29 @@ def _eval_data():
     return x, y, idx
 
 
-def _defended():
-    """A tiny DiffPure purifier (one reverse step of a conv eps-model) over a linear classifier."""
+def _purifier(num_steps: int = 1):
+    """A tiny DiffPure purifier: ``num_steps`` reverse steps of a conv eps-model."""
     import jax
     import numpy as np
 
     import jaxrob.diffusion as jd
-    from jaxrob.purify import diffpure, purified_logits
+    from jaxrob.purify import diffpure
 
     rng = np.random.default_rng(1)
     w_conv = (0.1 * rng.standard_normal((3, 3, 1, 1))).astype(np.float32)
-    w = rng.standard_normal((HW * HW, 3)).astype(np.float32)
     eps_fn = lambda x, s: jax.lax.conv_general_dilated(
         x, w_conv, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    purifier = diffpure(eps_fn, jd.linear_schedule(100), t_star=0.1, num_steps=1)
-    return purified_logits(lambda z, key=None: z.reshape(z.shape[0], -1) @ w, purifier)
+    return diffpure(eps_fn, jd.linear_schedule(100), t_star=0.1, num_steps=num_steps)
+
+
+def _defended():
+    """The tiny purifier (one reverse step) over a linear classifier."""
+    import numpy as np
+
+    from jaxrob.purify import purified_logits
+
+    w = np.random.default_rng(2).standard_normal((HW * HW, 3)).astype(np.float32)
+    return purified_logits(lambda z, key=None: z.reshape(z.shape[0], -1) @ w, _purifier())
 
 
 def _attack(model, x, y, key):
@@ -146,6 +159,25 @@ def _run_reads(mesh):
     run = run_chunks(fn, {"x": rec, "index": idx}, key=jr.key(0), batch_size=EVAL_BATCH,
                      mesh=mesh, progress=False)
     return rec.reads, run.records["mean"]
+
+
+def _run_jacobian(mesh):
+    """The Jacobian sweep's dense part (``experiments/jacobian_spectrum.py``) over N_JAC images:
+    per image the 64 x 64 Jacobian of a 2-step fixed-key purifier, its directions sharded over
+    every device of ``mesh`` (``jaxrob.analysis.jacobian(..., mesh=)``), and its spectrum."""
+    import jax.random as jr
+    import numpy as np
+
+    from experiments import jacobian_spectrum as js
+    from jaxrob.evaluation import run_chunks
+
+    x, _, idx = _eval_data()
+    study = {"method": "jvp_chunks", "chunk": 8, "unclipped": False, "low": 0.25, "high": 1.0,
+             "dense": True, "topk": 0, "num": 0}
+    run = run_chunks(js._chunk, {"x": np.asarray(x[:N_JAC]), "index": idx[:N_JAC]},
+                     key=jr.key(7), args=("dense", _purifier(2), None, study, mesh),
+                     batch_size=2, mesh=js._chunk_mesh("dense", study, mesh), progress=False)
+    return {f"jac/{k}": v for k, v in run.records.items() if k != "seconds"}
 
 
 def _tiny_eps_model():
@@ -278,38 +310,50 @@ def worker(args) -> None:
     def lap(name):
         phases[name] = round(time.perf_counter() - t0 - sum(phases.values()), 2)
 
+    phases_run = args.phases.split(",")
     lap("init")
-    res = _run_eval(mesh, out, args.kill_at_chunk if kill_here else None)
-    lap("eval")
-    reads, means = _run_reads(mesh)
-    lap("run_chunks")
-    state, train = _run_train(mesh, out, job / "ckpt", args.kill_at_step if kill_here else None,
-                              resume_split=not args.no_resume_split, model=args.model)
-    lap("train")
-    export = save_params(job / "export", state.ema_params, {"check": "multihost"},
-                         overwrite=True)
-    lap("export")
-    foreign = (_restore_foreign(pathlib.Path(args.restore_from) / "ckpt",
-                                pathlib.Path(args.restore_from) / "export", mesh, args.model)
-               if args.restore_from else {})
-    lap("restore")
+    res, reads, means, jac, train, export, foreign = None, [], None, {}, None, None, {}
+    if "eval" in phases_run:
+        res = _run_eval(mesh, out, args.kill_at_chunk if kill_here else None)
+        lap("eval")
+        reads, means = _run_reads(mesh)
+        lap("run_chunks")
+    if "jacobian" in phases_run:
+        jac = _run_jacobian(mesh)
+        lap("jacobian")
+    if "train" in phases_run:
+        state, train = _run_train(mesh, out, job / "ckpt",
+                                  args.kill_at_step if kill_here else None,
+                                  resume_split=not args.no_resume_split, model=args.model)
+        lap("train")
+        export = save_params(job / "export", state.ema_params, {"check": "multihost"},
+                             overwrite=True)
+        lap("export")
+        foreign = (_restore_foreign(pathlib.Path(args.restore_from) / "ckpt",
+                                    pathlib.Path(args.restore_from) / "export", mesh,
+                                    args.model)
+                   if args.restore_from else {})
+        lap("restore")
     (diag / f"process{args.process_id}.json").write_text(json.dumps({
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "local_devices": jax.local_device_count(), "devices": jax.device_count(),
         "reads": reads, "rows_of_eval_batch": process_rows(EVAL_BATCH, mesh).tolist(),
-        "chunks_run": res["chunks_run"], "chunks_total": res["chunks_total"],
-        "train": train, "self_check": res["self_check"], "wall_s": time.perf_counter() - t0,
-        "phases_s": phases,
+        "chunks_run": res and res["chunks_run"], "chunks_total": res and res["chunks_total"],
+        "train": train, "self_check": res and res["self_check"],
+        "wall_s": time.perf_counter() - t0, "phases_s": phases, "phases": phases_run,
     }))
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        per = {f"eval/{k}": v for k, v in res["per_example"].items() if k != "seconds"}
-        np.savez(out / "result.npz", **per, reads_mean=means,
-                 **_flat(state.params, "params"), **_flat(state.ema_params, "ema"),
-                 **{k: v for k, v in foreign.items()})
+        per = ({f"eval/{k}": v for k, v in res["per_example"].items() if k != "seconds"}
+               if res else {})
+        trained = ({**_flat(state.params, "params"), **_flat(state.ema_params, "ema")}
+                   if train is not None else {})
+        np.savez(out / "result.npz", **per, **({"reads_mean": means} if res else {}),
+                 **trained, **jac, **{k: v for k, v in foreign.items()})
         (out / "results.json").write_text(json.dumps({
-            "clean": res["clean"], "adv": res["adv"], "export": str(export),
-            "chunks_run": res["chunks_run"], "train": train}, indent=1, default=str))
+            "clean": res and res["clean"], "adv": res and res["adv"],
+            "export": export and str(export), "chunks_run": res and res["chunks_run"],
+            "train": train}, indent=1, default=str))
     print(f"worker {args.process_id}/{args.num_processes}: done in "
           f"{time.perf_counter() - t0:.1f} s {phases}", flush=True)
 
