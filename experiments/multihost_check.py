@@ -32,6 +32,10 @@ status 0 when every check passes)::
     python experiments/multihost_check.py --workdir /tmp/multihost --num_processes 2 \\
         --devices_per_process 4 [--kill]
 
+The Jacobian sweep alone (2 x 4 processes x devices == 1 x 8, float tolerance)::
+
+    python experiments/multihost_check.py --workdir /tmp/multihost_jac --phases jacobian
+
 A worker is this script with ``--role worker``; the launcher starts them with the right
 environment (``XLA_FLAGS=--xla_force_host_platform_device_count=D``, ``JAX_PLATFORMS=cpu``).
 """
@@ -444,6 +448,14 @@ def _compare(multi: dict, ref: dict, check: dict) -> None:
                 return False
         return True
 
+    if any(k.startswith("jac/") for k in ref):
+        # the Jacobian sweep: float tolerance (a cross-device reduction in the SVD's inputs)
+        check["jacobian_records_equal"] = same("jac/", exact=False, rtol=1e-5, atol=1e-6)
+        check["jacobian_max_abs_diff"] = max(
+            float(np.abs(np.asarray(multi[k], np.float64) - ref[k]).max())
+            for k in ref if k.startswith("jac/") and k in multi)
+    if not any(k.startswith("eval/") for k in ref):
+        return
     check["eval_records_equal"] = same("eval/", exact=False, rtol=0, atol=1e-6)
     check["eval_predictions_identical"] = same("eval/pred_", exact=True)
     check["run_chunks_records_equal"] = same("reads_mean", exact=False, rtol=0, atol=1e-7)
@@ -472,18 +484,33 @@ def _check_reads(diags: list[dict], check: dict) -> None:
     check["batch_rows_partitioned"] = layout == list(range(EVAL_BATCH))
 
 
+PHASES = ("eval", "jacobian", "train")
+DEFAULT_PHASES = "eval,train"
+
+
 def launch(workdir: str | os.PathLike, *, num_processes: int = 2, devices_per_process: int = 4,
-           kill: bool = False, model: str = "unet", timeout_s: float = 240.0) -> dict:
+           kill: bool = False, model: str = "unet", timeout_s: float = 240.0,
+           phases: str = DEFAULT_PHASES) -> dict:
     """Run the multi-process job (and, with ``kill``, its killed and restarted attempts), then
     the one-process reference; returns the checks (``"ok"``: all passed).
 
     ``model``: the eps-model trained, ``"unet"`` (jaxrob's UNet, tiny configuration) or
     ``"tiny"`` (two convolutions: the same sharded train step at a quarter of the compile time).
+    ``phases``: comma-separated subset of ``eval`` (robust evaluation + row reads),
+    ``jacobian`` (the Jacobian sweep) and ``train`` (training, checkpoints, export); the full
+    set of checks needs ``eval,train`` (``kill`` too).
     """
     import numpy as np
 
     if model not in MODELS:
         raise ValueError(f"model: expected one of {list(MODELS)}, got {model!r}")
+    wanted = phases.split(",")
+    if not wanted or set(wanted) - set(PHASES):
+        raise ValueError(f"phases: expected a comma-separated subset of {list(PHASES)}, got "
+                         f"{phases!r}")
+    full = {"eval", "train"} <= set(wanted)
+    if kill and not full:
+        raise ValueError("kill: needs phases with eval and train")
 
     root = pathlib.Path(workdir).absolute()
     multi, ref = root / "multi", root / "single"
@@ -499,7 +526,7 @@ def launch(workdir: str | os.PathLike, *, num_processes: int = 2, devices_per_pr
              ["--no_resume_split"]] if kill else [[]])
     for i, extra in enumerate(plan):
         codes = run_job(multi, num_processes, devices_per_process, timeout_s=timeout_s,
-                        extra=[*extra, "--model", model],
+                        extra=[*extra, "--model", model, "--phases", phases],
                         logs=root / "logs" / f"multi_attempt{i}")
         attempts.append(codes)
         expect_kill = i < len(plan) - 1
@@ -510,7 +537,7 @@ def launch(workdir: str | os.PathLike, *, num_processes: int = 2, devices_per_pr
                     "log_tails": tails}
     t_multi = time.perf_counter() - t0
     codes = run_job(ref, 1, num_processes * devices_per_process, timeout_s=timeout_s,
-                    extra=["--restore_from", str(multi), "--model", model],
+                    extra=["--restore_from", str(multi), "--model", model, "--phases", phases],
                     logs=root / "logs" / "single")
     if any(codes):
         return {"ok": False, "failed": f"reference: exit status {codes}",
@@ -526,11 +553,17 @@ def launch(workdir: str | os.PathLike, *, num_processes: int = 2, devices_per_pr
     with np.load(ref / "proc0" / "result.npz") as z:
         r = {k: z[k] for k in z.files}
     _compare(m, r, check)
-    _check_reads(diags, check)
     others = [p for i in range(1, num_processes) for p in (multi / f"proc{i}").rglob("*")]
     check["only_process_0_writes"] = not others and (multi / "proc0" / "results.json").is_file()
-    check["self_check_agrees"] = all(not d["self_check"]["mismatches"] for d in diags)
     last = diags[0]
+    check["phases"] = wanted
+    if not full:
+        check["phases_s"] = {"multi_process0": diags[0].get("phases_s")}
+        check["total_s"] = round(time.perf_counter() - t0, 1)
+        check["ok"] = all(v for k, v in check.items() if isinstance(v, bool))
+        return check
+    _check_reads(diags, check)
+    check["self_check_agrees"] = all(not d["self_check"]["mismatches"] for d in diags)
     if kill:
         check["resumed_eval_chunks_run"] = last["chunks_run"]
         check["resumed_train"] = last["train"]
@@ -557,6 +590,8 @@ def main(argv=None) -> int:
     p.add_argument("--kill", action="store_true", help="kill one process mid-run and resume")
     p.add_argument("--model", choices=MODELS, default="unet", help="the eps-model trained")
     p.add_argument("--timeout_s", type=float, default=240.0)
+    p.add_argument("--phases", default=DEFAULT_PHASES,
+                   help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--role", choices=("launcher", "worker"), default="launcher")
     p.add_argument("--process_id", type=int, default=0)
     p.add_argument("--coordinator_address", default=None)
@@ -571,7 +606,7 @@ def main(argv=None) -> int:
         return 0
     result = launch(args.workdir, num_processes=args.num_processes,
                     devices_per_process=args.devices_per_process, kill=args.kill,
-                    model=args.model, timeout_s=args.timeout_s)
+                    model=args.model, timeout_s=args.timeout_s, phases=args.phases)
     print(json.dumps(result, indent=1, default=str))
     return 0 if result["ok"] else 1
 
