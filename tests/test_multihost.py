@@ -64,7 +64,7 @@ def test_two_processes_give_the_records_and_parameters_of_one(tmp_path):
     assert res["only_process_0_writes"]
 
 
-# ~25 s of CPU over the three processes (6.6 min wall at load ~8); the multi-process mesh,
+# ~28 s of CPU over the three processes (30 s wall at load ~2, 6.6 min at load ~8); the mesh,
 # run_chunks and records under it are covered in CI by
 # test_two_processes_give_the_records_and_parameters_of_one
 @pytest.mark.slow
