@@ -9,7 +9,11 @@ reference. Every process runs the same job:
    over a linear classifier, PGD with EoT, resumable chunk store);
 2. a per-example pass through ``jaxrob.evaluation.run_chunks`` over data that records which
    rows each process read;
-3. DDPM training of a tiny UNet (``--model unet``; ``--model tiny``: two convolutions, the same
+3. (``--phases`` with ``jacobian``) the Jacobian sweep of ``experiments/jacobian_spectrum.py``
+   (its run_chunks function and chunk mesh: the dense Jacobian of the fixed-key purifier per
+   image, directions sharded over every device of the global mesh, its singular values and
+   spectrum summary) over ``N_JAC`` images;
+4. DDPM training of a tiny UNet (``--model unet``; ``--model tiny``: two convolutions, the same
    sharded train step at a quarter of the compile time), parameters from
    ``jaxrob.models.random_variables``, with orbax checkpoints, stopped half-way and resumed
    from its checkpoint, then a ``save_params`` export.
@@ -27,6 +31,10 @@ status 0 when every check passes)::
 
     python experiments/multihost_check.py --workdir /tmp/multihost --num_processes 2 \\
         --devices_per_process 4 [--kill]
+
+The Jacobian sweep alone (2 x 4 processes x devices == 1 x 8, float tolerance)::
+
+    python experiments/multihost_check.py --workdir /tmp/multihost_jac --phases jacobian
 
 A worker is this script with ``--role worker``; the launcher starts them with the right
 environment (``XLA_FLAGS=--xla_force_host_platform_device_count=D``, ``JAX_PLATFORMS=cpu``).
@@ -46,6 +54,7 @@ import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+N_JAC = 3  # images of the Jacobian sweep (chunks of 2: one padded)
 N_EVAL = 20  # examples of the robust evaluation (not a multiple of the batch: padding)
 EVAL_BATCH = 8
 HW = 8
@@ -85,21 +94,29 @@ def _eval_data():
     return x, y, idx
 
 
-def _defended():
-    """A tiny DiffPure purifier (one reverse step of a conv eps-model) over a linear classifier."""
+def _purifier(num_steps: int = 1):
+    """A tiny DiffPure purifier: ``num_steps`` reverse steps of a conv eps-model."""
     import jax
     import numpy as np
 
     import jaxrob.diffusion as jd
-    from jaxrob.purify import diffpure, purified_logits
+    from jaxrob.purify import diffpure
 
     rng = np.random.default_rng(1)
     w_conv = (0.1 * rng.standard_normal((3, 3, 1, 1))).astype(np.float32)
-    w = rng.standard_normal((HW * HW, 3)).astype(np.float32)
     eps_fn = lambda x, s: jax.lax.conv_general_dilated(
         x, w_conv, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    purifier = diffpure(eps_fn, jd.linear_schedule(100), t_star=0.1, num_steps=1)
-    return purified_logits(lambda z, key=None: z.reshape(z.shape[0], -1) @ w, purifier)
+    return diffpure(eps_fn, jd.linear_schedule(100), t_star=0.1, num_steps=num_steps)
+
+
+def _defended():
+    """The tiny purifier (one reverse step) over a linear classifier."""
+    import numpy as np
+
+    from jaxrob.purify import purified_logits
+
+    w = np.random.default_rng(2).standard_normal((HW * HW, 3)).astype(np.float32)
+    return purified_logits(lambda z, key=None: z.reshape(z.shape[0], -1) @ w, _purifier())
 
 
 def _attack(model, x, y, key):
@@ -146,6 +163,25 @@ def _run_reads(mesh):
     run = run_chunks(fn, {"x": rec, "index": idx}, key=jr.key(0), batch_size=EVAL_BATCH,
                      mesh=mesh, progress=False)
     return rec.reads, run.records["mean"]
+
+
+def _run_jacobian(mesh):
+    """The Jacobian sweep's dense part (``experiments/jacobian_spectrum.py``) over N_JAC images:
+    per image the 64 x 64 Jacobian of a 2-step fixed-key purifier, its directions sharded over
+    every device of ``mesh`` (``jaxrob.analysis.jacobian(..., mesh=)``), and its spectrum."""
+    import jax.random as jr
+    import numpy as np
+
+    from experiments import jacobian_spectrum as js
+    from jaxrob.evaluation import run_chunks
+
+    x, _, idx = _eval_data()
+    study = {"method": "jvp_chunks", "chunk": 8, "unclipped": False, "low": 0.25, "high": 1.0,
+             "dense": True, "topk": 0, "num": 0}
+    run = run_chunks(js._chunk, {"x": np.asarray(x[:N_JAC]), "index": idx[:N_JAC]},
+                     key=jr.key(7), args=("dense", _purifier(2), None, study, mesh),
+                     batch_size=2, mesh=js._chunk_mesh("dense", study, mesh), progress=False)
+    return {f"jac/{k}": v for k, v in run.records.items() if k != "seconds"}
 
 
 def _tiny_eps_model():
@@ -278,38 +314,50 @@ def worker(args) -> None:
     def lap(name):
         phases[name] = round(time.perf_counter() - t0 - sum(phases.values()), 2)
 
+    phases_run = args.phases.split(",")
     lap("init")
-    res = _run_eval(mesh, out, args.kill_at_chunk if kill_here else None)
-    lap("eval")
-    reads, means = _run_reads(mesh)
-    lap("run_chunks")
-    state, train = _run_train(mesh, out, job / "ckpt", args.kill_at_step if kill_here else None,
-                              resume_split=not args.no_resume_split, model=args.model)
-    lap("train")
-    export = save_params(job / "export", state.ema_params, {"check": "multihost"},
-                         overwrite=True)
-    lap("export")
-    foreign = (_restore_foreign(pathlib.Path(args.restore_from) / "ckpt",
-                                pathlib.Path(args.restore_from) / "export", mesh, args.model)
-               if args.restore_from else {})
-    lap("restore")
+    res, reads, means, jac, train, export, foreign = None, [], None, {}, None, None, {}
+    if "eval" in phases_run:
+        res = _run_eval(mesh, out, args.kill_at_chunk if kill_here else None)
+        lap("eval")
+        reads, means = _run_reads(mesh)
+        lap("run_chunks")
+    if "jacobian" in phases_run:
+        jac = _run_jacobian(mesh)
+        lap("jacobian")
+    if "train" in phases_run:
+        state, train = _run_train(mesh, out, job / "ckpt",
+                                  args.kill_at_step if kill_here else None,
+                                  resume_split=not args.no_resume_split, model=args.model)
+        lap("train")
+        export = save_params(job / "export", state.ema_params, {"check": "multihost"},
+                             overwrite=True)
+        lap("export")
+        foreign = (_restore_foreign(pathlib.Path(args.restore_from) / "ckpt",
+                                    pathlib.Path(args.restore_from) / "export", mesh,
+                                    args.model)
+                   if args.restore_from else {})
+        lap("restore")
     (diag / f"process{args.process_id}.json").write_text(json.dumps({
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "local_devices": jax.local_device_count(), "devices": jax.device_count(),
         "reads": reads, "rows_of_eval_batch": process_rows(EVAL_BATCH, mesh).tolist(),
-        "chunks_run": res["chunks_run"], "chunks_total": res["chunks_total"],
-        "train": train, "self_check": res["self_check"], "wall_s": time.perf_counter() - t0,
-        "phases_s": phases,
+        "chunks_run": res and res["chunks_run"], "chunks_total": res and res["chunks_total"],
+        "train": train, "self_check": res and res["self_check"],
+        "wall_s": time.perf_counter() - t0, "phases_s": phases, "phases": phases_run,
     }))
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        per = {f"eval/{k}": v for k, v in res["per_example"].items() if k != "seconds"}
-        np.savez(out / "result.npz", **per, reads_mean=means,
-                 **_flat(state.params, "params"), **_flat(state.ema_params, "ema"),
-                 **{k: v for k, v in foreign.items()})
+        per = ({f"eval/{k}": v for k, v in res["per_example"].items() if k != "seconds"}
+               if res else {})
+        trained = ({**_flat(state.params, "params"), **_flat(state.ema_params, "ema")}
+                   if train is not None else {})
+        np.savez(out / "result.npz", **per, **({"reads_mean": means} if res else {}),
+                 **trained, **jac, **{k: v for k, v in foreign.items()})
         (out / "results.json").write_text(json.dumps({
-            "clean": res["clean"], "adv": res["adv"], "export": str(export),
-            "chunks_run": res["chunks_run"], "train": train}, indent=1, default=str))
+            "clean": res and res["clean"], "adv": res and res["adv"],
+            "export": export and str(export), "chunks_run": res and res["chunks_run"],
+            "train": train}, indent=1, default=str))
     print(f"worker {args.process_id}/{args.num_processes}: done in "
           f"{time.perf_counter() - t0:.1f} s {phases}", flush=True)
 
@@ -403,6 +451,14 @@ def _compare(multi: dict, ref: dict, check: dict) -> None:
                 return False
         return True
 
+    if any(k.startswith("jac/") for k in ref):
+        # the Jacobian sweep: float tolerance (a cross-device reduction in the SVD's inputs)
+        check["jacobian_records_equal"] = same("jac/", exact=False, rtol=1e-5, atol=1e-6)
+        check["jacobian_max_abs_diff"] = max(
+            float(np.abs(np.asarray(multi[k], np.float64) - ref[k]).max())
+            for k in ref if k.startswith("jac/") and k in multi)
+    if not any(k.startswith("eval/") for k in ref):
+        return
     check["eval_records_equal"] = same("eval/", exact=False, rtol=0, atol=1e-6)
     check["eval_predictions_identical"] = same("eval/pred_", exact=True)
     check["run_chunks_records_equal"] = same("reads_mean", exact=False, rtol=0, atol=1e-7)
@@ -431,18 +487,33 @@ def _check_reads(diags: list[dict], check: dict) -> None:
     check["batch_rows_partitioned"] = layout == list(range(EVAL_BATCH))
 
 
+PHASES = ("eval", "jacobian", "train")
+DEFAULT_PHASES = "eval,train"
+
+
 def launch(workdir: str | os.PathLike, *, num_processes: int = 2, devices_per_process: int = 4,
-           kill: bool = False, model: str = "unet", timeout_s: float = 240.0) -> dict:
+           kill: bool = False, model: str = "unet", timeout_s: float = 240.0,
+           phases: str = DEFAULT_PHASES) -> dict:
     """Run the multi-process job (and, with ``kill``, its killed and restarted attempts), then
     the one-process reference; returns the checks (``"ok"``: all passed).
 
     ``model``: the eps-model trained, ``"unet"`` (jaxrob's UNet, tiny configuration) or
     ``"tiny"`` (two convolutions: the same sharded train step at a quarter of the compile time).
+    ``phases``: comma-separated subset of ``eval`` (robust evaluation + row reads),
+    ``jacobian`` (the Jacobian sweep) and ``train`` (training, checkpoints, export); the full
+    set of checks needs ``eval,train`` (``kill`` too).
     """
     import numpy as np
 
     if model not in MODELS:
         raise ValueError(f"model: expected one of {list(MODELS)}, got {model!r}")
+    wanted = phases.split(",")
+    if not wanted or set(wanted) - set(PHASES):
+        raise ValueError(f"phases: expected a comma-separated subset of {list(PHASES)}, got "
+                         f"{phases!r}")
+    full = {"eval", "train"} <= set(wanted)
+    if kill and not full:
+        raise ValueError("kill: needs phases with eval and train")
 
     root = pathlib.Path(workdir).absolute()
     multi, ref = root / "multi", root / "single"
@@ -458,7 +529,7 @@ def launch(workdir: str | os.PathLike, *, num_processes: int = 2, devices_per_pr
              ["--no_resume_split"]] if kill else [[]])
     for i, extra in enumerate(plan):
         codes = run_job(multi, num_processes, devices_per_process, timeout_s=timeout_s,
-                        extra=[*extra, "--model", model],
+                        extra=[*extra, "--model", model, "--phases", phases],
                         logs=root / "logs" / f"multi_attempt{i}")
         attempts.append(codes)
         expect_kill = i < len(plan) - 1
@@ -469,7 +540,7 @@ def launch(workdir: str | os.PathLike, *, num_processes: int = 2, devices_per_pr
                     "log_tails": tails}
     t_multi = time.perf_counter() - t0
     codes = run_job(ref, 1, num_processes * devices_per_process, timeout_s=timeout_s,
-                    extra=["--restore_from", str(multi), "--model", model],
+                    extra=["--restore_from", str(multi), "--model", model, "--phases", phases],
                     logs=root / "logs" / "single")
     if any(codes):
         return {"ok": False, "failed": f"reference: exit status {codes}",
@@ -485,11 +556,17 @@ def launch(workdir: str | os.PathLike, *, num_processes: int = 2, devices_per_pr
     with np.load(ref / "proc0" / "result.npz") as z:
         r = {k: z[k] for k in z.files}
     _compare(m, r, check)
-    _check_reads(diags, check)
     others = [p for i in range(1, num_processes) for p in (multi / f"proc{i}").rglob("*")]
     check["only_process_0_writes"] = not others and (multi / "proc0" / "results.json").is_file()
-    check["self_check_agrees"] = all(not d["self_check"]["mismatches"] for d in diags)
     last = diags[0]
+    check["phases"] = wanted
+    if not full:
+        check["phases_s"] = {"multi_process0": diags[0].get("phases_s")}
+        check["total_s"] = round(time.perf_counter() - t0, 1)
+        check["ok"] = all(v for k, v in check.items() if isinstance(v, bool))
+        return check
+    _check_reads(diags, check)
+    check["self_check_agrees"] = all(not d["self_check"]["mismatches"] for d in diags)
     if kill:
         check["resumed_eval_chunks_run"] = last["chunks_run"]
         check["resumed_train"] = last["train"]
@@ -516,6 +593,8 @@ def main(argv=None) -> int:
     p.add_argument("--kill", action="store_true", help="kill one process mid-run and resume")
     p.add_argument("--model", choices=MODELS, default="unet", help="the eps-model trained")
     p.add_argument("--timeout_s", type=float, default=240.0)
+    p.add_argument("--phases", default=DEFAULT_PHASES,
+                   help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--role", choices=("launcher", "worker"), default="launcher")
     p.add_argument("--process_id", type=int, default=0)
     p.add_argument("--coordinator_address", default=None)
@@ -530,7 +609,7 @@ def main(argv=None) -> int:
         return 0
     result = launch(args.workdir, num_processes=args.num_processes,
                     devices_per_process=args.devices_per_process, kill=args.kill,
-                    model=args.model, timeout_s=args.timeout_s)
+                    model=args.model, timeout_s=args.timeout_s, phases=args.phases)
     print(json.dumps(result, indent=1, default=str))
     return 0 if result["ok"] else 1
 

@@ -1,7 +1,9 @@
 """Device set-up, meshes and sharding helpers.
 
 One code path from a laptop CPU to a TPU pod: batches (and EoT samples) are sharded over the
-``data`` axis of a 1-D mesh, parameters are replicated.
+``data`` axis of a 1-D mesh, parameters are replicated. A 2-D mesh ``(data, eot)``
+(``make_mesh(eot=E)``) splits the batch over ``data`` and the EoT samples of each example over
+``eot``, so a batch smaller than the device count still keeps every device busy.
 
 On CPU, call :func:`configure_cpu` before JAX initialises its backend. XLA:CPU keeps only ~1.3
 of 2 cores busy per device on small convolutions; splitting the host into several XLA devices
@@ -33,6 +35,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+EOT_AXIS = "eot"
 
 # XLA:CPU's YNNPACK fusions (jaxlib 0.10.2; experimental flag), set through one of three modes
 # measured in benchmarks/README.md; kept here so experiments, tests and benchmarks agree.
@@ -103,13 +106,45 @@ def configure_cpu(device_count: int | None = None, *, disable_ynn: bool | None =
         jax.config.update("jax_num_cpu_devices", int(device_count))
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D ``data`` mesh over the first ``num_devices`` devices (default: all)."""
+def make_mesh(num_devices: int | None = None, *, eot: int = 1) -> jax.sharding.Mesh:
+    """A ``data`` mesh over the first ``num_devices`` devices (default: all).
+
+    Args:
+      num_devices: devices of the mesh (default: every device).
+      eot: devices of an ``eot`` axis that the EoT samples of one example are split over
+        (``jaxrob.attacks.eot_value_and_grad(..., mesh=)``, ``pgd(..., eot_mesh=)``). 1: a
+        1-D ``data`` mesh; more: a 2-D ``(data, eot)`` mesh of shape
+        ``(num_devices // eot, eot)``; batches are split over ``data`` (and replicated over
+        ``eot``), so batch sizes need only divide by ``num_devices // eot``.
+
+    Raises:
+      ValueError: ``num_devices`` not in ``1..device_count``, or ``eot`` not a positive
+        divisor of it.
+    """
     devices = jax.devices()
     n = len(devices) if num_devices is None else int(num_devices)
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices: expected 1..{len(devices)}, got {num_devices}")
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
+    if isinstance(eot, bool) or not isinstance(eot, int | np.integer) or eot < 1 or n % eot:
+        raise ValueError(f"eot: expected a positive divisor of the {n} devices of the mesh, "
+                         f"got {eot!r}")
+    if eot == 1:
+        return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                             devices=devices[:n])
+    return jax.make_mesh((n // int(eot), int(eot)), (DATA_AXIS, EOT_AXIS),
+                         axis_types=(AxisType.Auto,) * 2, devices=devices[:n])
+
+
+def eot_axis(mesh: jax.sharding.Mesh) -> str:
+    """The mesh axis that EoT samples are split over: ``eot`` when the mesh has one (a 2-D
+    ``(data, eot)`` mesh, the batch on ``data``), else ``data`` (a 1-D mesh given to the
+    attack alone, the batch unsharded)."""
+    if EOT_AXIS in mesh.shape:
+        return EOT_AXIS
+    if DATA_AXIS in mesh.shape:
+        return DATA_AXIS
+    raise ValueError(f"mesh: expected an '{EOT_AXIS}' or a '{DATA_AXIS}' axis "
+                     f"(jaxrob.parallel.make_mesh), got axes {tuple(mesh.shape)}")
 
 
 def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -3,7 +3,8 @@
 The end-to-end check is ``experiments/multihost_check.py`` (its docstring has the command): 2
 processes x 4 host devices (CI) and 4 x 2 (slow) run a robust evaluation, a ``run_chunks`` pass
 over recorded data and DDPM training with checkpoints and an export; the same job in one
-process with 8 devices is the reference. A killed process and the restarted job (slow) must end
+process with 8 devices is the reference; the Jacobian sweep (``--phases jacobian``, slow) too. A
+killed process and the restarted job (slow) must end
 with the same records and parameters.
 """
 
@@ -61,6 +62,26 @@ def test_two_processes_give_the_records_and_parameters_of_one(tmp_path):
     assert res["each_process_reads_only_its_share"] and res["reads_cover_every_example"]
     assert res["reads_per_process"] == [12, 12]  # 3 chunks of 8, 4 rows per chunk each
     assert res["only_process_0_writes"]
+
+
+# ~28 s of CPU over the three processes (30 s wall at load ~2, 6.6 min at load ~8); the mesh,
+# run_chunks and records under it are covered in CI by
+# test_two_processes_give_the_records_and_parameters_of_one
+@pytest.mark.slow
+def test_two_processes_jacobian_sweep_equals_one_process(tmp_path):
+    """The Jacobian sweep of experiments/jacobian_spectrum.py (dense Jacobians, their directions
+    sharded over all 8 devices of 2 processes) == the same sweep in one process of 8."""
+    res = _check_module().launch(tmp_path, num_processes=2, devices_per_process=4,
+                                 phases="jacobian", timeout_s=400)
+    _assert_ok(res)
+    assert res["one_global_mesh"] and res["jacobian_records_equal"]
+    assert res["jacobian_max_abs_diff"] < 1e-5 and res["only_process_0_writes"]
+    with np.load(tmp_path / "multi" / "proc0" / "result.npz") as z:
+        svals = z["jac/svals"]
+        assert svals.shape == (3, 64) and np.all(np.isfinite(svals))
+        assert np.all(z["jac/jacobian_check"] < 1e-4)
+    with pytest.raises(ValueError, match="phases: expected"):
+        _check_module().launch(tmp_path, phases="jacobian,nope")
 
 
 @pytest.mark.slow  # 4 processes compile the same programs at once: ~1 min on 2 cores

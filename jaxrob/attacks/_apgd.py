@@ -236,7 +236,7 @@ def apgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
       alpha: momentum weight (0.75).
       eot_samples: EoT samples per gradient (AutoAttack's ``eot_iter``).
       eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
-      eot_mesh: shard each chunk of EoT samples over this mesh's ``data`` axis
+      eot_mesh: shard each chunk of EoT samples over this mesh's ``eot`` (else ``data``) axis
         (:func:`eot_value_and_grad`); None: no constraint.
       return_iterates: also return every evaluated point (restarts * (N + 1), B, H, W, C).
 

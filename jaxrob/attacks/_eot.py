@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrob._types import Images, Key, Labels, PerExample
 from jaxrob.attacks._common import as_per_example, check_eot
 from jaxrob.attacks._losses import LossFn
-from jaxrob.parallel import DATA_AXIS
+from jaxrob.parallel import eot_axis
 
 
 def _value_and_grad_one(loss_fn: LossFn, x: Images, y: Labels, key: Key):
@@ -46,32 +46,38 @@ def eot_value_and_grad(loss_fn: LossFn, x: Images, y: Labels, key: Key, *, sampl
       key: base key of the samples.
       samples: number of EoT samples.
       chunk: samples evaluated together by one ``vmap`` (must divide ``samples``); None: all.
-      mesh: split each chunk of samples over the ``data`` axis of this mesh (a sharding
-        constraint on the samples' keys, for use under ``jax.jit``): the EoT samples of one
-        input run on different devices and their sum is a cross-device reduction. The chunk
-        must divide by the mesh size. None: no constraint.
+      mesh: split each chunk of samples over the ``eot`` axis of this mesh, or its ``data``
+        axis when it has no ``eot`` axis (a sharding constraint on the samples' indices, for
+        use under ``jax.jit``): the EoT samples of one input run on different devices and
+        their sum is a cross-device reduction. With a 2-D ``(data, eot)`` mesh
+        (``jaxrob.parallel.make_mesh(eot=E)``) the batch stays on ``data`` (e.g. inside
+        ``jaxrob.evaluation.evaluate_robustness`` given the same mesh). The chunk must divide
+        by the size of that axis. None: no constraint. Sample ``i`` keeps its key
+        ``fold_in(key, i)``, so the result is the unsharded one up to summation order.
 
     Returns:
       ``(loss (B,), grad (B, H, W, C))``, means over the samples.
 
     Raises:
       ValueError: ``samples`` or ``chunk`` not a positive integer, or ``chunk`` does not divide
-        ``samples``, or the mesh size does not divide ``chunk``.
+        ``samples``, or the mesh axis's size does not divide ``chunk``.
 
     References:
       Athalye, Engstrom, Ilyas & Kwok, "Synthesizing Robust Adversarial Examples", ICML 2018;
       Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Security", ICML 2018.
     """
     samples, chunk = check_eot(samples, chunk)
-    if mesh is not None and chunk % mesh.shape[DATA_AXIS]:
-        raise ValueError(f"mesh: {mesh.shape[DATA_AXIS]} devices do not divide the EoT chunk of "
-                         f"{chunk} samples; pick a chunk that is a multiple of the device count")
+    axis = None if mesh is None else eot_axis(mesh)
+    if mesh is not None and chunk % mesh.shape[axis]:
+        raise ValueError(f"mesh: the {mesh.shape[axis]} devices of its '{axis}' axis do not "
+                         f"divide the EoT chunk of {chunk} samples; pick a chunk that is a "
+                         f"multiple of the device count")
     one = lambda k: _value_and_grad_one(loss_fn, x, y, k)
 
     def body(carry, idx_C):
         loss_sum_B, grad_sum = carry
         if mesh is not None:
-            idx_C = jax.lax.with_sharding_constraint(idx_C, NamedSharding(mesh, P(DATA_AXIS)))
+            idx_C = jax.lax.with_sharding_constraint(idx_C, NamedSharding(mesh, P(axis)))
         keys = jax.vmap(lambda i: jr.fold_in(key, i))(idx_C)
         loss_CB, grad_C = jax.vmap(one)(keys)
         return (loss_sum_B + jnp.sum(loss_CB, axis=0), grad_sum + jnp.sum(grad_C, axis=0)), None
@@ -95,7 +101,8 @@ def eot_grad(loss_fn: LossFn, x: Images, y: Labels, key: Key, *, samples: int = 
       key: base key of the samples.
       samples: number of EoT samples.
       chunk: samples per ``vmap`` (must divide ``samples``); None: all at once.
-      mesh: shard the samples over this mesh's ``data`` axis (see :func:`eot_value_and_grad`).
+      mesh: shard the samples over this mesh's ``eot`` (else ``data``) axis (see
+        :func:`eot_value_and_grad`).
 
     Returns:
       (B, H, W, C) mean gradient.

@@ -63,7 +63,7 @@ def fgsm(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float,
       loss: ``"ce"`` (default), ``"cw"``, ``"dlr"`` or a callable ``loss(logits, y) -> (B,)``.
       eot_samples: EoT samples per gradient (:func:`eot_value_and_grad`).
       eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
-      eot_mesh: shard each chunk of EoT samples over this mesh's ``data`` axis
+      eot_mesh: shard each chunk of EoT samples over this mesh's ``eot`` (else ``data``) axis
         (:func:`eot_value_and_grad`); None: no constraint.
 
     Returns:
@@ -170,7 +170,7 @@ def pgd(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Array,
         ``z_t - max_{j != t} z_j``; ``"dlr"`` the targeted DLR of APGD-T).
       eot_samples: EoT samples per gradient (:func:`eot_value_and_grad`).
       eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
-      eot_mesh: shard each chunk of EoT samples over this mesh's ``data`` axis
+      eot_mesh: shard each chunk of EoT samples over this mesh's ``eot`` (else ``data``) axis
         (:func:`eot_value_and_grad`); None: no constraint.
       return_iterates: also return every evaluated point,
         (num_restarts * (num_steps + 1), B, H, W, C).

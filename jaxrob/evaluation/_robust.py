@@ -325,7 +325,11 @@ def evaluate_robustness(defended: Model, attack: Attack | Sequence[Attack] | Non
       key: the run's key.
       batch_size: examples per chunk (a multiple of the mesh size).
       store: a :class:`ChunkStore` for resumable runs.
-      mesh: device mesh (default: all devices).
+      mesh: device mesh (default: all devices); chunks are split over its ``data`` axis. A
+        2-D ``(data, eot)`` mesh (``jaxrob.parallel.make_mesh(eot=E)``) given to the attack
+        too (``pgd(..., eot_mesh=mesh)``) splits each example's EoT samples over ``eot``, so
+        a batch smaller than the device count still uses every device; the record is the
+        one-device record (per-example keys; up to the order of the EoT sum).
       keep_x_adv: also return the adversarial images.
       progress: show a progress bar with ETA.
       log: called with a line per finished chunk.

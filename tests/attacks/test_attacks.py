@@ -159,7 +159,15 @@ def test_eot_averages_a_randomised_loss_over_fold_in_keys(model):
     assert np.abs(np.asarray(grads[0]) - manual).max() > 1e-3  # the noise matters
 
 
+def _cost(compiled) -> dict:
+    c = compiled.cost_analysis()
+    return c[0] if isinstance(c, list) else c
+
+
 def test_eot_sharded_over_8_devices_equals_single_device(model):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from jaxrob.parallel import make_mesh
 
     logits_fn, x, y = model
@@ -176,6 +184,18 @@ def test_eot_sharded_over_8_devices_equals_single_device(model):
     assert "all-reduce" in sharded.lower(x).compile().as_text()
     with pytest.raises(ValueError, match="do not divide the EoT chunk"):
         ja.eot_grad(loss_fn, x, y, key, samples=12, chunk=4, mesh=mesh)
+    # a 2-D (data 2, eot 4) mesh: the batch on `data`, each example's samples on `eot`
+    mesh2 = make_mesh(8, eot=4)
+    xs = jax.device_put(x, NamedSharding(mesh2, P("data")))
+    on_eot = jax.jit(lambda v: ja.eot_value_and_grad(loss_fn, v, y, key, samples=16, chunk=8,
+                                                     mesh=mesh2))
+    for a, b in zip(on_eot(xs), plain(x), strict=True):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=1e-5)
+    # per device: a quarter of the samples of half the batch (vs all of them on one device)
+    flops = lambda f, v: _cost(f.lower(v).compile())["flops"]
+    assert flops(on_eot, xs) < 0.25 * flops(plain, x)
+    with pytest.raises(ValueError, match="'eot' axis do not divide the EoT chunk of 6"):
+        ja.eot_grad(loss_fn, x, y, key, samples=12, chunk=6, mesh=mesh2)
     kw = dict(eps=0.1, num_steps=2, eot_samples=8)
     noisy = _noisy_logits(logits_fn)
     a = ja.pgd(noisy, x, y, key, eot_mesh=mesh, **kw)

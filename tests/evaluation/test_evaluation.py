@@ -270,3 +270,30 @@ def test_self_check_flags_a_record_that_differs_from_a_recomputation():
     off = _self_check(DEFENDED, np.asarray(X), np.asarray(Y), idx, recorded, key=jr.key(5),
                       randomness="stochastic", num=0, stride=4)
     assert off == {"checked": [], "agree": 0, "mismatches": []}
+
+
+def _noisy_defended(x, keys):
+    """A randomised defence that costs nothing to compile: per-example input noise."""
+    noise = jax.vmap(lambda k: jr.normal(k, x.shape[1:]))(keys)
+    return logits_fn(x + 0.2 * noise)
+
+
+def test_eot_samples_shard_over_devices_inside_robust_evaluation():
+    """Batch 2 on 8 devices: a (data 2, eot 4) mesh splits each example's 8 EoT samples over 4
+    devices; the record is the single-device one (per-example keys, sign steps)."""
+    def run(mesh):
+        atk = functools.partial(pgd, eps=0.1, num_steps=2, loss="ce", eot_samples=8,
+                                eot_mesh=mesh)
+        return evaluate_robustness(_noisy_defended, atk, X[:2], Y[:2], np.array([7, 11]),
+                                   key=jr.key(5), batch_size=2, mesh=mesh, progress=False,
+                                   self_check=0, keep_x_adv=True)["per_example"]
+
+    ref = run(make_mesh(1))
+    mesh = make_mesh(8, eot=4)
+    assert dict(mesh.shape) == {"data": 2, "eot": 4}
+    out = run(mesh)
+    for k in ("pred_clean", "pred_adv", "linf", "l2", "x_adv", "index"):
+        np.testing.assert_array_equal(out[k], ref[k], err_msg=k)
+    assert np.all(ref["linf"] > 0.05)  # the attack moved: the gradients were compared
+    with pytest.raises(ValueError, match="eot: expected a positive divisor"):
+        make_mesh(8, eot=3)
