@@ -141,7 +141,7 @@ class NIN(nn.Module):
     def __call__(self, x):
         W = self.param("W", _nin_init, (x.shape[-1], self.features), jnp.float32)
         b = self.param("b", nn.initializers.zeros, (self.features,), jnp.float32)
-        return jnp.einsum("...c,cd->...d", x, W) + b
+        return jnp.einsum("...c,cd->...d", x, W) + b.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
 class FourierEmbedding(nn.Module):
@@ -481,9 +481,9 @@ def _field(section, key, default=None):
 
 
 # score_sde config.model fields -> the value this implementation needs (None: read, any value)
-_REQUIRED = {"name": "ncsnpp", "fir": False, "progressive": "none", "progressive_input": "none",
-             "scale_by_sigma": False, "conditional": True, "conv_size": 3,
-             "attention_type": "ddpm"}
+_REQUIRED = {"name": "ncsnpp", "normalization": "groupnorm", "fir": False,
+             "progressive": "none", "progressive_input": "none", "scale_by_sigma": False,
+             "conditional": True, "conv_size": 3, "attention_type": "ddpm"}
 
 
 def ncsnpp_config_from_score_sde(config) -> dict[str, Any]:
@@ -494,8 +494,8 @@ def ncsnpp_config_from_score_sde(config) -> dict[str, Any]:
     ``fourier_scale``, ``nonlinearity``, ``num_scales``, ``beta_min``, ``beta_max``) and
     ``config.data`` (``centered``, ``num_channels``, ``image_size``). A nested dict may also be
     flat (the model fields at top level). Only the DDPM++ form is implemented: ``name='ncsnpp'``,
-    ``fir=False``, ``progressive='none'``, ``progressive_input='none'``,
-    ``scale_by_sigma=False``, ``conditional=True``, ``conv_size=3``,
+    ``normalization='GroupNorm'``, ``fir=False``, ``progressive='none'``,
+    ``progressive_input='none'``, ``scale_by_sigma=False``, ``conditional=True``, ``conv_size=3``,
     ``attention_type='ddpm'``; the VP SDE (``training.sde='vpsde'`` when given).
 
     Raises:
