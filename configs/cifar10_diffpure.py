@@ -17,7 +17,7 @@ Rows: PGD-20 EoT-10 Linf 8/255 stochastic and fixed randomness; ``:autoattack`` 
 own evaluation, AutoAttack ``rand`` (APGD-CE + APGD-DLR, EoT 20). Both need an accelerator: one
 attack iteration is 10 x 100 network evaluations of a 107M-parameter network, twice for the
 backward. ``:smoke`` runs the same code path on CPU in tens of seconds (a random tiny DDPM++,
-akamaster's ResNet-20 from the data directory, 4 images, 2 steps).
+akamaster's ResNet-20 from the data directory, 8 images, 2 steps).
 """
 
 from configs import _common
@@ -66,7 +66,7 @@ def get_config(arg=None):
             "path": "pretrained_cifar10_resnet_akamaster/resnet20-12fca82f.npz"})
         c.purifier.num_steps = 2
         c.attack.update(num_steps=2, eot_samples=2)
-        c.eval.update(protocols=("one_shot",), batch_size=4)
-        c.data.test_split = "test[:4]"
+        c.eval.update(protocols=("one_shot",), batch_size=8)
+        c.data.test_split = "test[:8]"
         c.rows = ({"name": "diffpure_sde_exact"},)
     return c

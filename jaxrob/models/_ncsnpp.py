@@ -39,6 +39,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -553,6 +554,14 @@ _EMA_PARAM_KINDS = ("dense", "conv", "norm")  # top-level modules that hold weig
 
 
 def _expected_variables(module: NCSNpp):
+    """The variables' shapes (``jax.eval_shape`` of ``init``, cached per configuration: the
+    trace of the full model takes seconds). Treat the result as read-only."""
+    return _expected_for(tuple((f, getattr(module, f)) for f in _FIELDS if f != "fast_vjp"))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_for(fields: tuple):
+    module = NCSNpp(**dict(fields))
     x = jax.ShapeDtypeStruct((1, module.image_size, module.image_size, module.num_channels),
                              jnp.float32)
     labels = jax.ShapeDtypeStruct((1,), jnp.float32)

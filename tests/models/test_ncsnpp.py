@@ -32,7 +32,7 @@ from jaxrob.models import (
     random_variables,
     vp_schedule,
 )
-from jaxrob.models._ncsnpp import _module_keys, _trainable_torch_names
+from jaxrob.models._ncsnpp import _expected_variables, _module_keys, _trainable_torch_names
 from jaxrob.models._torch_import import flax_to_torch_shape
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -170,12 +170,12 @@ def test_import_round_trip_and_bad_checkpoints(tiny):
 
     # a checkpoint of another architecture (two blocks per level) for the one-block config
     deeper = ncsnpp_from_config(TINY, num_res_blocks=2)
-    sd_deeper = _as_torch_state_dict(deeper, _variables(deeper))
+    shapes = _expected_variables(deeper)
+    sd_deeper = _as_torch_state_dict(deeper, jax.tree.map(lambda s: np.ones(s.shape), shapes))
     with pytest.raises(ValueError, match="another architecture.*num_res_blocks=1"):
         ncsnpp_from_state_dict(sd_deeper, module)
     # ... and its EMA (shadow_params) through a training checkpoint
-    shadow = [sd_deeper[k] for k in _trainable_torch_names(deeper, jax.eval_shape(
-        lambda: _variables(deeper)))]
+    shadow = [sd_deeper[k] for k in _trainable_torch_names(deeper, shapes)]
     with pytest.raises(ValueError, match=r"EMA holds \d+ tensors.*another architecture"):
         ncsnpp_from_state_dict({"model": sd_deeper, "ema": {"shadow_params": shadow}}, module)
     # another network family altogether (a diffusers / Ho et al. UNet)
@@ -218,7 +218,8 @@ def test_vp_sde_purifier_uses_the_score_as_diffpure_does(tiny, tmp_path):
     (score_sde ``get_score_fn``, DiffPure ``RevVPSDE``), written out here step by step."""
     module, variables, fwd = tiny
     model = DiffusionModel(module, variables, vp_schedule(module))
-    assert np.allclose(np.asarray(model.schedule.betas)[[0, -1]], [1e-4, 0.02])  # DiffPure's discrete_betas
+    # DiffPure's discrete_betas: linspace(beta_min / N, beta_max / N, N)
+    assert np.allclose(np.asarray(model.schedule.betas)[[0, -1]], [1e-4, 0.02])
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 8, 8, 3)), jnp.float32)
     key = jr.key(3)
     t_star, steps = 0.1, 2
