@@ -317,8 +317,8 @@ def start(distributed: bool, config=None, *, coordinator_address: str | None = N
 # What several entry points share (no entry point imports another): config -> model objects,
 # purifier and attack from config, the sweep rows, the common start and end of a study.
 
-DDPM_SOURCES = ("export", "random", "diffusers")
-CLASSIFIER_SOURCES = ("akamaster", "export")
+DDPM_SOURCES = ("export", "random", "diffusers", "score_sde")
+CLASSIFIER_SOURCES = ("akamaster", "export", "robustbench")
 ATTACKS = ("none", "fgsm", "pgd", "apgd")
 
 
@@ -328,7 +328,10 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
     Sources: ``export`` (a jaxrob export, ``jaxrob.models.load``), ``random`` (``ddpm.model``
     with :func:`jaxrob.models.random_variables`: smoke tests, timing), ``diffusers`` (a
     diffusers ``UNet2DModel`` state dict file, e.g. google/ddpm-cifar10-32, ``ddpm.model.config``
-    naming the UNet).
+    naming the UNet), ``score_sde`` (score_sde's / DiffPure's PyTorch checkpoint of a DDPM++
+    model, e.g. ``checkpoint_8.pth``, EMA weights, ``ddpm.model`` = ``{"name": "ncsnpp",
+    "config": <jaxrob.models.NCSNPP_CONFIGS name>}``; its VP chain replaces ``ddpm.diffusion``).
+    ``ddpm.model.name == "ncsnpp"`` with ``random`` gives a random DDPM++ of that configuration.
     """
 
     from jaxrob.models import (
@@ -352,6 +355,8 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
                        "num_params": meta.get("num_params")}
     if source not in DDPM_SOURCES:
         raise ValueError(f"ddpm.source: expected one of {list(DDPM_SOURCES)}, got {source!r}")
+    if source == "score_sde" or ddpm_config.model.get("name") == "ncsnpp":
+        return _load_ncsnpp(ddpm_config, source, fast_vjp=fast_vjp)
     unet = unet_from_metadata(to_plain(ddpm_config.model))
     schedule = schedule_from_metadata(to_plain(ddpm_config.diffusion))
     if source == "random":
@@ -365,6 +370,49 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
         variables = unet_from_diffusers_state_dict(load_state_dict_file(path), unet)
         info = {"source": source, "path": str(path)}
     model = DiffusionModel(unet, variables, schedule)
+    return (model.with_fast_vjp(True) if fast_vjp else model), info
+
+
+def _load_ncsnpp(ddpm_config, source: str, *, fast_vjp: bool):
+    """``load_ddpm`` of a score_sde DDPM++ (``source`` "score_sde" or "random")."""
+    from jaxrob.models import (
+        DiffusionModel,
+        load_score_sde,
+        ncsnpp_from_config,
+        random_variables,
+        vp_schedule,
+    )
+
+    model_config = to_plain(ddpm_config.model)
+    if model_config.get("name") != "ncsnpp":
+        raise ValueError(f"ddpm.model.name: expected 'ncsnpp' for ddpm.source='score_sde', got "
+                         f"{model_config.get('name')!r}")
+    overrides = {k: v for k, v in dict(model_config.get("overrides") or {}).items()
+                 if v is not None}
+    module = ncsnpp_from_config(model_config.get("config", "cifar10_ddpmpp_deep_continuous"),
+                                **overrides)
+    if source == "random":
+        size, ch = module.image_size, module.num_channels
+        variables = random_variables(module, jax.ShapeDtypeStruct((1, size, size, ch),
+                                                                  np.float32),
+                                     jax.ShapeDtypeStruct((1,), np.float32),
+                                     seed=int(ddpm_config.seed))
+        model = DiffusionModel(module, variables, vp_schedule(module))
+        info = {"source": source, "seed": int(ddpm_config.seed), "model": "ncsnpp"}
+    elif source == "score_sde":
+        path = resolve_path(ddpm_config.path, base=REPO_ROOT)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ddpm.path: no score_sde checkpoint at {path} (DiffPure's CIFAR-10 model is "
+                f"score_sde's vp/cifar10_ddpmpp_deep_continuous checkpoint_8.pth; set "
+                f"--config.ddpm.path=/path/to/checkpoint_8.pth)")
+        model = load_score_sde(path, module, use_ema=bool(ddpm_config.get("use_ema", True)))
+        info = {"source": source, "path": str(path), "model": "ncsnpp",
+                "use_ema": bool(ddpm_config.get("use_ema", True))}
+    else:
+        raise ValueError(f"ddpm.source: expected 'score_sde' or 'random' for an ncsnpp model, "
+                         f"got {source!r}")
+    info["num_params"] = model.num_params
     return (model.with_fast_vjp(True) if fast_vjp else model), info
 
 
@@ -382,6 +430,21 @@ def load_classifier(model_config, data_config, *, fast_vjp: bool = False):
         if not path.is_file():
             raise FileNotFoundError(f"model.path: no pretrained weights at {path}")
         module, variables = load_akamaster_resnet(path)
+        model = Classifier(module, variables)
+        info = {"source": source, "path": str(path)}
+    elif source == "robustbench":
+        from jaxrob.data import resolve_data_dir
+        from jaxrob.models import load_state_dict_file, wide_resnet_from_state_dict
+
+        path = resolve_path(model_config.path, base=resolve_data_dir(data_dir(data_config)))
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"classifier.path: no RobustBench WideResNet weights at {path} (DiffPure's "
+                f"classifier is RobustBench's CIFAR-10 Linf 'Standard' WRN-28-10, "
+                f"models/cifar10/Linf/Standard.pt)")
+        module, variables = wide_resnet_from_state_dict(
+            load_state_dict_file(path), int(model_config.get("depth", 28)),
+            int(model_config.get("widen_factor", 10)))
         model = Classifier(module, variables)
         info = {"source": source, "path": str(path)}
     elif source == "export":

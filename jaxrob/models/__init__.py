@@ -5,7 +5,9 @@ schedule), a :class:`Classifier` (``logits_fn(x, key)``), an :class:`Autoencoder
 ``encode_latent``, ``decode``) or a :class:`LatentDiffusionModel` (an autoencoder and a
 ``DiffusionModel`` on its latent codes); all are pytrees whose parameters are leaves. The
 networks (:class:`UNet`, :class:`AutoencoderKL`, :class:`SmallCNN`, :class:`CifarResNet`,
-:class:`WideResNet`) and PyTorch / diffusers weight import are here too.
+:class:`WideResNet`) and PyTorch / diffusers weight import are here too, and score_sde's DDPM++
+(:class:`NCSNpp`, DiffPure's CIFAR-10 model): :func:`load_score_sde` turns its PyTorch
+checkpoint into a ``DiffusionModel`` in one call, :func:`convert_score_sde` into an export.
 """
 
 from jaxrob.models._autoencoder import AUTOENCODER_CONFIGS as AUTOENCODER_CONFIGS
@@ -35,6 +37,15 @@ from jaxrob.models._loaded import classifier_from_metadata as classifier_from_me
 from jaxrob.models._loaded import load as load
 from jaxrob.models._loaded import schedule_from_metadata as schedule_from_metadata
 from jaxrob.models._loaded import unet_from_metadata as unet_from_metadata
+from jaxrob.models._ncsnpp import NCSNPP_CONFIGS as NCSNPP_CONFIGS
+from jaxrob.models._ncsnpp import NCSNpp as NCSNpp
+from jaxrob.models._ncsnpp import convert_score_sde as convert_score_sde
+from jaxrob.models._ncsnpp import load_score_sde as load_score_sde
+from jaxrob.models._ncsnpp import ncsnpp_config_from_score_sde as ncsnpp_config_from_score_sde
+from jaxrob.models._ncsnpp import ncsnpp_export_metadata as ncsnpp_export_metadata
+from jaxrob.models._ncsnpp import ncsnpp_from_config as ncsnpp_from_config
+from jaxrob.models._ncsnpp import ncsnpp_from_state_dict as ncsnpp_from_state_dict
+from jaxrob.models._ncsnpp import vp_schedule as vp_schedule
 from jaxrob.models._random import random_variables as random_variables
 from jaxrob.models._torch_import import load_state_dict_file as load_state_dict_file
 from jaxrob.models._unet import UNET_CONFIGS as UNET_CONFIGS

@@ -154,6 +154,7 @@ def load(path: str | os.PathLike, *, fast_vjp: bool = False, kind: str | None = 
     Example::
 
       ddpm = jaxrob.models.load("checkpoints/mnist_ddpm")
+      ddpmpp = jaxrob.models.load("exports/cifar10_ddpmpp")  # convert_score_sde's export
       clf = jaxrob.models.load("checkpoints/mnist_classifier")
       ldm = jaxrob.models.load("checkpoints/mnist_ldm")
     """
@@ -185,7 +186,12 @@ def load(path: str | os.PathLike, *, fast_vjp: bool = False, kind: str | None = 
 
 
 def _ddpm_builder(meta):
-    module = unet_from_metadata(meta["model"])
+    if meta["model"].get("name") == "ncsnpp":  # score_sde DDPM++ (e.g. DiffPure's CIFAR-10)
+        from jaxrob.models._ncsnpp import ncsnpp_from_metadata
+
+        module = ncsnpp_from_metadata(meta["model"])
+    else:
+        module = unet_from_metadata(meta["model"])
     schedule = schedule_from_metadata(meta["diffusion"])
     return lambda variables: DiffusionModel(module, variables, schedule)
 

@@ -27,6 +27,9 @@ _LEAF_TO_TORCH = {
     ("params", "bias"): "bias",
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
+    # score_sde's NIN 1x1 projections and Fourier features: plain parameters ``W`` (in, out), ``b``
+    ("params", "W"): "W",
+    ("params", "b"): "b",
 }
 # Buffers PyTorch saves that have no Flax counterpart.
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
