@@ -4,10 +4,25 @@
 schedule), a :class:`Classifier` (``logits_fn(x, key)``), an :class:`Autoencoder` (``encode``,
 ``encode_latent``, ``decode``) or a :class:`LatentDiffusionModel` (an autoencoder and a
 ``DiffusionModel`` on its latent codes); all are pytrees whose parameters are leaves. The
-networks (:class:`UNet`, :class:`AutoencoderKL`, :class:`SmallCNN`, :class:`CifarResNet`,
-:class:`WideResNet`) and PyTorch / diffusers weight import are here too.
+networks (:class:`UNet`, guided-diffusion's :class:`ADMUNet`, :class:`AutoencoderKL`,
+:class:`SmallCNN`, :class:`CifarResNet`, :class:`WideResNet`) and PyTorch / diffusers /
+guided-diffusion weight import are here too (``load_guided_diffusion(path)``: the ImageNet
+256x256 ADM of DiffPure and PDM-Pure as a ``DiffusionModel`` in one call).
 """
 
+from jaxrob.models._adm import ADM_CONFIGS as ADM_CONFIGS
+from jaxrob.models._adm import ADMUNet as ADMUNet
+from jaxrob.models._adm import adm_config_from_guided_diffusion as adm_config_from_guided_diffusion
+from jaxrob.models._adm import adm_from_config as adm_from_config
+from jaxrob.models._adm import (
+    adm_from_guided_diffusion_state_dict as adm_from_guided_diffusion_state_dict,
+)
+from jaxrob.models._adm import adm_learned_log_variance as adm_learned_log_variance
+from jaxrob.models._adm import adm_num_params as adm_num_params
+from jaxrob.models._adm import (
+    convert_guided_diffusion_checkpoint as convert_guided_diffusion_checkpoint,
+)
+from jaxrob.models._adm import load_guided_diffusion as load_guided_diffusion
 from jaxrob.models._autoencoder import AUTOENCODER_CONFIGS as AUTOENCODER_CONFIGS
 from jaxrob.models._autoencoder import AutoencoderKL as AutoencoderKL
 from jaxrob.models._autoencoder import (
