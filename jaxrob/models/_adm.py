@@ -87,7 +87,7 @@ class _Conv1x1(nn.Module):
         kernel = self.param("kernel", _default_init, (1, x_BTC.shape[-1], self.features),
                             jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return jnp.einsum("btc,cf->btf", x_BTC, kernel[0]) + bias
+        return jnp.einsum("btc,cf->btf", x_BTC, kernel[0]) + bias[None, None, :]
 
 
 def _avg_pool2(x_BHWC):
