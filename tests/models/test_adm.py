@@ -244,3 +244,82 @@ def test_diffpure_imagenet_arguments_translate_to_the_named_config():
         "attn_resolutions"])
     assert adm_from_config(cfg2, attn_resolutions=(32, 16, 8)) == adm_from_config(
         "imagenet256_uncond")
+
+
+# --------------------------------------------------------------- parity with the PyTorch twin
+# tests/models/_twin_adm.py (written independently, branch `twins`): build_adm(cfg) with
+# guided-diffusion's create_model arguments, non-degenerate random weights (no zero-init paths).
+
+
+@pytest.fixture(scope="module")
+def twin():
+    """The twin module (imported after the torch marker has had its say)."""
+    import importlib
+
+    return importlib.import_module("_twin_adm")
+
+
+def _parity(twin, cfg, batch, steps, atol=1e-4):
+    torch = pytest.importorskip("torch")
+    ref_model = twin.build_adm(cfg)
+    module = adm_from_config(adm_config_from_guided_diffusion(cfg), output="eps_and_v")
+    variables = adm_from_guided_diffusion_state_dict(ref_model.state_dict(), module)
+    size = module.image_size
+    x = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
+    for step in steps:
+        with torch.no_grad():
+            ref = ref_model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(step))
+        ref = ref.numpy().transpose(0, 2, 3, 1)
+        out = np.asarray(_apply(module, variables, jnp.asarray(x), jnp.asarray(step)))
+        assert out.shape == ref.shape == (batch, size, size, 6)
+        assert np.abs(ref).max() > 0.1  # a non-trivial output
+        np.testing.assert_allclose(out, ref, rtol=0, atol=atol)
+    return ref_model, module, variables
+
+
+@pytest.mark.torch
+def test_matches_pytorch_twin_small(twin):
+    # SMALL_CONFIG: DiffPure's options (learn_sigma, resblock_updown, scale-shift norm, legacy
+    # attention order, 16-channel heads) at 16x16; integer and fractional step labels
+    _parity(twin, twin.SMALL_CONFIG, 3,
+            [np.array([0, 500, 999]), np.array([0.5, 10.25, 999.9], np.float32)])
+
+
+@pytest.mark.torch
+@pytest.mark.slow  # ~one more compilation; test_matches_pytorch_twin_small covers the default path
+def test_matches_pytorch_twin_other_options(twin):
+    # conv resampling, additive step conditioning, the new attention order, num_heads heads
+    cfg = {**twin.SMALL_CONFIG, "resblock_updown": False, "use_scale_shift_norm": False,
+           "use_new_attention_order": True, "num_head_channels": -1, "num_heads": 2,
+           "learn_sigma": True, "seed": 3}
+    _parity(twin, cfg, 2, [np.array([3, 731])])
+
+
+@pytest.mark.torch
+def test_full_config_layout_matches_twin(twin):
+    # every key and shape of DiffPure's 552M-parameter model, from shapes only (meta device)
+    from jaxrob.models._adm import _expected_shapes
+    from jaxrob.models._torch_import import flax_to_torch_shape
+
+    ref = {k: tuple(v.shape) for k, v in
+           twin.build_adm(twin.FULL_CONFIG, device="meta").state_dict().items()}
+    module = adm_from_config(adm_config_from_guided_diffusion(twin.FULL_CONFIG))
+    assert module == adm_from_config("imagenet256_uncond")
+    ours = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(_expected_shapes(module))[0]:
+        names = tuple(p.key for p in path)[1:]
+        suffix = "bias" if names[-1] == "bias" else "weight"
+        ours[f"{_module_keys(names[:-1])[0]}.{suffix}"] = flax_to_torch_shape(leaf.shape,
+                                                                             names[-1])
+    assert sorted(set(ref) ^ set(ours)) == []
+    assert {k: v for k, v in ours.items() if ref[k] != v} == {}
+    assert sum(int(np.prod(s)) for s in ours.values()) == 552_814_086
+
+
+@pytest.mark.torch
+@pytest.mark.slow  # 552M parameters: ~2.2 GB per copy, about 7 GB in all on CPU (twin, numpy,
+# JAX); test_full_config_layout_matches_twin checks the same layout from shapes only
+def test_matches_pytorch_twin_full_config(twin):
+    ref_model, _, variables = _parity(twin, twin.FULL_CONFIG, 1, [np.array([150])])
+    assert sum(p.numel() for p in ref_model.parameters()) == 552_814_086
+    assert sum(v.size for v in jax.tree.leaves(variables)) == 552_814_086
