@@ -17,6 +17,7 @@ from jaxrob.models._adm import adm_from_config as adm_from_config
 from jaxrob.models._adm import (
     adm_from_guided_diffusion_state_dict as adm_from_guided_diffusion_state_dict,
 )
+from jaxrob.models._adm import adm_from_metadata as adm_from_metadata
 from jaxrob.models._adm import adm_learned_log_variance as adm_learned_log_variance
 from jaxrob.models._adm import adm_num_params as adm_num_params
 from jaxrob.models._adm import (

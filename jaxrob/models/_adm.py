@@ -66,6 +66,7 @@ __all__ = [
     "adm_config_from_guided_diffusion",
     "adm_from_config",
     "adm_from_guided_diffusion_state_dict",
+    "adm_from_metadata",
     "adm_learned_log_variance",
     "adm_num_params",
     "convert_guided_diffusion_checkpoint",
