@@ -5,9 +5,10 @@ schedule), a :class:`Classifier` (``logits_fn(x, key)``), an :class:`Autoencoder
 ``encode_latent``, ``decode``) or a :class:`LatentDiffusionModel` (an autoencoder and a
 ``DiffusionModel`` on its latent codes); all are pytrees whose parameters are leaves. The
 networks (:class:`UNet`, guided-diffusion's :class:`ADMUNet`, :class:`AutoencoderKL`,
-:class:`SmallCNN`, :class:`CifarResNet`, :class:`WideResNet`) and PyTorch / diffusers /
-guided-diffusion weight import are here too (``load_guided_diffusion(path)``: the ImageNet
-256x256 ADM of DiffPure and PDM-Pure as a ``DiffusionModel`` in one call).
+:class:`SmallCNN`, :class:`CifarResNet`, :class:`WideResNet`, :class:`DMWideResNet`) and
+PyTorch / diffusers / guided-diffusion weight import are here too
+(``load_guided_diffusion(path)``: the ImageNet 256x256 ADM of DiffPure and PDM-Pure as a
+``DiffusionModel`` in one call).
 """
 
 from jaxrob.models._adm import ADM_CONFIGS as ADM_CONFIGS
@@ -35,11 +36,17 @@ from jaxrob.models._autoencoder import (
 )
 from jaxrob.models._classifiers import AKAMASTER_MEAN as AKAMASTER_MEAN
 from jaxrob.models._classifiers import AKAMASTER_STD as AKAMASTER_STD
+from jaxrob.models._classifiers import CIFAR10_MEAN as CIFAR10_MEAN
+from jaxrob.models._classifiers import CIFAR10_STD as CIFAR10_STD
 from jaxrob.models._classifiers import MODELS as MODELS
 from jaxrob.models._classifiers import CifarResNet as CifarResNet
+from jaxrob.models._classifiers import DMWideResNet as DMWideResNet
 from jaxrob.models._classifiers import SmallCNN as SmallCNN
 from jaxrob.models._classifiers import WideResNet as WideResNet
 from jaxrob.models._classifiers import cifar_resnet_from_state_dict as cifar_resnet_from_state_dict
+from jaxrob.models._classifiers import (
+    dm_wide_resnet_from_state_dict as dm_wide_resnet_from_state_dict,
+)
 from jaxrob.models._classifiers import load_akamaster_resnet as load_akamaster_resnet
 from jaxrob.models._classifiers import wide_resnet_from_state_dict as wide_resnet_from_state_dict
 from jaxrob.models._latent import Autoencoder as Autoencoder
