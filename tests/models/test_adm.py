@@ -281,8 +281,9 @@ def _parity(twin, cfg, batch, steps, atol=1e-4):
 def test_matches_pytorch_twin_small(twin):
     # SMALL_CONFIG: DiffPure's options (learn_sigma, resblock_updown, scale-shift norm, legacy
     # attention order, 16-channel heads) at 16x16; integer and fractional step labels
+    # (both as float32 labels: one compilation; integer-valued floats embed like integers)
     _parity(twin, twin.SMALL_CONFIG, 3,
-            [np.array([0, 500, 999]), np.array([0.5, 10.25, 999.9], np.float32)])
+            [np.array([0, 500, 999], np.float32), np.array([0.5, 10.25, 999.9], np.float32)])
 
 
 @pytest.mark.torch
