@@ -317,7 +317,7 @@ def start(distributed: bool, config=None, *, coordinator_address: str | None = N
 # What several entry points share (no entry point imports another): config -> model objects,
 # purifier and attack from config, the sweep rows, the common start and end of a study.
 
-DDPM_SOURCES = ("export", "random", "diffusers", "score_sde")
+DDPM_SOURCES = ("export", "random", "diffusers", "score_sde", "guided_diffusion")
 CLASSIFIER_SOURCES = ("akamaster", "export", "robustbench")
 ATTACKS = ("none", "fgsm", "pgd", "apgd")
 
@@ -332,6 +332,9 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
     model, e.g. ``checkpoint_8.pth``, EMA weights, ``ddpm.model`` = ``{"name": "ncsnpp",
     "config": <jaxrob.models.NCSNPP_CONFIGS name>}``; its VP chain replaces ``ddpm.diffusion``).
     ``ddpm.model.name == "ncsnpp"`` with ``random`` gives a random DDPM++ of that configuration.
+    ``guided_diffusion`` (guided-diffusion's ADM checkpoint, e.g.
+    ``256x256_diffusion_uncond.pt``, ``ddpm.model`` = ``{"name": "adm", "config": ...}``).
+    ``ddpm.model.name`` ``"adm"`` builds guided-diffusion's ADM (also for ``random``).
     """
 
     from jaxrob.models import (
@@ -357,7 +360,17 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
         raise ValueError(f"ddpm.source: expected one of {list(DDPM_SOURCES)}, got {source!r}")
     if source == "score_sde" or ddpm_config.model.get("name") == "ncsnpp":
         return _load_ncsnpp(ddpm_config, source, fast_vjp=fast_vjp)
-    unet = unet_from_metadata(to_plain(ddpm_config.model))
+    model_meta = to_plain(ddpm_config.model)
+    if (source == "guided_diffusion") != (model_meta.get("name") == "adm") and source != "random":
+        raise ValueError(f"ddpm.source={source!r} with ddpm.model.name="
+                         f"{model_meta.get('name')!r}: guided-diffusion checkpoints are ADMs "
+                         f"(name 'adm'), diffusers ones Ho et al. UNets (name 'unet')")
+    if model_meta.get("name") == "adm":
+        from jaxrob.models import adm_from_metadata
+
+        unet = adm_from_metadata(model_meta)
+    else:
+        unet = unet_from_metadata(model_meta)
     schedule = schedule_from_metadata(to_plain(ddpm_config.diffusion))
     if source == "random":
         # eval_shape + NumPy: jit(unet.init) spends ~20 s compiling threefry on a small CPU
@@ -367,7 +380,15 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
         info = {"source": source, "seed": int(ddpm_config.seed)}
     else:
         path = resolve_path(ddpm_config.path, base=REPO_ROOT)
-        variables = unet_from_diffusers_state_dict(load_state_dict_file(path), unet)
+        if not path.is_file():
+            raise FileNotFoundError(f"ddpm.path: no {source} checkpoint at {path} (set "
+                                    f"--config.ddpm.path to the downloaded file)")
+        if source == "guided_diffusion":
+            from jaxrob.models import adm_from_guided_diffusion_state_dict
+
+            variables = adm_from_guided_diffusion_state_dict(load_state_dict_file(path), unet)
+        else:
+            variables = unet_from_diffusers_state_dict(load_state_dict_file(path), unet)
         info = {"source": source, "path": str(path)}
     model = DiffusionModel(unet, variables, schedule)
     return (model.with_fast_vjp(True) if fast_vjp else model), info

@@ -4,12 +4,30 @@
 schedule), a :class:`Classifier` (``logits_fn(x, key)``), an :class:`Autoencoder` (``encode``,
 ``encode_latent``, ``decode``) or a :class:`LatentDiffusionModel` (an autoencoder and a
 ``DiffusionModel`` on its latent codes); all are pytrees whose parameters are leaves. The
-networks (:class:`UNet`, :class:`AutoencoderKL`, :class:`SmallCNN`, :class:`CifarResNet`,
-:class:`WideResNet`) and PyTorch / diffusers weight import are here too, and score_sde's DDPM++
-(:class:`NCSNpp`, DiffPure's CIFAR-10 model): :func:`load_score_sde` turns its PyTorch
-checkpoint into a ``DiffusionModel`` in one call, :func:`convert_score_sde` into an export.
+networks (:class:`UNet`, guided-diffusion's :class:`ADMUNet`, :class:`AutoencoderKL`,
+:class:`SmallCNN`, :class:`CifarResNet`, :class:`WideResNet`, :class:`DMWideResNet`) and
+PyTorch / diffusers / guided-diffusion weight import are here too
+(``load_guided_diffusion(path)``: the ImageNet 256x256 ADM of DiffPure and PDM-Pure as a
+``DiffusionModel`` in one call).
+and score_sde's DDPM++ (:class:`NCSNpp`, DiffPure's CIFAR-10 model): :func:`load_score_sde`
+turns its PyTorch checkpoint into a ``DiffusionModel`` in one call, :func:`convert_score_sde`
+into an export.
 """
 
+from jaxrob.models._adm import ADM_CONFIGS as ADM_CONFIGS
+from jaxrob.models._adm import ADMUNet as ADMUNet
+from jaxrob.models._adm import adm_config_from_guided_diffusion as adm_config_from_guided_diffusion
+from jaxrob.models._adm import adm_from_config as adm_from_config
+from jaxrob.models._adm import (
+    adm_from_guided_diffusion_state_dict as adm_from_guided_diffusion_state_dict,
+)
+from jaxrob.models._adm import adm_from_metadata as adm_from_metadata
+from jaxrob.models._adm import adm_learned_log_variance as adm_learned_log_variance
+from jaxrob.models._adm import adm_num_params as adm_num_params
+from jaxrob.models._adm import (
+    convert_guided_diffusion_checkpoint as convert_guided_diffusion_checkpoint,
+)
+from jaxrob.models._adm import load_guided_diffusion as load_guided_diffusion
 from jaxrob.models._autoencoder import AUTOENCODER_CONFIGS as AUTOENCODER_CONFIGS
 from jaxrob.models._autoencoder import AutoencoderKL as AutoencoderKL
 from jaxrob.models._autoencoder import (
@@ -21,11 +39,17 @@ from jaxrob.models._autoencoder import (
 )
 from jaxrob.models._classifiers import AKAMASTER_MEAN as AKAMASTER_MEAN
 from jaxrob.models._classifiers import AKAMASTER_STD as AKAMASTER_STD
+from jaxrob.models._classifiers import CIFAR10_MEAN as CIFAR10_MEAN
+from jaxrob.models._classifiers import CIFAR10_STD as CIFAR10_STD
 from jaxrob.models._classifiers import MODELS as MODELS
 from jaxrob.models._classifiers import CifarResNet as CifarResNet
+from jaxrob.models._classifiers import DMWideResNet as DMWideResNet
 from jaxrob.models._classifiers import SmallCNN as SmallCNN
 from jaxrob.models._classifiers import WideResNet as WideResNet
 from jaxrob.models._classifiers import cifar_resnet_from_state_dict as cifar_resnet_from_state_dict
+from jaxrob.models._classifiers import (
+    dm_wide_resnet_from_state_dict as dm_wide_resnet_from_state_dict,
+)
 from jaxrob.models._classifiers import load_akamaster_resnet as load_akamaster_resnet
 from jaxrob.models._classifiers import wide_resnet_from_state_dict as wide_resnet_from_state_dict
 from jaxrob.models._latent import Autoencoder as Autoencoder

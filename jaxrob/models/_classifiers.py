@@ -7,7 +7,11 @@ and batch statistics) and keeps BatchNorm running statistics in the ``batch_stat
 * :class:`CifarResNet` - He et al. (2016) CIFAR ResNet-20/32/44/56 with option-A shortcuts, the
   architecture of the akamaster pretrained weights (:func:`load_akamaster_resnet`);
 * :class:`WideResNet` - Zagoruyko & Komodakis WRN with pre-activation blocks, the architecture of
-  RobustBench's CIFAR-10 ``Standard`` model (WRN-28-10, 36,479,194 parameters).
+  RobustBench's CIFAR-10 ``Standard`` model (WRN-28-10, 36,479,194 parameters) and of its other
+  ``wide_resnet.py`` models (any 6n+4 depth, e.g. ``WideResNet(depth=70, widen_factor=16)``);
+* :class:`DMWideResNet` - the DeepMind WRN of RobustBench's ``dm_wide_resnet.py`` (Gowal et al.
+  2020, Rebuffi et al. 2021: WRN-70-16, WRN-28-10 ..., Swish or ReLU), whose key names, input
+  normalisation and stride-2 padding differ.
 
 References:
   He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016.
@@ -43,8 +47,12 @@ __all__ = [
     "CifarResNet",
     "MODELS",
     "SmallCNN",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DMWideResNet",
     "WideResNet",
     "cifar_resnet_from_state_dict",
+    "dm_wide_resnet_from_state_dict",
     "load_akamaster_resnet",
     "wide_resnet_from_state_dict",
 ]
@@ -285,6 +293,98 @@ class WideResNet(nn.Module):
         return nn.Dense(self.num_classes, name="fc")(h)
 
 
+# RobustBench dm_wide_resnet.py's defaults (the models normalise their [0, 1] input).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+_DM_ACTIVATIONS = {"relu": nn.relu, "swish": nn.silu}
+
+
+class _DMBlock(nn.Module):
+    """DeepMind WRN block (RobustBench ``dm_wide_resnet._Block``): pre-activation; the first
+    conv pads like TF "SAME" (stride 2: one row / column on the bottom / right only)."""
+
+    out_planes: int
+    stride: int
+    activation: str
+    fast_vjp: bool = False
+
+    @nn.compact
+    def __call__(self, x_BHWC, train: bool):
+        act_fn = _DM_ACTIVATIONS[self.activation]
+        impl = conv_general_dilated_fast_vjp if self.fast_vjp else None
+        has_shortcut = x_BHWC.shape[-1] != self.out_planes
+        act = act_fn(_bn(train, "batchnorm_0")(x_BHWC))
+        if has_shortcut:
+            x_BHWC = act
+        pad = ((1, 1), (1, 1)) if self.stride == 1 else ((0, 1), (0, 1))
+        h = nn.Conv(self.out_planes, (3, 3), strides=(self.stride,) * 2, padding=pad,
+                    use_bias=False, kernel_init=_he_init, name="conv_0",
+                    conv_general_dilated=impl)(act)
+        h = act_fn(_bn(train, "batchnorm_1")(h))
+        h = nn.Conv(self.out_planes, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                    kernel_init=_he_init, name="conv_1", conv_general_dilated=impl)(h)
+        if has_shortcut:
+            x_BHWC = nn.Conv(self.out_planes, (1, 1), strides=(self.stride,) * 2,
+                             padding=((0, 0), (0, 0)), use_bias=False, kernel_init=_he_init,
+                             name="shortcut", conv_general_dilated=impl)(x_BHWC)
+        return x_BHWC + h
+
+
+class DMWideResNet(nn.Module):
+    """The DeepMind WideResNet of RobustBench's ``dm_wide_resnet.py`` (``DMWideResNet``).
+
+    RobustBench's Gowal2020Uncovering_70_16 / Rebuffi2021Fixing_70_16_* CIFAR-10 models are
+    ``DMWideResNet(depth=70, width=16, activation="swish")`` (266,796,506 parameters at 10
+    classes). Unlike :class:`WideResNet` it normalises its input with ``mean`` / ``std``, pads
+    its stride-2 convolutions like TF "SAME" and names its layers ``init_conv``,
+    ``layer.G.block.I.{batchnorm_0, conv_0, batchnorm_1, conv_1, shortcut}``, ``batchnorm``,
+    ``logits`` (import with :func:`dm_wide_resnet_from_state_dict`). The 32x32 input ends in an
+    8x8 average pool, i.e. the spatial mean.
+
+    Attributes:
+      depth: 6n+4.
+      width: width multiplier k (channels 16k, 32k, 64k).
+      num_classes: number of logits.
+      activation: ``"relu"`` or ``"swish"`` (RobustBench's ``Swish`` = SiLU).
+      mean: per-channel input mean (CIFAR-10's by default, as upstream).
+      std: per-channel input std.
+      fast_vjp: custom-VJP convolutions (see :class:`WideResNet`).
+    """
+
+    depth: int = 70
+    width: int = 16
+    num_classes: int = 10
+    activation: str = "swish"
+    mean: Sequence[float] = CIFAR10_MEAN
+    std: Sequence[float] = CIFAR10_STD
+    fast_vjp: bool = False
+
+    @nn.compact
+    def __call__(self, x: Images, train: bool = False) -> Logits:
+        """Logits for a batch of [0, 1] NHWC RGB images."""
+        if self.depth < 10 or (self.depth - 4) % 6:
+            raise ValueError(
+                f"DMWideResNet: depth must be 6n+4 (10, 16, 28, 70, ...), got {self.depth}")
+        if self.activation not in _DM_ACTIVATIONS:
+            raise ValueError(f"DMWideResNet: activation must be one of "
+                             f"{sorted(_DM_ACTIVATIONS)}, got {self.activation!r}")
+        n = (self.depth - 4) // 6
+        check_images(x, "x", channels=len(self.mean))
+        h = _normalize(x, self.mean, self.std)
+        h = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=_he_init,
+                    name="init_conv",
+                    conv_general_dilated=conv_general_dilated_fast_vjp if self.fast_vjp
+                    else None)(h)
+        for group, mult in enumerate((16, 32, 64)):
+            for b in range(n):
+                stride = 2 if (group > 0 and b == 0) else 1
+                h = _DMBlock(mult * self.width, stride, self.activation, self.fast_vjp,
+                             name=f"layer_{group}_block_{b}")(h, train)
+        h = _DM_ACTIVATIONS[self.activation](_bn(train, "batchnorm")(h))
+        h = jnp.mean(h, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="logits")(h)
+
+
 # ----------------------------------------------------------------------------- weight import
 
 
@@ -389,6 +489,12 @@ def wide_resnet_from_state_dict(
 ) -> tuple[WideResNet, dict[str, Any]]:
     """Import a RobustBench ``WideResNet`` state dict (e.g. the CIFAR-10 ``Standard`` model).
 
+    RobustBench's ``wide_resnet.WideResNet`` key names, checked against its code: the models
+    built with ``sub_block1=True`` (e.g. Carmon2019Unlabeled) carry a ``sub_block1.*`` group that
+    their forward pass never uses; those keys are accepted and ignored. The DeepMind layout
+    (``dm_wide_resnet.py``: Gowal2020 / Rebuffi2021 WRN-70-16) is
+    :func:`dm_wide_resnet_from_state_dict`.
+
     Args:
       state_dict: RobustBench names (``conv1.weight``, ``block1.layer.0.bn1.weight``, ...,
         ``block1.layer.0.convShortcut.weight``, ``bn1.*``, ``fc.*``); ``module.`` allowed.
@@ -424,7 +530,62 @@ def wide_resnet_from_state_dict(
         _expected_variables(model),
         module_keys,
         what=f"WideResNet(depth={depth}, widen={widen_factor})",
+        extra_ignored=lambda k: k.startswith("sub_block1."),
     )
+    return model, variables
+
+
+def dm_wide_resnet_from_state_dict(
+    state_dict: StateDict,
+    depth: int = 70,
+    width: int = 16,
+    *,
+    activation: str = "swish",
+    num_classes: int | None = None,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> tuple[DMWideResNet, dict[str, Any]]:
+    """Import a RobustBench ``DMWideResNet`` state dict (e.g. Gowal2020Uncovering_70_16).
+
+    The activation and normalisation are not stored in a state dict: pass those of the
+    RobustBench model entry (``Swish`` and CIFAR-10's mean / std for the Gowal / Rebuffi
+    models; CIFAR-100 models use ``CIFAR100_MEAN`` / ``CIFAR100_STD`` upstream).
+
+    Args:
+      state_dict: RobustBench names (``init_conv.weight``,
+        ``layer.0.block.0.batchnorm_0.weight``, ..., ``layer.0.block.0.shortcut.weight``,
+        ``batchnorm.*``, ``logits.*``); ``module.`` allowed.
+      depth: 6n+4.
+      width: width multiplier.
+      activation: ``"swish"`` or ``"relu"``.
+      num_classes: logits; None infers it from ``logits.weight``.
+      mean: the model's input mean.
+      std: its input std.
+
+    Returns:
+      ``(model, variables)`` with ``params`` and ``batch_stats``.
+
+    Raises:
+      ValueError: keys or shapes do not match (each named, expected vs got), e.g. a
+        ``wide_resnet.py`` state dict (``conv1``, ``block1.layer...``) given here.
+    """
+    sd = strip_prefix(state_dict)
+    if num_classes is None:
+        w = sd.get("logits.weight")
+        num_classes = 10 if w is None else int(w.shape[0])
+    model = DMWideResNet(depth=depth, width=width, num_classes=num_classes,
+                         activation=activation, mean=tuple(mean), std=tuple(std))
+
+    def module_keys(path):
+        head = path[0]
+        if head.startswith("layer_"):
+            _, group, _, idx = head.split("_")
+            return [".".join(("layer", group, "block", idx) + tuple(path[1:]))]
+        return [".".join(path)]
+
+    variables = fill_from_state_dict(
+        sd, _expected_variables(model), module_keys,
+        what=f"DMWideResNet(depth={depth}, width={width})")
     return model, variables
 
 
@@ -433,4 +594,5 @@ MODELS: dict[str, type[nn.Module]] = {
     "small_cnn": SmallCNN,
     "cifar_resnet": CifarResNet,
     "wide_resnet": WideResNet,
+    "dm_wide_resnet": DMWideResNet,
 }

@@ -142,9 +142,11 @@ def load(path: str | os.PathLike, *, fast_vjp: bool = False, kind: str | None = 
 
     Returns:
       A :class:`DiffusionModel` (with the schedule rebuilt from the metadata) for a DDPM
-      export, a :class:`Classifier` for a classifier export, a
-      :class:`jaxrob.models.Autoencoder` (with its latent scaling) for an autoencoder export, a
-      :class:`jaxrob.models.LatentDiffusionModel` (autoencoder + latent DDPM) for an LDM export.
+      export (a Ho et al. UNet, or guided-diffusion's ADM converted by
+      :func:`jaxrob.models.convert_guided_diffusion_checkpoint`), a :class:`Classifier` for a
+      classifier export, a :class:`jaxrob.models.Autoencoder` (with its latent scaling) for an
+      autoencoder export, a :class:`jaxrob.models.LatentDiffusionModel` (autoencoder + latent
+      DDPM) for an LDM export.
 
     Raises:
       FileNotFoundError: ``path`` is not a jaxrob export.
@@ -190,6 +192,10 @@ def _ddpm_builder(meta):
         from jaxrob.models._ncsnpp import ncsnpp_from_metadata
 
         module = ncsnpp_from_metadata(meta["model"])
+    elif meta["model"].get("name") == "adm":  # guided-diffusion's ADM
+        from jaxrob.models._adm import adm_from_metadata
+
+        module = adm_from_metadata(meta["model"])
     else:
         module = unet_from_metadata(meta["model"])
     schedule = schedule_from_metadata(meta["diffusion"])

@@ -112,9 +112,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def torch_to_flax_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
-    """PyTorch layout -> Flax layout: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
+    """PyTorch layout -> Flax layout: conv OIHW -> HWIO, 1-D conv OIW -> WIO, linear (out, in)
+    -> (in, out)."""
     if leaf == "kernel" and arr.ndim == 4:
         return np.ascontiguousarray(arr.transpose(2, 3, 1, 0))
+    if leaf == "kernel" and arr.ndim == 3:
+        return np.ascontiguousarray(arr.transpose(2, 1, 0))
     if leaf == "kernel" and arr.ndim == 2:
         return np.ascontiguousarray(arr.T)
     return arr
@@ -125,6 +128,8 @@ def flax_to_torch_shape(shape: Sequence[int], leaf: str) -> tuple[int, ...]:
     shape = tuple(shape)
     if leaf == "kernel" and len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
+    if leaf == "kernel" and len(shape) == 3:
+        return (shape[2], shape[1], shape[0])
     if leaf == "kernel" and len(shape) == 2:
         return (shape[1], shape[0])
     return shape

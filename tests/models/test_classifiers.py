@@ -6,7 +6,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from jaxrob.models import MODELS, CifarResNet, SmallCNN, UNet, WideResNet
+from jaxrob.models import MODELS, CifarResNet, DMWideResNet, SmallCNN, UNet, WideResNet
 
 
 def _n_params(tree) -> int:
@@ -76,6 +76,7 @@ def test_registry():
         "small_cnn": SmallCNN,
         "cifar_resnet": CifarResNet,
         "wide_resnet": WideResNet,
+        "dm_wide_resnet": DMWideResNet,
     }
 
 

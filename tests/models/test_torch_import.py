@@ -424,3 +424,122 @@ def test_load_state_dict_file_suffix_and_missing(tmp_path):
     np.savez(tmp_path / "w.npz", a=np.ones((2, 3), np.float64))
     sd = load_state_dict_file(tmp_path / "w.npz")
     assert sd["a"].dtype == np.float32 and sd["a"].shape == (2, 3)
+
+
+# ------------------------------------------------- RobustBench DeepMind WRN (WRN-70-16 layout)
+
+
+def _dm_wrn_torch(depth, width, swish=True, seed=0, device=None):
+    """A small PyTorch re-implementation of RobustBench's dm_wide_resnet.DMWideResNet."""
+    torch = pytest.importorskip("torch")
+    nn, F = torch.nn, torch.nn.functional
+    act = nn.SiLU if swish else nn.ReLU
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2471, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.batchnorm_0, self.relu_0 = nn.BatchNorm2d(cin), act()
+            self.conv_0 = nn.Conv2d(cin, cout, 3, stride, 0, bias=False)
+            self.batchnorm_1, self.relu_1 = nn.BatchNorm2d(cout), act()
+            self.conv_1 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.has_shortcut = cin != cout
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if (
+                self.has_shortcut) else None
+            self.stride = stride
+
+        def forward(self, x):
+            a = self.relu_0(self.batchnorm_0(x))
+            if self.has_shortcut:
+                x = a
+            a = F.pad(a, (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1))
+            out = self.conv_1(self.relu_1(self.batchnorm_1(self.conv_0(a))))
+            return (self.shortcut(x) if self.has_shortcut else x) + out
+
+    class Group(nn.Module):
+        def __init__(self, n, cin, cout, stride):
+            super().__init__()
+            self.block = nn.Sequential(
+                *[Block(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
+
+        def forward(self, x):
+            return self.block(x)
+
+    class DMWRN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            n, ch = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+            self.init_conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+            self.layer = nn.Sequential(Group(n, ch[0], ch[1], 1), Group(n, ch[1], ch[2], 2),
+                                       Group(n, ch[2], ch[3], 2))
+            self.batchnorm, self.relu = nn.BatchNorm2d(ch[3]), act()
+            self.logits = nn.Linear(ch[3], 10)
+
+        def forward(self, x):
+            out = self.layer(self.init_conv((x - mean) / std))
+            out = F.avg_pool2d(self.relu(self.batchnorm(out)), 8)
+            return self.logits(out.flatten(1))
+
+    if device == "meta":
+        with torch.device("meta"):
+            return DMWRN()
+    torch.manual_seed(seed)
+    model = DMWRN()
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.mark.torch
+def test_dm_wide_resnet_matches_robustbench_dm_layout():
+    torch = pytest.importorskip("torch")
+    from jaxrob.models import dm_wide_resnet_from_state_dict
+
+    ref_model = _dm_wrn_torch(10, 2)
+    sd = ref_model.state_dict()
+    model, variables = dm_wide_resnet_from_state_dict(sd, 10, 2, activation="swish")
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    out = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x)))
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+    # the two RobustBench WRN layouts are told apart by their names: each importer lists the
+    # other's keys as missing / unexpected
+    with pytest.raises(ValueError,
+                       match=r"(?s)missing.*block1\.layer\.0\.bn1.*unexpected.*init_conv\.weight"):
+        wide_resnet_from_state_dict(sd, 10, 2)
+    plain = _wrn_torch(10, 2).state_dict()
+    with pytest.raises(
+            ValueError,
+            match=r"(?s)missing.*layer\.0\.block\.0\.batchnorm_0.*unexpected.*block1\.layer"):
+        dm_wide_resnet_from_state_dict(plain, 10, 2)
+    # RobustBench's sub_block1=True models carry an unused group: accepted and ignored
+    extra = {**plain, **{"sub_block1." + k.split(".", 1)[1]: v
+                         for k, v in plain.items() if k.startswith("block1.")}}
+    _, got = wide_resnet_from_state_dict(extra, 10, 2)
+    _, ref_vars = wide_resnet_from_state_dict(plain, 10, 2)
+    jax.tree.map(np.testing.assert_array_equal, got, ref_vars)
+
+
+@pytest.mark.torch
+def test_dm_wrn_70_16_layout_and_size():
+    # Gowal2020Uncovering_70_16 / Rebuffi2021Fixing_70_16: every key and shape, shapes only
+    from jaxrob.models import DMWideResNet
+    from jaxrob.models._classifiers import _expected_variables
+
+    ref = {k: tuple(v.shape) for k, v in
+           _dm_wrn_torch(70, 16, device="meta").state_dict().items()
+           if not k.endswith("num_batches_tracked")}
+    shapes = _expected_variables(DMWideResNet(depth=70, width=16))
+    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(shapes["params"]))
+    assert n_params == sum(int(np.prod(s)) for k, s in ref.items()
+                           if not k.endswith(("running_mean", "running_var")))
+    assert len(jax.tree.leaves(shapes)) == len(ref)
+    assert n_params == 266_796_506
