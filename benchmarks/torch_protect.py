@@ -88,10 +88,10 @@ class AdvDMSetup:
 
     def __init__(self, vae, unet, schedule, scaling_factor, shift_factor=0.0):
         self.vae, self.unet = vae, unet
-        self.sqrt_ab = torch.as_tensor(np.asarray(schedule["sqrt_alphas_cumprod"], np.float32))
-        self.sqrt_1mab = torch.as_tensor(np.asarray(schedule["sqrt_one_minus_alphas_cumprod"],
-                                                    np.float32))
-        self.model_steps = torch.as_tensor(np.asarray(schedule["model_steps"], np.int64))
+        self.sqrt_ab = torch.from_numpy(np.array(schedule["sqrt_alphas_cumprod"], np.float32))
+        self.sqrt_1mab = torch.from_numpy(np.array(schedule["sqrt_one_minus_alphas_cumprod"],
+                                                   np.float32))
+        self.model_steps = torch.from_numpy(np.array(schedule["model_steps"], np.int64))
         self.num_steps = int(self.sqrt_ab.shape[0])
         self.scaling, self.shift = float(scaling_factor), float(shift_factor)
 
