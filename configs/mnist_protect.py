@@ -38,7 +38,7 @@ def get_config(arg=None):
     del c.attack, c.eval, c.rows
     # c.purifier (robust_base's: DDPM, t* = 0.1, 10 steps) is PDM-Pure's purifier (the paper's)
     c.data.test_split = "test[:32]"
-    c.batch_size = 16  # images per chunk (a multiple of the device count)
+    c.batch_size = 32  # images per chunk (a multiple of the device count)
     c.ldm = config_dict.ConfigDict({"source": "mnist_ldm", "path": "checkpoints/mnist_ldm"})
     c.study = config_dict.ConfigDict({  # the protections
         "methods": METHODS,

@@ -273,7 +273,8 @@ def run(config, workdir) -> dict:
             "target": texture_target(str(p.target), int(p.target_period), images.shape)}
 
     fingerprint = {f: _common.to_plain(config[f]) for f in
-                   ("seed", "data", "ddpm", "ldm", "classifier", "purifier", "edit")}
+                   ("seed", "data", "ddpm", "ldm", "classifier", "purifier", "edit", "study",
+                    "purify", "adaptive")}
 
     def chunks(fn, d, k, args, name):
         store = ChunkStore(workdir / "chunks" / name, fingerprint={**fingerprint, "part": name})
