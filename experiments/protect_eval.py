@@ -281,8 +281,7 @@ def run(config, workdir) -> dict:
         return run_chunks(fn, d, key=k, args=args, batch_size=batch_size, mesh=mesh,
                           store=store, desc=name).records
 
-    # the (method, eps) sets in priority order: radii in study.eps order (put the important
-    # first: a run stopped early has its results.json for every finished set)
+    # the (method, eps) sets (a run stopped early has its results.json for every finished set)
     base_models = {"ldm": ldm, "encode_fn": encode_fn, "pdm": pdm, "edit_fn": None}
     pipeline = jp.PurifyThenEdit(pure, ldm_editor)
     jobs = [("none", 0.0, None, 0, 0, None)]
@@ -296,6 +295,11 @@ def run(config, workdir) -> dict:
         if _has(adaptive_eps, r):
             jobs.append(("adaptive", r, {**base_models, "edit_fn": pipeline},
                          int(a.num_steps), int(a.eot_samples), jr.fold_in(key, 4)))
+    # priority: everything at the first radius, then the cheap methods at the others, then the
+    # expensive end-to-end attacks at the others
+    first = eps_list[0] if eps_list else None
+    jobs.sort(key=lambda j: 0 if j[0] == "none" or j[1] == first
+              else (2 if j[0] in (*HEAVY_METHODS, "adaptive") else 1))
     for pipe in q.pipelines:
         if pipe not in PIPELINES:
             raise ValueError(f"purify.pipelines: expected names in {list(PIPELINES)}, got "
