@@ -41,6 +41,7 @@ adaptive attack ``fold_in(k, 4)``, the amplification's random directions ``fold_
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 
@@ -130,11 +131,24 @@ def eps_name(eps: float) -> str:
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4f}"
 
 
-def _protect(method, num_steps, eot_samples, rate, models, eps, step_size, batch, keys):
-    """``run_chunks``'s ``fn``: ``{"x": protected}``. ``method``, ``num_steps``,
-    ``eot_samples`` and ``rate`` are static; ``eps`` and ``step_size`` traced (one compilation
-    per method for every radius)."""
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """A protection's static settings (one hashable leaf: ``run_chunks`` puts plain numbers in
+    its ``args`` on the devices, which would trace them)."""
+
+    method: str
+    num_steps: int
+    eot_samples: int
+    rate: float
+
+
+def _protect(spec, models, eps, step_size, batch, keys):
+    """``run_chunks``'s ``fn``: ``{"x": protected}``. ``spec`` is static; ``eps`` and
+    ``step_size`` traced (one compilation per method for every radius)."""
     from jaxrob import attacks as ja
+
+    method, num_steps, eot_samples, rate = (spec.method, spec.num_steps, spec.eot_samples,
+                                            spec.rate)
 
     kw = dict(eps=eps, step_size=step_size, num_steps=num_steps)
     mc = dict(eot_samples=eot_samples)
@@ -333,7 +347,7 @@ def run(config, workdir) -> dict:
             x_m = images
         else:
             step = jnp.asarray(r * float(p.step_ratio), jnp.float32)
-            rec = chunks(_protect, data, k, (m, steps, eot, float(p.rate), models,
+            rec = chunks(_protect, data, k, (_Spec(m, steps, eot, float(p.rate)), models,
                                              jnp.asarray(r, jnp.float32), step),
                          f"protect_{tag}")
             x_m = np.asarray(rec["x"], np.float32)
