@@ -301,7 +301,17 @@ def _mode_sign(mode: str) -> float:
 
 
 def _check_rate(rate, name: str = "rate") -> float:
-    r = float(check_scalar(rate, name))
+    """A static rate, checked in NumPy (``check_scalar``'s ``jnp.asarray`` is a tracer inside
+    ``jit``, and ``float`` of it fails: ``mist`` inside a jitted function)."""
+    if isinstance(rate, jax.core.Tracer):
+        raise ValueError(f"{name}: expected a Python number (it is a static weight), got a "
+                         f"traced value")
+    try:
+        r = float(np.asarray(rate, np.float64))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {rate!r}") from None
+    if not np.isfinite(r) or r < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {rate!r}")
     return r
 
 
