@@ -338,8 +338,8 @@ def _documented(f):
 
 @_documented
 def advdm(ddpm: Callable, x: Images, key: AnyKey, *, encode_fn: Callable | None = None,
-          schedule: jd.Schedule | None = None, mode: str = "+", eps: float = DEFAULT_EPS,
-          step_size: float = DEFAULT_STEP, num_steps: int = DEFAULT_STEPS,
+          schedule: jd.Schedule | None = None, mode: str = "+", eps: float | Array = DEFAULT_EPS,
+          step_size: float | Array = DEFAULT_STEP, num_steps: int = DEFAULT_STEPS,
           random_start: bool = False, eot_samples: int = 1, indices=None,
           return_iterates: bool = False) -> AttackResult:
     """AdvDM: sign steps on the Monte-Carlo diffusion training loss (:func:`advdm_loss`).
@@ -374,7 +374,8 @@ def advdm(ddpm: Callable, x: Images, key: AnyKey, *, encode_fn: Callable | None 
 @_documented
 def sds(ddpm: Callable, x: Images, key: AnyKey, *, encode_fn: Callable | None = None,
         schedule: jd.Schedule | None = None, mode: str = "-", x_target: Images | None = None,
-        target_rate: float = 1.0, eps: float = DEFAULT_EPS, step_size: float = DEFAULT_STEP,
+        target_rate: float = 1.0, eps: float | Array = DEFAULT_EPS,
+        step_size: float | Array = DEFAULT_STEP,
         num_steps: int = DEFAULT_STEPS, random_start: bool = False, eot_samples: int = 1,
         indices=None, return_iterates: bool = False) -> AttackResult:
     """SDS(+/-): sign steps along the score-distillation gradient (:func:`sds_loss`).
@@ -425,7 +426,7 @@ def sds(ddpm: Callable, x: Images, key: AnyKey, *, encode_fn: Callable | None = 
 
 @_documented
 def photoguard(encode_fn: Callable, x: Images, x_target: Images, key: AnyKey, *,
-               eps: float = DEFAULT_EPS, step_size: float = DEFAULT_STEP,
+               eps: float | Array = DEFAULT_EPS, step_size: float | Array = DEFAULT_STEP,
                num_steps: int = DEFAULT_STEPS, random_start: bool = False, indices=None,
                return_iterates: bool = False) -> AttackResult:
     """PhotoGuard's encoder attack: pull ``encode_fn(x)`` toward ``encode_fn(x_target)``.
@@ -456,8 +457,8 @@ def photoguard(encode_fn: Callable, x: Images, x_target: Images, key: AnyKey, *,
 
 @_documented
 def mist(ddpm: Callable, encode_fn: Callable, x: Images, x_target: Images, key: AnyKey, *,
-         schedule: jd.Schedule | None = None, rate: float = 1e4, eps: float = DEFAULT_EPS,
-         step_size: float = DEFAULT_STEP, num_steps: int = DEFAULT_STEPS,
+         schedule: jd.Schedule | None = None, rate: float = 1e4, eps: float | Array = DEFAULT_EPS,
+         step_size: float | Array = DEFAULT_STEP, num_steps: int = DEFAULT_STEPS,
          random_start: bool = False, eot_samples: int = 1, indices=None,
          return_iterates: bool = False) -> AttackResult:
     """Mist: the textural loss toward a target plus the weighted AdvDM semantic loss.
@@ -494,7 +495,7 @@ def mist(ddpm: Callable, encode_fn: Callable, x: Images, x_target: Images, key: 
 
 @_documented
 def edit_attack(edit_fn: Callable, x: Images, key: AnyKey, *, x_target: Images | None = None,
-                eps: float = DEFAULT_EPS, step_size: float = DEFAULT_STEP,
+                eps: float | Array = DEFAULT_EPS, step_size: float | Array = DEFAULT_STEP,
                 num_steps: int = DEFAULT_STEPS, random_start: bool = False,
                 eot_samples: int = 1, indices=None,
                 return_iterates: bool = False) -> AttackResult:
