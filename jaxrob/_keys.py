@@ -122,6 +122,9 @@ PROTECT_NOISE = 86  # eps ~ N(0, I) shaped like the latent
 # PDM-Pure before an edit (PurifyThenEdit): the purifier's and the editor's keys
 PROTECT_PURIFY = 88
 PROTECT_EDIT = 89
+# experiments/protect_eval.py: the random direction of the same pixel norm as a protection, to
+# which the encoder's amplification (latent distance / pixel distance) is compared
+PROTECT_RANDOM_DIRECTION = 1_000_060
 # Latent diffusion (jaxrob.models.Autoencoder, jaxrob.training.make_autoencoder_train_step, the
 # latent DDPM's train step): folded into the key handed to encode_latent (or into each example's
 # key of a (B,) batch of keys), or into a train step's key.

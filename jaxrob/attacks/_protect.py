@@ -301,7 +301,17 @@ def _mode_sign(mode: str) -> float:
 
 
 def _check_rate(rate, name: str = "rate") -> float:
-    r = float(check_scalar(rate, name))
+    """A static rate, checked in NumPy (``check_scalar``'s ``jnp.asarray`` is a tracer inside
+    ``jit``, and ``float`` of it fails: ``mist`` inside a jitted function)."""
+    if isinstance(rate, jax.core.Tracer):
+        raise ValueError(f"{name}: expected a Python number (it is a static weight), got a "
+                         f"traced value")
+    try:
+        r = float(np.asarray(rate, np.float64))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {rate!r}") from None
+    if not np.isfinite(r) or r < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {rate!r}")
     return r
 
 
@@ -328,8 +338,8 @@ def _documented(f):
 
 @_documented
 def advdm(ddpm: Callable, x: Images, key: AnyKey, *, encode_fn: Callable | None = None,
-          schedule: jd.Schedule | None = None, mode: str = "+", eps: float = DEFAULT_EPS,
-          step_size: float = DEFAULT_STEP, num_steps: int = DEFAULT_STEPS,
+          schedule: jd.Schedule | None = None, mode: str = "+", eps: float | Array = DEFAULT_EPS,
+          step_size: float | Array = DEFAULT_STEP, num_steps: int = DEFAULT_STEPS,
           random_start: bool = False, eot_samples: int = 1, indices=None,
           return_iterates: bool = False) -> AttackResult:
     """AdvDM: sign steps on the Monte-Carlo diffusion training loss (:func:`advdm_loss`).
@@ -364,7 +374,8 @@ def advdm(ddpm: Callable, x: Images, key: AnyKey, *, encode_fn: Callable | None 
 @_documented
 def sds(ddpm: Callable, x: Images, key: AnyKey, *, encode_fn: Callable | None = None,
         schedule: jd.Schedule | None = None, mode: str = "-", x_target: Images | None = None,
-        target_rate: float = 1.0, eps: float = DEFAULT_EPS, step_size: float = DEFAULT_STEP,
+        target_rate: float = 1.0, eps: float | Array = DEFAULT_EPS,
+        step_size: float | Array = DEFAULT_STEP,
         num_steps: int = DEFAULT_STEPS, random_start: bool = False, eot_samples: int = 1,
         indices=None, return_iterates: bool = False) -> AttackResult:
     """SDS(+/-): sign steps along the score-distillation gradient (:func:`sds_loss`).
@@ -415,7 +426,7 @@ def sds(ddpm: Callable, x: Images, key: AnyKey, *, encode_fn: Callable | None = 
 
 @_documented
 def photoguard(encode_fn: Callable, x: Images, x_target: Images, key: AnyKey, *,
-               eps: float = DEFAULT_EPS, step_size: float = DEFAULT_STEP,
+               eps: float | Array = DEFAULT_EPS, step_size: float | Array = DEFAULT_STEP,
                num_steps: int = DEFAULT_STEPS, random_start: bool = False, indices=None,
                return_iterates: bool = False) -> AttackResult:
     """PhotoGuard's encoder attack: pull ``encode_fn(x)`` toward ``encode_fn(x_target)``.
@@ -446,8 +457,8 @@ def photoguard(encode_fn: Callable, x: Images, x_target: Images, key: AnyKey, *,
 
 @_documented
 def mist(ddpm: Callable, encode_fn: Callable, x: Images, x_target: Images, key: AnyKey, *,
-         schedule: jd.Schedule | None = None, rate: float = 1e4, eps: float = DEFAULT_EPS,
-         step_size: float = DEFAULT_STEP, num_steps: int = DEFAULT_STEPS,
+         schedule: jd.Schedule | None = None, rate: float = 1e4, eps: float | Array = DEFAULT_EPS,
+         step_size: float | Array = DEFAULT_STEP, num_steps: int = DEFAULT_STEPS,
          random_start: bool = False, eot_samples: int = 1, indices=None,
          return_iterates: bool = False) -> AttackResult:
     """Mist: the textural loss toward a target plus the weighted AdvDM semantic loss.
@@ -484,7 +495,7 @@ def mist(ddpm: Callable, encode_fn: Callable, x: Images, x_target: Images, key: 
 
 @_documented
 def edit_attack(edit_fn: Callable, x: Images, key: AnyKey, *, x_target: Images | None = None,
-                eps: float = DEFAULT_EPS, step_size: float = DEFAULT_STEP,
+                eps: float | Array = DEFAULT_EPS, step_size: float | Array = DEFAULT_STEP,
                 num_steps: int = DEFAULT_STEPS, random_start: bool = False,
                 eot_samples: int = 1, indices=None,
                 return_iterates: bool = False) -> AttackResult:
