@@ -22,7 +22,12 @@ What exists, and what does not (yet):
 * the settings recorded here are DiffPure's ImageNet ones: t* = 0.15 (its ``t=150``), Linf
   eps 4/255, VP-SDE reverse process (``sampler="sde"``, dt = 1e-3, 150 Euler steps).
 
-So today only the ``:smoke`` variant runs (a tiny random ADM at 16x16; tests); the full config
+So today only the ``:smoke`` variant's purifier is built (a tiny random ADM at 16x16; tests);
+once the classifier and the data exist, the run is::
+
+    python experiments/robust_eval.py --config configs/imagenet_diffpure.py --workdir runs/imagenet_diffpure
+
+The full config
 is the parameter record for the GPU/TPU run once the two missing pieces exist. Memory: the ADM
 alone is 2.2 GB of float32 parameters.
 """

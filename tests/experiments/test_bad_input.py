@@ -13,6 +13,17 @@ from jaxrob.models import classifier_from_metadata, schedule_from_metadata, unet
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_"))
 
 
+def _diffusion_module(model_meta):
+    # the network a config names: Ho et al.'s UNet, score_sde's DDPM++ or guided-diffusion's ADM
+    from jaxrob.models import adm_from_metadata
+    from jaxrob.models._ncsnpp import ncsnpp_from_metadata
+
+    name = model_meta.get("name")
+    if name == "ncsnpp":
+        return ncsnpp_from_metadata(model_meta)
+    return adm_from_metadata(model_meta) if name == "adm" else unet_from_metadata(model_meta)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_builds(name):
     from experiments import _common
@@ -39,7 +50,7 @@ def test_every_config_builds(name):
             from jaxrob.models import DiffusionModel
 
             schedule = schedule_from_metadata(_common.to_plain(cfg.ddpm.diffusion))
-            unet = unet_from_metadata(_common.to_plain(cfg.ddpm.model))
+            unet = _diffusion_module(_common.to_plain(cfg.ddpm.model))
             model = DiffusionModel(unet, {}, schedule)  # options are checked, nothing runs
             _common.make_purifier(cfg.purifier, model)
             for row in (*cfg.get("rows", ()), *cfg.get("settings", ())):
