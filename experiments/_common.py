@@ -339,12 +339,12 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
 
     from jaxrob.models import (
         DiffusionModel,
+        diffusion_module_from_metadata,
         load,
         load_state_dict_file,
         random_variables,
         schedule_from_metadata,
         unet_from_diffusers_state_dict,
-        unet_from_metadata,
     )
 
     source = ddpm_config.source
@@ -365,12 +365,7 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
         raise ValueError(f"ddpm.source={source!r} with ddpm.model.name="
                          f"{model_meta.get('name')!r}: guided-diffusion checkpoints are ADMs "
                          f"(name 'adm'), diffusers ones Ho et al. UNets (name 'unet')")
-    if model_meta.get("name") == "adm":
-        from jaxrob.models import adm_from_metadata
-
-        unet = adm_from_metadata(model_meta)
-    else:
-        unet = unet_from_metadata(model_meta)
+    unet = diffusion_module_from_metadata(model_meta)
     schedule = schedule_from_metadata(to_plain(ddpm_config.diffusion))
     if source == "random":
         # eval_shape + NumPy: jit(unet.init) spends ~20 s compiling threefry on a small CPU

@@ -58,6 +58,9 @@ from jaxrob.models._latent import autoencoder_from_metadata as autoencoder_from_
 from jaxrob.models._loaded import Classifier as Classifier
 from jaxrob.models._loaded import DiffusionModel as DiffusionModel
 from jaxrob.models._loaded import classifier_from_metadata as classifier_from_metadata
+from jaxrob.models._loaded import (
+    diffusion_module_from_metadata as diffusion_module_from_metadata,
+)
 from jaxrob.models._loaded import load as load
 from jaxrob.models._loaded import schedule_from_metadata as schedule_from_metadata
 from jaxrob.models._loaded import unet_from_metadata as unet_from_metadata

@@ -117,6 +117,22 @@ def unet_from_metadata(model: Mapping[str, Any]) -> nn.Module:
     return unet_from_config(model.get("config", "mnist"), **overrides)
 
 
+def diffusion_module_from_metadata(model: Mapping[str, Any]) -> nn.Module:
+    """The denoiser network a ``model`` metadata entry (an export's or a config's) names: Ho et
+    al.'s UNet (``"unet"``, the default), score_sde's DDPM++ (``"ncsnpp"``) or guided-diffusion's
+    ADM (``"adm"``)."""
+    name = model.get("name", "unet")
+    if name == "ncsnpp":  # score_sde DDPM++ (e.g. DiffPure's CIFAR-10)
+        from jaxrob.models._ncsnpp import ncsnpp_from_metadata
+
+        return ncsnpp_from_metadata(model)
+    if name == "adm":  # guided-diffusion's ADM
+        from jaxrob.models._adm import adm_from_metadata
+
+        return adm_from_metadata(model)
+    return unet_from_metadata(model)
+
+
 def classifier_from_metadata(model: Mapping[str, Any], num_classes: int) -> nn.Module:
     """The classifier described by ``{"name": <key of MODELS>, "kwargs": {...}}``."""
     from jaxrob.models._classifiers import MODELS
@@ -188,16 +204,7 @@ def load(path: str | os.PathLike, *, fast_vjp: bool = False, kind: str | None = 
 
 
 def _ddpm_builder(meta):
-    if meta["model"].get("name") == "ncsnpp":  # score_sde DDPM++ (e.g. DiffPure's CIFAR-10)
-        from jaxrob.models._ncsnpp import ncsnpp_from_metadata
-
-        module = ncsnpp_from_metadata(meta["model"])
-    elif meta["model"].get("name") == "adm":  # guided-diffusion's ADM
-        from jaxrob.models._adm import adm_from_metadata
-
-        module = adm_from_metadata(meta["model"])
-    else:
-        module = unet_from_metadata(meta["model"])
+    module = diffusion_module_from_metadata(meta["model"])
     schedule = schedule_from_metadata(meta["diffusion"])
     return lambda variables: DiffusionModel(module, variables, schedule)
 

@@ -8,20 +8,14 @@ import pytest
 from exp_helpers import REPO, load_config
 
 from experiments import main, train_classifier, train_diffusion
-from jaxrob.models import classifier_from_metadata, schedule_from_metadata, unet_from_metadata
+from jaxrob.models import (
+    classifier_from_metadata,
+    diffusion_module_from_metadata,
+    schedule_from_metadata,
+    unet_from_metadata,
+)
 
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_"))
-
-
-def _diffusion_module(model_meta):
-    # the network a config names: Ho et al.'s UNet, score_sde's DDPM++ or guided-diffusion's ADM
-    from jaxrob.models import adm_from_metadata
-    from jaxrob.models._ncsnpp import ncsnpp_from_metadata
-
-    name = model_meta.get("name")
-    if name == "ncsnpp":
-        return ncsnpp_from_metadata(model_meta)
-    return adm_from_metadata(model_meta) if name == "adm" else unet_from_metadata(model_meta)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -50,7 +44,7 @@ def test_every_config_builds(name):
             from jaxrob.models import DiffusionModel
 
             schedule = schedule_from_metadata(_common.to_plain(cfg.ddpm.diffusion))
-            unet = _diffusion_module(_common.to_plain(cfg.ddpm.model))
+            unet = diffusion_module_from_metadata(_common.to_plain(cfg.ddpm.model))
             model = DiffusionModel(unet, {}, schedule)  # options are checked, nothing runs
             _common.make_purifier(cfg.purifier, model)
             for row in (*cfg.get("rows", ()), *cfg.get("settings", ())):
