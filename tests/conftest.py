@@ -14,16 +14,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # JAXROB_TEST_XLA_OPT=1 keeps XLA's default optimisation (what users run). Subprocesses started
 # by the tests (experiment smokes) inherit them; the quick-start notebook runs at the default
 # (its Lanczos cell is execution-bound: 28 s -> 158 s at -O0).
-_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-# what a test's own subprocess (the multi-process workers) adds to
-# the XLA_FLAGS it sets
-os.environ["JAXROB_TEST_XLA_EXTRA"] = ("" if os.environ.get("JAXROB_TEST_XLA_OPT", "0") == "1"
-                                       else " ".join(_FAST_COMPILE))
-if os.environ.get("JAXROB_TEST_XLA_OPT", "0") != "1":
-    _flags = os.environ["XLA_FLAGS"].split()
-    _named = {g.split("=")[0] for g in _flags}
-    os.environ["XLA_FLAGS"] = " ".join(
-        _flags + [f for f in _FAST_COMPILE if f.split("=")[0] not in _named])
+_FAST_COMPILE = (() if os.environ.get("JAXROB_TEST_XLA_OPT", "0") == "1" else
+                 ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"))
+# what a test's own subprocess (the multi-process workers) adds to the XLA_FLAGS it sets
+os.environ["JAXROB_TEST_XLA_EXTRA"] = " ".join(_FAST_COMPILE)
+_flags = os.environ["XLA_FLAGS"].split()
+_named = {g.split("=")[0] for g in _flags}
+os.environ["XLA_FLAGS"] = " ".join(
+    _flags + [f for f in _FAST_COMPILE if f.split("=")[0] not in _named])
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _variables, _jaxrob_typecheck
 os.environ.setdefault("JAXROB_DATA_DIR", str(_REPO.parent / "shared" / "datasets"))
