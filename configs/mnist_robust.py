@@ -12,7 +12,8 @@ with exact gradients in the fixed-randomness setting; scored one-shot and worst-
 Each row writes its own resumable sub-workdir; see the README for timings on the 2-core CPU.
 
 Variants: ``:eps01`` (Linf 0.1), ``:l2`` (L2 eps 2.0), ``:fixed`` (only the classifier and the
-fixed-randomness rows: the cheap ones, EoT 1), ``:dwbox`` (ADDT's randomness settings at
+fixed-randomness rows: the cheap ones, EoT 1), ``:stochastic`` (the others: the classifier
+and the stochastic exact / BPDA rows), ``:dwbox`` (ADDT's randomness settings at
 t_star 0.1: DDPM stochastic / fixed (DW-box, EoT 1) / forward_lock (forward noise fixed, reverse
 noise fresh, EoT 4), DDIM stochastic / fixed; scored one-shot, average@20 and fixed_aa@20 --
 ADDT's Fixed-AA with eval_iter 20; add attack iterates as Fixed-AA candidates with
@@ -21,7 +22,7 @@ ADDT's Fixed-AA with eval_iter 20; add attack iterates as Fixed-AA candidates wi
 
 from configs import _common
 
-VARIANTS = ("", "smoke", "eps01", "l2", "fixed", "dwbox")
+VARIANTS = ("", "smoke", "eps01", "l2", "fixed", "stochastic", "dwbox")
 
 
 def rows(samplers=("ddpm", "ddim"), t_stars=(0.1, 0.3)):
@@ -68,6 +69,8 @@ def get_config(arg=None):
     elif arg == "fixed":
         c.rows = tuple(r for r in c.rows
                        if r["name"] == "classifier" or r["name"].endswith("_fixed"))
+    elif arg == "stochastic":
+        c.rows = tuple(r for r in c.rows if not r["name"].endswith("_fixed"))
     elif arg == "smoke":
         _common.robust_smoke(c)
         c.data.test_split = "test[:8]"
