@@ -132,8 +132,9 @@ def generate(eps_fn: EpsFn, key: Key, shape: tuple[int, ...], schedule: Schedule
              sampler: str = "ddpm", **kwargs) -> Array:
     """Unconditional samples (diffusion space) from pure noise at the end of ``schedule``.
 
-    ``sampler`` is ``"ddpm"``/``"ddim"`` (over ``schedule``) or ``"sde"``/``"ode"`` (VP-SDE from
-    t = 1 with ``num_steps = schedule.num_steps`` unless given).
+    ``sampler`` is ``"ddpm"``/``"ddim"`` (over ``schedule``) or ``"sde"``/``"ode"`` (from t = 1
+    with ``num_steps = schedule.num_steps`` unless given, on ``sde=`` or else the VP-SDE of the
+    linear training schedule, :meth:`VPSDE.from_schedule`).
     """
     check_choice(sampler, SAMPLERS, "sampler")
     k_init, k_steps = jr.split(key)
@@ -143,5 +144,5 @@ def generate(eps_fn: EpsFn, key: Key, shape: tuple[int, ...], schedule: Schedule
     if sampler == "ddim":
         return ddim_sample(eps_fn, x, k_steps, schedule, **kwargs)
     kwargs.setdefault("num_steps", schedule.num_steps)
-    sde = kwargs.pop("sde", VPSDE(num_train_steps=schedule.num_train_steps))
+    sde = kwargs.pop("sde", None) or VPSDE.from_schedule(schedule)
     return vpsde_sample(eps_fn, x, k_steps, sde, method=sampler, **kwargs)

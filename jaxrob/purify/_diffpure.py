@@ -119,6 +119,8 @@ class Purifier:
       eta: DDIM eta.
       remat: ``jax.checkpoint`` each step (bounded memory under reverse-mode).
       unroll: ``lax.scan`` unroll factor.
+      sde: for ``"sde"``/``"ode"``, the VP-SDE of ``schedule`` (derived:
+        :meth:`jaxrob.diffusion.VPSDE.from_schedule`; a non-linear schedule is refused).
     """
 
     eps_fn: jd.EpsFn
@@ -133,6 +135,8 @@ class Purifier:
     eta: float = static_field(default=0.0)
     remat: bool = static_field(default=True)
     unroll: int = static_field(default=1)
+    # the VP-SDE of ``schedule`` for the "sde" / "ode" samplers (derived; None otherwise)
+    sde: jd.VPSDE | None = static_field(default=None)
 
     # forward and reverse noise come from separate keys (``forward_key=``), as
     # randomness="forward_lock" evaluations need (a class constant, not a field)
@@ -165,7 +169,8 @@ class Purifier:
         surrogate = tuple(
             jd.truncated(schedule, t, opts["surrogate_steps"]) if discrete else None
             for t, _ in stages) if opts["gradient"] == "surrogate" else ()
-        return cls(eps_fn, schedule, chains, surrogate, stages, **opts)
+        sde = None if discrete else jd.VPSDE.from_schedule(schedule)
+        return cls(eps_fn, schedule, chains, surrogate, stages, **opts, sde=sde)
 
     def replace(self, **changes) -> Purifier:
         """A copy with other fields. Changing an option re-derives the chains; changing only
@@ -274,7 +279,7 @@ class Purifier:
             else:
                 out = jd.ddim_sample(self.eps_fn, x_t, k_rev, chain, eta=self.eta, **kw)
         else:
-            sde = jd.VPSDE(num_train_steps=self.schedule.num_train_steps)
+            sde = self.sde
             x_t = sde.marginal_sample(x, jnp.asarray(t_star, x.dtype), noise)
             out = jd.vpsde_sample(self.eps_fn, x_t, k_rev, sde, t_start=t_star,
                                   num_steps=steps, method=self.sampler, **kw)
@@ -345,7 +350,7 @@ class Purifier:
                                   chain.one_minus_alphas_cumprod_prev[::-1]])
             a, b = jnp.sqrt(a2), jnp.sqrt(b2)
         else:
-            sde = jd.VPSDE(num_train_steps=self.schedule.num_train_steps)
+            sde = self.sde
             x_t = sde.marginal_sample(x, jnp.asarray(t_star, x.dtype), noise)
             out, traj = jd.vpsde_sample(self.eps_fn, x_t, k_rev, sde, t_start=t_star,
                                         num_steps=steps, method=self.sampler, **kw)

@@ -85,6 +85,36 @@ def test_discretised_vpsde_approaches_ddpm_chain():
     assert errs[2] < 1e-3
 
 
+@pytest.mark.parametrize("beta_start,beta_end,n", [(1e-4, 0.02, 1000), (2e-4, 0.03, 1000),
+                                                    (1e-4, 0.02, 500)])
+def test_vpsde_from_schedule_recovers_the_linear_training_betas(beta_start, beta_end, n):
+    """beta_min = N beta_1, beta_max = N beta_N, from the full schedule and from respaced /
+    truncated chains of it (only abar at the kept steps survives there)."""
+    full = jd.linear_schedule(n, beta_start=beta_start, beta_end=beta_end)
+    want = (float(full.betas[0]) * n, float(full.betas[-1]) * n)
+    for sched in (full, jd.respace(full, 25), jd.truncated(full, 0.1, 10)):
+        sde = jd.VPSDE.from_schedule(sched)
+        np.testing.assert_allclose((sde.beta_min, sde.beta_max), want, rtol=1e-5)
+        assert sde.num_train_steps == n
+    assert jd.VPSDE.from_schedule(jd.linear_schedule(1000)) == jd.VPSDE()
+
+
+def test_vpsde_samplers_refuse_a_schedule_without_a_vp_sde():
+    """A cosine schedule has no linear-beta VP-SDE: the 'sde' purifier refuses it instead of
+    silently running beta 0.1..20 (what it did before)."""
+    from jaxrob.purify import diffpure
+
+    with pytest.raises(ValueError, match="linear beta schedule"):
+        jd.VPSDE.from_schedule(jd.cosine_schedule(1000))
+    eps_fn = lambda x, t: jnp.zeros_like(x)
+    with pytest.raises(ValueError, match="linear beta schedule"):
+        diffpure(eps_fn, jd.cosine_schedule(1000), t_star=0.1, num_steps=2, sampler="sde")
+    pur = diffpure(eps_fn, jd.linear_schedule(1000, beta_end=0.03), t_star=0.1, num_steps=2,
+                   sampler="ode")
+    np.testing.assert_allclose(pur.sde.beta_max, 30.0, rtol=1e-6)
+    assert diffpure(eps_fn, jd.linear_schedule(1000), t_star=0.1, num_steps=2).sde is None
+
+
 # --------------------------------------------------------------------------- respacing precision
 
 
