@@ -205,8 +205,12 @@ class Purifier:
         return steps * (3 if self.remat else 2)
 
     def manifest(self) -> dict:
-        """What an evaluation records about this purifier."""
-        return {"sampler": self.sampler, "stages": [[float(t), int(s)] for t, s in self.stages],
+        """What an evaluation records about this purifier (with the VP-SDE's betas for the
+        ``"sde"`` / ``"ode"`` samplers)."""
+        sde = {} if self.sde is None else {"sde": {"beta_min": self.sde.beta_min,
+                                                     "beta_max": self.sde.beta_max}}
+        return {**sde, "sampler": self.sampler,
+                "stages": [[float(t), int(s)] for t, s in self.stages],
                 "t_star": float(self.stages[0][0]) if len(self.stages) == 1 else None,
                 "steps": int(self.nfe), "gradient": self.gradient,
                 "surrogate_steps": self.surrogate_steps, "variance": self.variance,
