@@ -114,6 +114,10 @@ class ResNet(nn.Module):
       std: per-channel std the input is divided by.
       fast_vjp: convolutions with the custom VJP of :mod:`jaxrob.models._conv` (faster
         input-gradients inside ``lax`` loops on XLA:CPU; no forward mode).
+      input_size: None, or resize every input of another size to ``input_size`` x
+        ``input_size`` first (bilinear, half-pixel centres, no antialiasing: PyTorch's
+        ``F.interpolate(x, size, mode="bilinear", align_corners=False)``), as DiffPure does
+        between the 256x256 ADM and the 224x224 ResNet-50.
     """
 
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -123,6 +127,7 @@ class ResNet(nn.Module):
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
     fast_vjp: bool = False
+    input_size: int | None = None
 
     @nn.compact
     def __call__(self, x: Images, train: bool = False) -> Logits:
@@ -133,6 +138,9 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet.stage_sizes: expected four block counts >= 1, got "
                              f"{tuple(self.stage_sizes)}")
         check_images(x, "x", channels=len(self.mean))
+        s = self.input_size
+        if s is not None and tuple(x.shape[1:3]) != (s, s):
+            x = jax.image.resize(x, (x.shape[0], s, s, x.shape[3]), "bilinear", antialias=False)
         mean = jnp.asarray(self.mean, jnp.float32).reshape(1, 1, 1, -1)
         std = jnp.asarray(self.std, jnp.float32).reshape(1, 1, 1, -1)
         h = (x - mean) / std
@@ -206,6 +214,7 @@ def resnet_from_torchvision_state_dict(
     num_classes: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    input_size: int | None = None,
 ) -> tuple[ResNet, dict[str, Any]]:
     """Import a ``torchvision.models.resnet`` state dict (``module.`` prefixes allowed).
 
@@ -218,6 +227,7 @@ def resnet_from_torchvision_state_dict(
       num_classes: logits; None takes it from ``fc.weight``.
       mean: the input normalisation the weights were trained with (ImageNet's).
       std: likewise.
+      input_size: see :class:`ResNet` (e.g. 224 to classify 256x256 purifier outputs).
 
     Returns:
       ``(model, variables)`` with ``params`` and ``batch_stats`` (numpy float32).
@@ -244,7 +254,7 @@ def resnet_from_torchvision_state_dict(
         num_classes = int(sd["fc.weight"].shape[0])
     model = ResNet(stage_sizes=cfg["stage_sizes"], block=cfg["block"],
                    num_classes=int(num_classes), width_per_group=int(cfg["width_per_group"]),
-                   mean=tuple(mean), std=tuple(std))
+                   mean=tuple(mean), std=tuple(std), input_size=input_size)
     shapes = jax.eval_shape(model.init, jr.key(0),
                             jax.ShapeDtypeStruct((1, 32, 32, len(mean)), jnp.float32))
     variables = fill_from_state_dict(sd, shapes, _torch_prefix, what=name)
@@ -252,7 +262,7 @@ def resnet_from_torchvision_state_dict(
 
 
 def load_torchvision_resnet(path: str | os.PathLike, arch: str | Mapping[str, Any] = "resnet50",
-                            *, fast_vjp: bool = False):
+                            *, input_size: int | None = None, fast_vjp: bool = False):
     """torchvision ResNet weights (e.g. ``resnet50-0676ba61.pth``) as a ready
     :class:`jaxrob.models.Classifier` of [0, 1] NHWC images.
 
@@ -260,6 +270,7 @@ def load_torchvision_resnet(path: str | os.PathLike, arch: str | Mapping[str, An
       path: the ``.pth`` file (read with ``torch.load(..., weights_only=True)``), or an
         ``.npz`` / ``.safetensors`` of the same keys.
       arch: the expected architecture (see :func:`resnet_from_torchvision_state_dict`).
+      input_size: see :class:`ResNet`.
       fast_vjp: build the reverse-mode twin (attacks on CPU).
 
     Raises:
@@ -268,7 +279,8 @@ def load_torchvision_resnet(path: str | os.PathLike, arch: str | Mapping[str, An
     """
     from jaxrob.models._loaded import Classifier
 
-    module, variables = resnet_from_torchvision_state_dict(load_state_dict_file(path), arch)
+    module, variables = resnet_from_torchvision_state_dict(load_state_dict_file(path), arch,
+                                                           input_size=input_size)
     model = Classifier(module, jax.tree.map(jnp.asarray, variables))
     return model.with_fast_vjp(True) if fast_vjp else model
 
@@ -282,7 +294,8 @@ def resnet_export_metadata(module: ResNet, source: Mapping[str, Any] | None = No
         "model": {"name": "resnet", "kwargs": {
             "stage_sizes": [int(n) for n in module.stage_sizes], "block": module.block,
             "width_per_group": int(module.width_per_group),
-            "mean": [float(v) for v in module.mean], "std": [float(v) for v in module.std]}},
+            "mean": [float(v) for v in module.mean], "std": [float(v) for v in module.std],
+            "input_size": module.input_size}},
         "source": dict(source or {}),
     }
 
