@@ -103,4 +103,6 @@ def get_config(arg=None):
         c.classifier.model.kwargs.update(block="basic", stage_sizes=(1, 1, 1, 1))
         c.purifier.num_steps = 2
         c.attack.update(num_steps=2, eot_samples=2)
+        # one padded chunk of 8 (a multiple of the tests' 8 host devices), one protocol
+        c.eval.update(protocols=("one_shot",), batch_size=8)
     return c

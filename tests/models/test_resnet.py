@@ -100,6 +100,22 @@ def test_pth_file_loads_in_one_call(tmp_path, small_sd, images):
                                   ref_vars["batch_stats"]["bn1"]["var"])
 
 
+@pytest.mark.torch
+def test_input_size_resize_is_torchs_bilinear_interpolate():
+    # ResNet(input_size=...) resizes with jax.image.resize(bilinear, antialias=False): DiffPure's
+    # F.interpolate(mode="bilinear", align_corners=False), both ways between 224 and 256
+    import torch
+    import torch.nn.functional as F
+
+    x = np.random.default_rng(3).uniform(size=(1, 256, 256, 3)).astype(np.float32)
+    for src, dst in ((256, 224), (224, 256)):
+        xs = x[:, :src, :src]
+        want = F.interpolate(torch.from_numpy(xs.transpose(0, 3, 1, 2)), size=(dst, dst),
+                             mode="bilinear", align_corners=False).numpy().transpose(0, 2, 3, 1)
+        got = jax.image.resize(jnp.asarray(xs), (1, dst, dst, 3), "bilinear", antialias=False)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
 @pytest.mark.slow  # ~1 min of XLA compilation; test_small_resnet_matches_torchvision covers it
 @pytest.mark.torch
 def test_full_resnet50_matches_torchvision_at_224():
