@@ -136,6 +136,30 @@ def test_resize_center_crop_closed_form():
     np.testing.assert_array_equal(resize_center_crop(gray, 24, 30)[..., 1], arr[3:27, 8:32, 0])
 
 
+def test_devkit_ground_truth_with_meta_file(tmp_path):
+    from scipy.io import savemat
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in (1, 2, 3):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(flat / f"ILSVRC2012_val_{i:08d}.JPEG")
+    # the devkit's meta.mat: synsets (ILSVRC2012_ID, WNID, words, gloss, num_children, ...);
+    # ids 1..3 are leaves, id 4 an inner node
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children"]
+    rows = [(1, "n03000000", "c", "", 0), (2, "n01000000", "a", "", 0),
+            (3, "n02000000", "b", "", 0), (4, "n00001740", "entity", "", 2)]
+    synsets = np.array(rows, dtype=[(f, object) for f in fields])
+    savemat(tmp_path / "meta.mat", {"synsets": synsets})
+    gt = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    gt.write_text("1\n3\n2\n")
+    files, labels, classes = imagenet_index(flat, labels_file=gt, meta_file=tmp_path / "meta.mat")
+    assert classes == ["n01000000", "n02000000", "n03000000"]  # sorted wnids, not devkit ids
+    np.testing.assert_array_equal(labels, [2, 1, 0])
+    gt.write_text("1\n4\n2\n")
+    with pytest.raises(ValueError, match=r"ILSVRC2012_IDs \[4\] are not leaf classes"):
+        imagenet_index(flat, labels_file=gt, meta_file=tmp_path / "meta.mat")
+
+
 def test_devkit_ground_truth_needs_meta_file(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()

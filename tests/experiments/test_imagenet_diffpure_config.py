@@ -83,24 +83,26 @@ def test_smoke_variant_builds_its_models(tmp_path):
         1, 10)
 
 
-def test_load_split_resizes_to_data_image_size():
-    # what the smoke does to its Tiny-ImageNet images (64 -> 32), on the bundled digits (8 -> 16)
+def test_load_split_resizes_to_data_image_size(monkeypatch):
+    # what the smoke does to its 64x64 Tiny-ImageNet images (-> 32), on a stand-in dataset
+    import jaxrob.data
+
+    rng = np.random.default_rng(0)
+    raw = jaxrob.data.ArrayDataset(
+        images=rng.uniform(size=(3, 8, 8, 3)).astype(np.float32),
+        labels=np.arange(3, dtype=np.int32), name="tiny_imagenet", split="val[5:8]",
+        num_classes=200, indices=np.arange(5, 8, dtype=np.int32))
+    raw.images[0] = 0.25  # a constant image
+    monkeypatch.setattr(jaxrob.data, "load_dataset", lambda name, split, data_dir=None: raw)
     c = load_config("imagenet_diffpure", "smoke")
-    c.data.update(name="digits", image_size=16)
-    ds = exp_common.load_split(c.data, "test[:5]")
-    assert ds.images.shape == (5, 16, 16, 1) and ds.images.dtype == np.float32
+    c.data.image_size = 16
+    ds = exp_common.load_split(c.data, c.data.test_split, num_images=2)
+    assert ds.images.shape == (2, 16, 16, 3) and ds.images.dtype == np.float32
+    np.testing.assert_array_equal(ds.indices, [5, 6])
+    np.testing.assert_array_equal(ds.labels, [0, 1])
+    np.testing.assert_allclose(ds.images[0], 0.25, atol=1e-6)  # constants stay constant
     assert 0.0 <= ds.images.min() and ds.images.max() <= 1.0
-    small = exp_common.load_split(_digits(), "test[:5]")
-    np.testing.assert_array_equal(ds.labels, small.labels)
-    # a constant-preserving upscale: the mean brightness stays close
-    np.testing.assert_allclose(ds.images.mean(axis=(1, 2, 3)), small.images.mean(axis=(1, 2, 3)),
-                               atol=0.02)
-
-
-def _digits():
-    c = load_config("imagenet_diffpure", "smoke")
-    c.data.update(name="digits", image_size=8)
-    return c.data
+    np.testing.assert_allclose(ds.images[1].mean(), raw.images[1].mean(), atol=0.02)
 
 
 # ~1 min on 2 idle CPU cores (PGD-EoT through the SDE purifier of a tiny ADM, plus the ResNet
