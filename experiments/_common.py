@@ -92,14 +92,61 @@ def data_dir(data_config) -> str | None:
 
 def load_split(data_config, split: str, *, name: str | None = None, num_images: int = 0):
     """``jaxrob.data.load_dataset`` for a ``config.data`` block; ``num_images`` > 0 keeps the
-    first that many examples."""
-    from jaxrob.data import load_dataset
+    first that many examples. ``data.name == "imagenet"`` reads the folder ``data.imagenet_dir``
+    with :func:`jaxrob.data.load_imagenet` (only the kept examples are decoded). A
+    ``data.image_size`` other than the dataset's resizes the images to it (bilinear; e.g. the
+    ImageNet smoke's Tiny-ImageNet images)."""
+    from jaxrob.data import ArrayDataset, load_dataset
 
-    ds = load_dataset(name or data_config.name, split, data_dir=data_dir(data_config))
+    name = name or data_config.name
+    if name == "imagenet":
+        ds = _load_imagenet(data_config, split, num_images)
+    else:
+        ds = load_dataset(name, split, data_dir=data_dir(data_config))
     if num_images and num_images < len(ds):
         ds = ds.subset(slice(0, int(num_images)))
+    size = data_config.get("image_size")
+    if size and tuple(ds.image_shape[:2]) != (int(size), int(size)):
+        images = np.asarray(jax.image.resize(
+            ds.images, (len(ds), int(size), int(size), ds.image_shape[2]), "bilinear"))
+        ds = ArrayDataset(images=np.clip(images, 0.0, 1.0).astype(np.float32),
+                          labels=ds.labels, name=ds.name, split=ds.split,
+                          num_classes=ds.num_classes, indices=ds.indices)
     log.info("data: %r", ds)
     return ds
+
+
+def _data_file(data_config, field: str, *, folder: bool = False) -> pathlib.Path | None:
+    """``config.data.<field>`` resolved against the data directory (absolute paths as they
+    are); FileNotFoundError naming the field when it does not exist."""
+    value = data_config.get(field)
+    if not value:
+        return None
+    p = pathlib.Path(os.path.expanduser(str(value)))
+    if not p.is_absolute():
+        from jaxrob.data import resolve_data_dir
+
+        p = resolve_data_dir(data_dir(data_config)) / p
+    if not (p.is_dir() if folder else p.is_file()):
+        raise FileNotFoundError(
+            f"data.{field}: no {'folder' if folder else 'file'} at {p} (set "
+            f"--config.data.{field}; relative paths are taken from the data directory)")
+    return p
+
+
+def _load_imagenet(data_config, split: str, num_images: int):
+    from jaxrob.data import load_imagenet
+
+    if not data_config.get("imagenet_dir"):
+        raise ValueError("data.imagenet_dir: expected the ImageNet validation folder (one "
+                         "sub-folder per wnid, or flat with data.labels_file)")
+    folder = _data_file(data_config, "imagenet_dir", folder=True)
+    return load_imagenet(
+        folder, split, image_size=int(data_config.image_size),
+        resize_size=data_config.get("resize_size") or None,
+        labels_file=_data_file(data_config, "labels_file"),
+        meta_file=_data_file(data_config, "meta_file"),
+        limit=int(num_images) if num_images else None)
 
 
 def resolve_path(path: str, *, base: pathlib.Path) -> pathlib.Path:
@@ -318,7 +365,7 @@ def start(distributed: bool, config=None, *, coordinator_address: str | None = N
 # purifier and attack from config, the sweep rows, the common start and end of a study.
 
 DDPM_SOURCES = ("export", "random", "diffusers", "score_sde", "guided_diffusion")
-CLASSIFIER_SOURCES = ("akamaster", "export", "robustbench")
+CLASSIFIER_SOURCES = ("akamaster", "export", "robustbench", "torchvision_resnet50", "random")
 ATTACKS = ("none", "fgsm", "pgd", "apgd")
 
 
@@ -463,6 +510,34 @@ def load_classifier(model_config, data_config, *, fast_vjp: bool = False):
             int(model_config.get("widen_factor", 10)))
         model = Classifier(module, variables)
         info = {"source": source, "path": str(path)}
+    elif source == "torchvision_resnet50":
+        from jaxrob.models import load_torchvision_resnet
+
+        path = resolve_path(model_config.path, base=REPO_ROOT)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"classifier.path: no torchvision ResNet-50 weights at {path} (DiffPure's "
+                f"ImageNet classifier is torchvision's resnet50 IMAGENET1K_V1, "
+                f"resnet50-0676ba61.pth; set --config.classifier.path to the downloaded file)")
+        model = load_torchvision_resnet(path, "resnet50",
+                                        input_size=model_config.get("input_size") or None)
+        info = {"source": source, "path": str(path), "num_params": model.num_params}
+    elif source == "random":
+        # a random classifier of config.classifier.model (smoke runs): eval_shape + NumPy
+        from jaxrob.models import classifier_from_metadata, random_variables
+
+        model_meta = to_plain(model_config.model)
+        if model_config.get("input_size"):  # e.g. the ResNet-50's 256 -> 224 resize
+            model_meta["kwargs"] = {**(model_meta.get("kwargs") or {}),
+                                    "input_size": int(model_config.input_size)}
+        module = classifier_from_metadata(model_meta, int(model_config.num_classes))
+        size = int(data_config.image_size)
+        variables = random_variables(module, jax.ShapeDtypeStruct((1, size, size, 3),
+                                                                  np.float32),
+                                     seed=int(model_config.get("seed") or 0))
+        model = Classifier(module, variables)
+        info = {"source": source, "seed": int(model_config.get("seed") or 0),
+                "num_params": model.num_params}
     elif source == "export":
         from jaxrob.checkpoint import read_metadata
 

@@ -1,5 +1,13 @@
-"""Datasets: local file readers, deterministic batching, and TensorFlow Datasets (optional)."""
+"""Datasets: local file readers, deterministic batching, and TensorFlow Datasets (optional).
 
+:func:`load_imagenet` reads an ImageNet-layout folder (wnid sub-folders, or a flat folder and a
+labels file) in torchvision's class order with its resize + center-crop, decoding only the
+requested slice.
+"""
+
+from jaxrob.data._imagenet import imagenet_index as imagenet_index
+from jaxrob.data._imagenet import load_imagenet as load_imagenet
+from jaxrob.data._imagenet import resize_center_crop as resize_center_crop
 from jaxrob.data._pipeline import epoch_order as epoch_order
 from jaxrob.data._pipeline import iterate_batches as iterate_batches
 from jaxrob.data._pipeline import num_batches as num_batches

@@ -12,6 +12,9 @@ PyTorch / diffusers / guided-diffusion weight import are here too
 and score_sde's DDPM++ (:class:`NCSNpp`, DiffPure's CIFAR-10 model): :func:`load_score_sde`
 turns its PyTorch checkpoint into a ``DiffusionModel`` in one call, :func:`convert_score_sde`
 into an export.
+torchvision's ImageNet :class:`ResNet` (DiffPure's ResNet-50): :func:`load_torchvision_resnet`
+turns ``resnet50-0676ba61.pth`` into a ``Classifier`` in one call,
+:func:`convert_torchvision_resnet` into an export.
 """
 
 from jaxrob.models._adm import ADM_CONFIGS as ADM_CONFIGS
@@ -74,6 +77,16 @@ from jaxrob.models._ncsnpp import ncsnpp_from_config as ncsnpp_from_config
 from jaxrob.models._ncsnpp import ncsnpp_from_state_dict as ncsnpp_from_state_dict
 from jaxrob.models._ncsnpp import vp_schedule as vp_schedule
 from jaxrob.models._random import random_variables as random_variables
+from jaxrob.models._resnet import IMAGENET_MEAN as IMAGENET_MEAN
+from jaxrob.models._resnet import IMAGENET_STD as IMAGENET_STD
+from jaxrob.models._resnet import RESNET_CONFIGS as RESNET_CONFIGS
+from jaxrob.models._resnet import ResNet as ResNet
+from jaxrob.models._resnet import convert_torchvision_resnet as convert_torchvision_resnet
+from jaxrob.models._resnet import load_torchvision_resnet as load_torchvision_resnet
+from jaxrob.models._resnet import resnet_export_metadata as resnet_export_metadata
+from jaxrob.models._resnet import (
+    resnet_from_torchvision_state_dict as resnet_from_torchvision_state_dict,
+)
 from jaxrob.models._torch_import import load_state_dict_file as load_state_dict_file
 from jaxrob.models._unet import UNET_CONFIGS as UNET_CONFIGS
 from jaxrob.models._unet import UNet as UNet

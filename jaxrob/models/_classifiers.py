@@ -33,6 +33,7 @@ import jax.random as jr
 from jaxrob._checks import check_images
 from jaxrob._types import Images, Logits
 from jaxrob.models._conv import conv_general_dilated_fast_vjp
+from jaxrob.models._resnet import ResNet
 from jaxrob.models._torch_import import (
     StateDict,
     fill_from_state_dict,
@@ -595,4 +596,5 @@ MODELS: dict[str, type[nn.Module]] = {
     "cifar_resnet": CifarResNet,
     "wide_resnet": WideResNet,
     "dm_wide_resnet": DMWideResNet,
+    "resnet": ResNet,  # torchvision ImageNet layout (jaxrob.models._resnet)
 }

@@ -6,7 +6,15 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from jaxrob.models import MODELS, CifarResNet, DMWideResNet, SmallCNN, UNet, WideResNet
+from jaxrob.models import (
+    MODELS,
+    CifarResNet,
+    DMWideResNet,
+    ResNet,
+    SmallCNN,
+    UNet,
+    WideResNet,
+)
 
 
 def _n_params(tree) -> int:
@@ -77,6 +85,7 @@ def test_registry():
         "cifar_resnet": CifarResNet,
         "wide_resnet": WideResNet,
         "dm_wide_resnet": DMWideResNet,
+        "resnet": ResNet,
     }
 
 
