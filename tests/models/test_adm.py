@@ -273,6 +273,11 @@ def _parity(twin, cfg, batch, steps, atol=1e-4):
         out = np.asarray(_apply(module, variables, jnp.asarray(x), jnp.asarray(step)))
         assert out.shape == ref.shape == (batch, size, size, 6)
         assert np.abs(ref).max() > 0.1  # a non-trivial output
+        err = np.abs(out - ref)
+        # eps (channels 0-2) and the learned-variance interpolation v (channels 3-5) apart
+        print(f"ADM parity {size}x{size} steps {step.tolist()}: max |eps err| "
+              f"{err[..., :3].max():.3g} (max |eps| {np.abs(ref[..., :3]).max():.3g}), "
+              f"max |v err| {err[..., 3:].max():.3g} (max |v| {np.abs(ref[..., 3:]).max():.3g})")
         np.testing.assert_allclose(out, ref, rtol=0, atol=atol)
     return ref_model, module, variables
 
