@@ -30,7 +30,9 @@ the JSON is rewritten after every section, so a run cut short keeps what it fini
 Times are the median of ``--reps`` calls after one first call (compile + run, reported as
 ``first_s``). Peak memory: ``device.memory_stats()["peak_bytes_in_use"]`` after each workload
 (the process's running peak, where the backend reports it; None on CPU) and XLA's
-``compiled.memory_analysis()`` temp bytes per program.
+``compiled.memory_analysis()`` temp bytes per program (:func:`compiled_memory`, which
+``benchmarks/memory_flatness.py`` uses too; the ``attack`` section records all of its fields
+at both chain lengths in ``xla_memory_by_steps``).
 
 Run (repository root)::
 
@@ -127,14 +129,33 @@ def _json_cfg(cfg: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
+def compiled_memory(compiled) -> dict | None:
+    """XLA's buffer assignment of a compiled program (``compiled.memory_analysis()``), in bytes:
+    ``temp`` (scratch: activations, residuals), ``argument``, ``output``, ``alias`` (outputs
+    that reuse argument buffers), ``generated_code``, and ``total`` = argument + output +
+    temp - alias, the device memory the program needs while it runs. Compile-time only (no
+    execution); None where the backend does not report it. On XLA:CPU it is XLA:CPU's buffer
+    assignment, not a GPU measurement (another backend fuses and schedules differently)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend has it
+        return None
+    if m is None:
+        return None
+    get = lambda name: int(getattr(m, f"{name}_size_in_bytes", 0) or 0)
+    out = {k: get(k) for k in ("temp", "argument", "output", "alias", "generated_code")}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # JAX side (this process)
 # ----------------------------------------------------------------------------------------------
 class JaxSuite:
-    def __init__(self, args, workdir: str):
+    def __init__(self, args, workdir: str, *, save_files: bool = True):
         import jax
 
-        self.args, self.dir = args, workdir
+        self.args, self.dir, self.save_files = args, workdir, save_files
         self.device = jax.devices()[0]
         self.cfg = _unet_cfg(args)
         if args.fast_vjp is None:
@@ -151,10 +172,8 @@ class JaxSuite:
 
     @staticmethod
     def temp_bytes(compiled):
-        try:
-            return int(compiled.memory_analysis().temp_size_in_bytes)
-        except Exception:
-            return None
+        mem = compiled_memory(compiled)
+        return None if mem is None else mem["temp"]
 
     def compile(self, jitted, args_):
         t0 = time.perf_counter()
@@ -209,12 +228,14 @@ class JaxSuite:
                   "xt": rng.standard_normal((n, size, size, ch)).astype(np.float32),
                   "t": rng.integers(0, 1000, n).astype(np.int32),
                   "y": (np.arange(n) % 10).astype(np.int32)}
-        h.save_tree(os.path.join(self.dir, "unet.npz"), uv["params"])
-        h.save_tree(os.path.join(self.dir, "clf.npz"), cv)
-        np.savez(os.path.join(self.dir, "inputs.npz"), **inputs)
         sched = jd.linear_schedule()
-        for s in {a.steps, a.jac_steps}:
-            h.save_fields(os.path.join(self.dir, f"chain_{s}.npz"), jd.truncated(sched, T_STAR, s))
+        if self.save_files:  # for the PyTorch worker
+            h.save_tree(os.path.join(self.dir, "unet.npz"), uv["params"])
+            h.save_tree(os.path.join(self.dir, "clf.npz"), cv)
+            np.savez(os.path.join(self.dir, "inputs.npz"), **inputs)
+            for s in {a.steps, a.jac_steps}:
+                h.save_fields(os.path.join(self.dir, f"chain_{s}.npz"),
+                              jd.truncated(sched, T_STAR, s))
         self._models = dict(unet=unet, clf=clf, uv=uv, cv=cv, inputs=inputs, sched=sched,
                             unet_params=h.count_params(uv["params"]),
                             clf_params=h.count_params(cv["params"]))
@@ -269,7 +290,11 @@ class JaxSuite:
             out[dtype] = res
         return out
 
-    def _attack_step(self, steps: int, eot: int):
+    def _attack_step(self, steps: int, eot: int, *, remat: bool = True, module=None,
+                     schedule=None, sampler: str = "ddpm"):
+        """``(step(uv, cv, x, x_adv, y, idx, key) -> (x_next, loss), eot_chunk)``: one PGD-EoT
+        iteration through ``diffpure(t_star=T_STAR, num_steps=steps)``; the eps-model is
+        ``module`` with variables ``uv`` (default: the suite's UNet and linear schedule)."""
         import jax.numpy as jnp
 
         from jaxrob.attacks import eot_value_and_grad, loss_from_logits, project
@@ -277,13 +302,15 @@ class JaxSuite:
         from jaxrob.purify import DefendedModel, diffpure, example_keys
 
         m = self.models()
-        unet, clf, sched = m["unet"], m["clf"], m["sched"]
+        unet = m["unet"] if module is None else module
+        sched = m["sched"] if schedule is None else schedule
+        clf = m["clf"]
         chunk = min(self.args.eot_chunk, eot)
         chunk = chunk if eot % chunk == 0 else eot
 
         def step(uv, cv, x, x_adv, y, idx, key):
             pur = diffpure(DiffusionModel(unet, uv, sched), t_star=T_STAR, num_steps=steps,
-                           remat=True)
+                           sampler=sampler, remat=remat)
             defended = DefendedModel(Classifier(clf, cv), pur)
             logits_fn = lambda z, k: defended(z, example_keys(k, idx))
             loss_B, g = eot_value_and_grad(loss_from_logits(logits_fn), x_adv, y, key,
@@ -310,16 +337,18 @@ class JaxSuite:
         eots = [int(e) for e in str(a.eot).split(",")]
         # memory flat in the step count: XLA's temp bytes of the same program at two lengths
         # (the long one is compiled once, here, and timed below)
-        mem, programs = {}, {}
+        mem, programs, full = {}, {}, {}
         for steps in (a.mem_steps, a.steps):
             try:
                 step, _ = self._attack_step(steps, eots[0])
                 compiled, compile_s = self.compile(jax.jit(step), args_)
-                mem[str(steps)] = self.temp_bytes(compiled)
+                full[str(steps)] = compiled_memory(compiled)  # as benchmarks/memory_flatness.py
+                mem[str(steps)] = None if full[str(steps)] is None else full[str(steps)]["temp"]
                 programs[steps] = (compiled, compile_s)
             except Exception as e:
                 mem[str(steps)] = _error(e)
         out["xla_temp_bytes_by_steps"] = mem
+        out["xla_memory_by_steps"] = full
         vals = [v for v in mem.values() if isinstance(v, int)]
         if len(vals) == 2 and vals[0]:
             out["memory_growth_long_over_short"] = vals[1] / vals[0]

@@ -32,8 +32,20 @@ def mesh(cpu_no_ynn: bool | None = None, cpu_ynn: str | None = None
     None: from ``cpu_no_ynn`` / the environment); ``"no_conv"`` (Eigen convolutions, YNNPACK for
     the rest) is the fastest for reverse-mode Jacobians and spectra of the fast-VJP UNets
     (``benchmarks/README.md``).
+
+    ``eot_devices``: devices that the EoT samples of each example are split over
+    (``jaxrob.parallel.make_mesh(num_devices, eot=eot_devices)``: a 2-D ``(data, eot)`` mesh,
+    the batch on ``num_devices // eot_devices`` devices of ``data``). 1 (default): a 1-D
+    ``data`` mesh, EoT samples computed on the device of their example. More: a batch smaller
+    than the device count still uses every device; the per-example records are the 1-device
+    ones (per-example keys). Only ``experiments/robust_eval.py`` reads it (the other
+    experiments reject a value other than 1); it must divide the mesh's devices, and each
+    attack's EoT chunk (``attack.eot_chunk``, else ``attack.eot_samples``) must divide by it
+    (rows with ``eot_samples=1`` have nothing to split and run on ``data`` alone); AutoAttack
+    rows need 1.
     """
     return config_dict.ConfigDict({"num_devices": config_dict.placeholder(int),
+                                   "eot_devices": 1,
                                    "cpu_no_ynn": config_dict.placeholder(bool)
                                    if cpu_no_ynn is None else cpu_no_ynn,
                                    "cpu_ynn": config_dict.placeholder(str)

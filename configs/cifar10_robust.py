@@ -9,7 +9,10 @@ steps; Lee & Kim's purifier family) on the Ho et al. CIFAR-10 UNet imported from
 downloaded here), and akamaster's pretrained ResNet-20 (in the data dir) as the classifier.
 PGD-20 with EoT 10 and exact gradients, stochastic and fixed randomness, one-shot and
 worst-of-10 on 512 lossless test images. On CPU only ``:smoke`` runs (random UNet weights,
-4 images, 2 steps, tens of seconds); the full config needs a GPU/TPU.
+4 images, 2 steps, tens of seconds); the full config needs a GPU/TPU. On several devices
+with a small batch, ``--config.mesh.eot_devices=2`` (or 5, 10: a divisor of EoT 10 and of
+the device count) splits each image's EoT samples over devices too (``configs/_common.py``'s
+``mesh``).
 """
 
 from configs import _common

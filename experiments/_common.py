@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import jaxrob
-from jaxrob.parallel import is_main_process, make_mesh
+from jaxrob.parallel import EOT_AXIS, is_main_process, make_mesh
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 log = logging.getLogger("jaxrob.experiments")
@@ -49,11 +49,28 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def get_mesh(mesh_config) -> jax.sharding.Mesh:
-    """The 1-D ``data`` mesh of ``config.mesh`` (``num_devices`` None: all devices)."""
+def get_mesh(mesh_config, *, eot: bool = False) -> jax.sharding.Mesh:
+    """The mesh of ``config.mesh``: ``num_devices`` (None: all devices) and ``eot_devices``
+    (default 1: a 1-D ``data`` mesh; more: a 2-D ``(data, eot)`` mesh,
+    ``jaxrob.parallel.make_mesh(num_devices, eot=eot_devices)``).
+
+    ``eot``: whether the caller shards EoT samples over an ``eot`` axis (robust_eval); the
+    others reject ``eot_devices`` other than 1 instead of leaving devices idle.
+    """
     n = mesh_config.get("num_devices") if mesh_config is not None else None
-    mesh = make_mesh(n)
-    log.info("mesh: %d x %s (%s)", mesh.size, jax.devices()[0].device_kind,
+    e = mesh_config.get("eot_devices") if mesh_config is not None else None
+    e = 1 if e is None else e
+    if isinstance(e, bool) or not isinstance(e, int | np.integer) or e < 1:
+        raise ValueError(f"mesh.eot_devices: expected a positive integer, got {e!r}")
+    if e > 1 and not eot:
+        raise ValueError(f"mesh.eot_devices={e}: this experiment does not split EoT samples "
+                         "over devices (only experiments/robust_eval.py does); expected 1")
+    total = len(jax.devices()) if n is None else n
+    if isinstance(total, int) and total >= 1 and total % e:
+        raise ValueError(f"mesh.eot_devices={e} does not divide the {total} devices of the "
+                         "mesh (mesh.num_devices); use a divisor of it")
+    mesh = make_mesh(n, eot=int(e))
+    log.info("mesh: %s x %s (%s)", dict(mesh.shape), jax.devices()[0].device_kind,
              jax.default_backend())
     return mesh
 
@@ -567,11 +584,17 @@ def make_purifier(purifier_config, model):
     return diffpure(model, t_star=float(p.t_star), num_steps=int(p.num_steps), **kw)
 
 
-def make_attack(attack_config, *, return_iterates: bool = False):
+def make_attack(attack_config, *, return_iterates: bool = False,
+                mesh: jax.sharding.Mesh | None = None):
     """``attack(model, x, y, key) -> AttackResult`` from ``config.attack`` (None for "none").
 
     ``return_iterates``: the attack also returns its iterates (PGD / APGD; the candidates of a
     ``fixed_aa`` protocol).
+
+    ``mesh``: the run's mesh; a 2-D ``(data, eot)`` one (``mesh.eot_devices`` > 1) is given to
+    the attack as ``eot_mesh`` (each chunk of EoT samples split over ``eot``), so the EoT chunk
+    (``eot_chunk``, else ``eot_samples``) must divide by its size; an attack with
+    ``eot_samples=1`` has nothing to split and gets no ``eot_mesh``.
 
     A ``jax.tree_util.Partial``: the attack function is static and its options hash by value,
     so two attacks built from the same config share one compilation.
@@ -594,6 +617,13 @@ def make_attack(attack_config, *, return_iterates: bool = False):
         raise ValueError(f"attack.eot_chunk: expected a positive divisor of attack.eot_samples="
                          f"{eot_samples}, got {eot_chunk}")
     common = dict(eps=eps, loss=a.loss, eot_samples=eot_samples, eot_chunk=eot_chunk)
+    if mesh is not None and EOT_AXIS in mesh.shape and eot_samples > 1:
+        e, chunk = mesh.shape[EOT_AXIS], eot_samples if eot_chunk is None else int(eot_chunk)
+        if chunk % e:
+            raise ValueError(f"mesh.eot_devices={e}: expected it to divide the EoT chunk "
+                             f"(attack.eot_chunk={eot_chunk}, attack.eot_samples="
+                             f"{eot_samples}); got a chunk of {chunk}")
+        common["eot_mesh"] = mesh
     if name == "fgsm":
         if return_iterates:
             raise ValueError("eval.candidates: fgsm has no iterates; use pgd or apgd")
@@ -641,15 +671,16 @@ def row_config(config, row):
     return c
 
 
-def begin(config, workdir, *, write_config: bool = True):
+def begin(config, workdir, *, write_config: bool = True, eot: bool = False):
     """The start of every run: ``(timer, workdir, mesh)``, the workdir created and (unless
-    ``write_config=False``, for runs that check a checkpoint first) ``config.json`` written."""
+    ``write_config=False``, for runs that check a checkpoint first) ``config.json`` written.
+    ``eot``: the run splits EoT samples over ``config.mesh.eot_devices`` (:func:`get_mesh`)."""
     timer = Timer()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if write_config:
         write_json(workdir / "config.json", config)
-    return timer, workdir, get_mesh(config.mesh)
+    return timer, workdir, get_mesh(config.mesh, eot=eot)
 
 
 

@@ -77,7 +77,7 @@ def _evaluate(config, workdir: pathlib.Path, defended, test, mesh, name: str) ->
     if candidates:  # likewise
         fingerprint["candidates"] = list(candidates)
     store = ChunkStore(workdir / "chunks", fingerprint=fingerprint)
-    attack = _common.make_attack(config.attack, return_iterates=bool(candidates))
+    attack = _common.make_attack(config.attack, return_iterates=bool(candidates), mesh=mesh)
     return evaluate_robustness(
         defended, attack, test.images, test.labels, test.indices,
         key=jr.key(int(config.seed)), protocols=protocols, randomness=config.eval.randomness,
@@ -536,7 +536,7 @@ def run(config, workdir) -> dict:
     """Evaluate every row of ``config.rows``; returns (and writes) ``results.json``."""
     from jaxrob.evaluation import check_randomness, parse_protocol
 
-    timer, workdir, mesh = _common.begin(config, workdir)
+    timer, workdir, mesh = _common.begin(config, workdir, eot=True)
     test = _common.load_split(config.data, config.data.test_split,
                               num_images=int(config.data.num_images))
     image_shape = tuple(test.image_shape)
@@ -556,8 +556,16 @@ def run(config, workdir) -> dict:
         purifier = _common.make_purifier(rc.purifier, ddpm)
         if rc.attack.name == "autoattack":
             _check_autoattack(rc, name)
+            if "eot" in mesh.shape:
+                raise ValueError(f"rows: {name}: AutoAttack does not split its EoT samples over "
+                                 f"devices; expected mesh.eot_devices=1, got "
+                                 f"{mesh.shape['eot']}")
         else:
-            _common.make_attack(rc.attack, return_iterates=bool(_candidates(rc)))
+            try:
+                _common.make_attack(rc.attack, return_iterates=bool(_candidates(rc)),
+                                    mesh=mesh)
+            except ValueError as e:
+                raise ValueError(f"rows: {name}: {e}") from None
         _check_soundness(rc, name)
         names_p = [parse_protocol(p)[0] for p in rc.eval.protocols]
         check_randomness(rc.eval.randomness)

@@ -28,6 +28,15 @@ on the row's first images -- large eps, more iterations / EoT, Square vs the gra
 a transfer attack from the bare classifier, AutoAttack's flags -- each with a verdict, its
 numbers and wall time, in results.json (``soundness``), ``<row>/soundness.json`` (reused on
 rerun) and a column and a section of table.md.
+
+Devices: the batch is split over ``config.mesh.num_devices`` (default all); with
+``--config.mesh.eot_devices=E`` (default 1) the mesh is ``(data, eot)`` =
+``(num_devices // E, E)`` and each example's EoT samples are split over the ``E`` devices of
+``eot`` (``jaxrob.parallel.make_mesh(eot=E)``), so a batch smaller than the device count still
+uses every device. The records are the same as with ``E = 1`` (per-example keys; up to the
+order of the EoT sum). ``E`` must divide the devices and every row's EoT chunk
+(``attack.eot_chunk``, else ``attack.eot_samples``; rows with EoT 1 run on ``data`` alone);
+AutoAttack rows need ``E = 1``.
 """
 
 import pathlib

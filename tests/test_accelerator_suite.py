@@ -43,6 +43,9 @@ def test_smoke_mode_writes_every_section_and_survives_a_failing_one(tmp_path, mo
         assert att[f"eot{eot}"]["finite"] and 0 < att[f"eot{eot}"]["linf"] <= 8 / 255 + 1e-6
     mem = att["xla_temp_bytes_by_steps"]
     assert set(mem) == {"2", "4"} and all(isinstance(v, int) for v in mem.values())
+    for steps, full in att["xla_memory_by_steps"].items():  # compiled_memory's fields
+        assert full["temp"] == mem[steps] and full["argument"] > 0
+        assert full["total"] == full["argument"] + full["output"] + full["temp"] - full["alias"]
     jac = s["jacobian"]
     assert jac["shape"] == [192, 192] and jac["finite"] and jac["dim"] == 192
     assert "skipped" in s["torch"]
