@@ -10,13 +10,19 @@ downloaded here), and akamaster's pretrained ResNet-20 (in the data dir) as the 
 PGD-20 with EoT 10 and exact gradients, stochastic and fixed randomness, one-shot and
 worst-of-10 on 512 lossless test images. On CPU only ``:smoke`` runs (random UNet weights,
 4 images, 2 steps, tens of seconds); the full config needs a GPU/TPU.
+
+``:autoattack_classifier``: AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000 queries,
+100 iterations) on the ResNet-20 alone, Linf 8/255, the 1000 lossless test images, batch 250,
+scored one-shot (no diffusion model is loaded: a tiny random one stands in, unused). Runs on
+the CPU (~20 min on the 2 cores, loaded); ``benchmarks/bench_autoattack.py`` runs the same
+attack next to the original PyTorch AutoAttack.
 """
 
 from configs import _common
 
 
 def get_config(arg=None):
-    arg = _common.parse_arg(arg)
+    arg = _common.parse_arg(arg, ("", "smoke", "autoattack_classifier"))
     c = _common.robust_eval_options(_common.robust_base())
     c.data = _common.data("cifar10", "train", "test[:512]")
     c.data.num_images = 0
@@ -42,4 +48,7 @@ def get_config(arg=None):
         c.eval.update(protocols=("one_shot", "worst_of@2"), batch_size=8)
         c.data.test_split = "test[:8]"
         c.rows = ({"name": "ddpm_exact"},)
+    elif arg == "autoattack_classifier":
+        _common.robust_smoke(c)  # the tiny random UNet: loaded, never used (no purifier)
+        _common.autoattack_classifier(c, "test[:1000]")
     return c
