@@ -13,9 +13,9 @@ worst-of-10 on 512 lossless test images. On CPU only ``:smoke`` runs (random UNe
 
 ``:autoattack_classifier``: AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000 queries,
 100 iterations) on the ResNet-20 alone, Linf 8/255, the 1000 lossless test images, batch 250,
-scored one-shot (no diffusion model is loaded: a tiny random one stands in, unused). Runs on
-the CPU (~20 min on the 2 cores, loaded); ``benchmarks/bench_autoattack.py`` runs the same
-attack next to the original PyTorch AutoAttack.
+scored one-shot (a tiny random diffusion model stands in, unused). CPU: not run through
+robust_eval yet; ``benchmarks/bench_autoattack.py`` runs the same attack (same key, same
+per-example keys) next to the original PyTorch AutoAttack: 16 min on the 2 loaded cores.
 """
 
 from configs import _common
