@@ -281,6 +281,19 @@ def use_digits(c: config_dict.ConfigDict, test_split: str) -> config_dict.Config
     return c
 
 
+def autoattack_classifier(c: config_dict.ConfigDict, test_split: str) -> config_dict.ConfigDict:
+    """Make a robust-evaluation config (with :func:`robust_eval_options`) one row, in place:
+    AutoAttack standard with the original's budgets (100 iterations, 9 target classes, 5000
+    Square queries) on the classifier alone, ``test_split``, batch 250, scored one-shot."""
+    c.data.test_split = test_split
+    c.data.num_images = 0
+    c.attack.update(name="autoattack", num_steps=100, eot_samples=1)
+    c.attack.autoattack.update(version="standard", n_target_classes=9, n_queries=5000)
+    c.eval.update(protocols=("one_shot",), batch_size=250)
+    c.rows = ({"name": "classifier_aa", "purifier": {"enabled": False}},)
+    return c
+
+
 def robust_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Shrink a robust evaluation to seconds: random tiny UNet, 8 images, 2 steps."""
     c.ddpm.source = "random"

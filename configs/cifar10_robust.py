@@ -13,13 +13,19 @@ worst-of-10 on 512 lossless test images. On CPU only ``:smoke`` runs (random UNe
 with a small batch, ``--config.mesh.eot_devices=2`` (or 5, 10: a divisor of EoT 10 and of
 the device count) splits each image's EoT samples over devices too (``configs/_common.py``'s
 ``mesh``).
+
+``:autoattack_classifier``: AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000 queries,
+100 iterations) on the ResNet-20 alone, Linf 8/255, the 1000 lossless test images, batch 250,
+scored one-shot (a tiny random diffusion model stands in, unused). CPU: not run through
+robust_eval yet; ``benchmarks/bench_autoattack.py`` runs the same attack (same key, same
+per-example keys) next to the original PyTorch AutoAttack: 16 min on the 2 loaded cores.
 """
 
 from configs import _common
 
 
 def get_config(arg=None):
-    arg = _common.parse_arg(arg)
+    arg = _common.parse_arg(arg, ("", "smoke", "autoattack_classifier"))
     c = _common.robust_eval_options(_common.robust_base())
     c.data = _common.data("cifar10", "train", "test[:512]")
     c.data.num_images = 0
@@ -45,4 +51,7 @@ def get_config(arg=None):
         c.eval.update(protocols=("one_shot", "worst_of@2"), batch_size=8)
         c.data.test_split = "test[:8]"
         c.rows = ({"name": "ddpm_exact"},)
+    elif arg == "autoattack_classifier":
+        _common.robust_smoke(c)  # the tiny random UNet: loaded, never used (no purifier)
+        _common.autoattack_classifier(c, "test[:1000]")
     return c

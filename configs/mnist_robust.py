@@ -17,12 +17,15 @@ and the stochastic exact / BPDA rows), ``:dwbox`` (ADDT's randomness settings at
 t_star 0.1: DDPM stochastic / fixed (DW-box, EoT 1) / forward_lock (forward noise fixed, reverse
 noise fresh, EoT 4), DDIM stochastic / fixed; scored one-shot, average@20 and fixed_aa@20 --
 ADDT's Fixed-AA with eval_iter 20; add attack iterates as Fixed-AA candidates with
-``--config.eval.candidates="(5,)"``), ``:smoke`` (random tiny UNet, seconds).
+``--config.eval.candidates="(5,)"``), ``:smoke`` (random tiny UNet, seconds), ``:autoattack_classifier`` (AutoAttack standard --
+APGD-CE, APGD-T, FAB-T, Square 5000 queries, 100 iterations -- on the classifier alone, the
+first 1000 test images, Linf 0.3, batch 250, scored one-shot; the per-attack progression and
+AutoAttack's flags in results.json).
 """
 
 from configs import _common
 
-VARIANTS = ("", "smoke", "eps01", "l2", "fixed", "stochastic", "dwbox")
+VARIANTS = ("", "smoke", "eps01", "l2", "fixed", "stochastic", "dwbox", "autoattack_classifier")
 
 
 def rows(samplers=("ddpm", "ddim"), t_stars=(0.1, 0.3)):
@@ -75,4 +78,6 @@ def get_config(arg=None):
         _common.robust_smoke(c)
         c.data.test_split = "test[:8]"
         c.rows = rows(samplers=("ddpm",), t_stars=(0.1,))
+    elif arg == "autoattack_classifier":
+        _common.autoattack_classifier(c, "test[:1000]")
     return c
