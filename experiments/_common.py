@@ -171,6 +171,16 @@ def resolve_path(path: str, *, base: pathlib.Path) -> pathlib.Path:
     return p if p.is_absolute() else base / p
 
 
+def manifest_path(path) -> str:
+    """``path`` as a manifest records it: relative to the repository when inside it (so a
+    record does not carry the checkout's location), else absolute."""
+    p = pathlib.Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        return str(p)
+
+
 # ----------------------------------------------------------------------------- manifests
 
 
@@ -418,7 +428,7 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
 
         meta = read_metadata(path)
         model = load(path, kind="ddpm", fast_vjp=fast_vjp)
-        return model, {"source": source, "path": str(path), "step": meta.get("step"),
+        return model, {"source": source, "path": manifest_path(path), "step": meta.get("step"),
                        "num_params": meta.get("num_params")}
     if source not in DDPM_SOURCES:
         raise ValueError(f"ddpm.source: expected one of {list(DDPM_SOURCES)}, got {source!r}")
@@ -448,7 +458,7 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
             variables = adm_from_guided_diffusion_state_dict(load_state_dict_file(path), unet)
         else:
             variables = unet_from_diffusers_state_dict(load_state_dict_file(path), unet)
-        info = {"source": source, "path": str(path)}
+        info = {"source": source, "path": manifest_path(path)}
     model = DiffusionModel(unet, variables, schedule)
     return (model.with_fast_vjp(True) if fast_vjp else model), info
 
@@ -487,7 +497,7 @@ def _load_ncsnpp(ddpm_config, source: str, *, fast_vjp: bool):
                 f"score_sde's vp/cifar10_ddpmpp_deep_continuous checkpoint_8.pth; set "
                 f"--config.ddpm.path=/path/to/checkpoint_8.pth)")
         model = load_score_sde(path, module, use_ema=bool(ddpm_config.get("use_ema", True)))
-        info = {"source": source, "path": str(path), "model": "ncsnpp",
+        info = {"source": source, "path": manifest_path(path), "model": "ncsnpp",
                 "use_ema": bool(ddpm_config.get("use_ema", True))}
     else:
         raise ValueError(f"ddpm.source: expected 'score_sde' or 'random' for an ncsnpp model, "
@@ -511,7 +521,7 @@ def load_classifier(model_config, data_config, *, fast_vjp: bool = False):
             raise FileNotFoundError(f"model.path: no pretrained weights at {path}")
         module, variables = load_akamaster_resnet(path)
         model = Classifier(module, variables)
-        info = {"source": source, "path": str(path)}
+        info = {"source": source, "path": manifest_path(path)}
     elif source == "robustbench":
         from jaxrob.data import resolve_data_dir
         from jaxrob.models import load_state_dict_file, wide_resnet_from_state_dict
@@ -526,7 +536,7 @@ def load_classifier(model_config, data_config, *, fast_vjp: bool = False):
             load_state_dict_file(path), int(model_config.get("depth", 28)),
             int(model_config.get("widen_factor", 10)))
         model = Classifier(module, variables)
-        info = {"source": source, "path": str(path)}
+        info = {"source": source, "path": manifest_path(path)}
     elif source == "torchvision_resnet50":
         from jaxrob.models import load_torchvision_resnet
 
@@ -538,7 +548,7 @@ def load_classifier(model_config, data_config, *, fast_vjp: bool = False):
                 f"resnet50-0676ba61.pth; set --config.classifier.path to the downloaded file)")
         model = load_torchvision_resnet(path, "resnet50",
                                         input_size=model_config.get("input_size") or None)
-        info = {"source": source, "path": str(path), "num_params": model.num_params}
+        info = {"source": source, "path": manifest_path(path), "num_params": model.num_params}
     elif source == "random":
         # a random classifier of config.classifier.model (smoke runs): eval_shape + NumPy
         from jaxrob.models import classifier_from_metadata, random_variables
@@ -560,7 +570,7 @@ def load_classifier(model_config, data_config, *, fast_vjp: bool = False):
 
         path = resolve_path(model_config.path, base=REPO_ROOT)
         model = load(path, kind="classifier")
-        info = {"source": source, "path": str(path),
+        info = {"source": source, "path": manifest_path(path),
                 "export_step": read_metadata(path).get("step")}
     else:
         raise ValueError(f"model.source: expected one of {list(CLASSIFIER_SOURCES)}, got "

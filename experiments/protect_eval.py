@@ -108,7 +108,7 @@ def load_ldm(ldm_config, pdm):
         ldm = load(path, kind="ldm", fast_vjp=True)
         ae = ldm.autoencoder
         meta = read_metadata(path)
-        info = {"source": source, "path": str(path), "step": meta.get("step"),
+        info = {"source": source, "path": _common.manifest_path(path), "step": meta.get("step"),
                 "num_params": ldm.num_params, "latent_shape": list(ldm.latent_shape),
                 "scaling_factor": float(ae.scaling_factor)}
         return LatentEncoder(ae), LatentDecoder(ae), ldm.diffusion, info
