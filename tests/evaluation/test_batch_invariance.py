@@ -27,18 +27,16 @@ docs/known_faults.md and docs/repro_ynn_off_concurrent_devices.py.
 """
 
 import functools
-import os
 import pathlib
 import pickle
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _default_opt import run_at_default_optimisation
 
 import jaxrob.diffusion as jd
 from jaxrob.attacks import pgd
@@ -91,13 +89,7 @@ def _records_at_default_optimisation(gradient):
             f"spec = importlib.util.spec_from_file_location('bi', {here!r}); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
             f"pickle.dump(m._records({gradient!r}), sys.stdout.buffer)")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
-                                         if p)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         timeout=1200)
-    assert out.returncode == 0, out.stderr.decode()[-3000:]
-    return pickle.loads(out.stdout)
+    return pickle.loads(run_at_default_optimisation(code))
 
 
 @pytest.fixture(scope="module", params=["bpda", pytest.param("exact", marks=pytest.mark.slow)])

@@ -6,19 +6,15 @@ work, naming the config field.
 """
 
 import json
-import os
 import pathlib
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from _default_opt import run_at_default_optimisation
 from exp_helpers import load_config
 
 from experiments import _common, robust_eval
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _smoke(eot_devices=None, row="classifier"):
@@ -67,13 +63,7 @@ def _records_at_default_optimisation(tmp_path, row):
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
             f"a, b = m._records(pathlib.Path({str(tmp_path)!r}), {row!r}); "
             "pickle.dump((dict(a), dict(b)), sys.stdout.buffer)")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
-                                         if p)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         timeout=1200, cwd=REPO)
-    assert out.returncode == 0, out.stderr.decode()[-3000:]
-    return pickle.loads(out.stdout)
+    return pickle.loads(run_at_default_optimisation(code))
 
 
 # ~2 min on the loaded 2-core CPU (the exact-gradient DDPM row compiled twice, in a subprocess
