@@ -245,7 +245,8 @@ def robust_base() -> config_dict.ConfigDict:
 
 def robust_eval_options(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Add, in place, the options that only ``experiments/robust_eval.py`` reads: AutoAttack rows
-    (``attack.autoattack``, used when ``attack.name == "autoattack"``) and the soundness checks
+    (``attack.autoattack``, used when ``attack.name == "autoattack"``), DiffAttack's loss
+    (``attack.diffattack``, used when ``attack.loss == "diffattack"``) and the soundness checks
     (``eval.soundness``, off while ``num_images`` is None). Not in :func:`robust_base`: the
     studies built on it fingerprint their whole ``config.attack``, and their records must
     resume."""
@@ -256,6 +257,13 @@ def robust_eval_options(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
         "n_queries": 5000,  # Square's budget per image
         "eot_samples": config_dict.placeholder(int),  # None: 20 for rand, else 1
     })  # iterations: attack.num_steps; radius and norm: attack.eps / attack.norm
+    # DiffAttack (Kang et al.): with attack.loss="diffattack", PGD / APGD maximise
+    # base + weight x the deviated-reconstruction term (jaxrob.attacks.diffattack_loss)
+    c.attack.diffattack = config_dict.ConfigDict({
+        "base": "ce",  # ce | dlr | cw
+        "weight": 1.0,  # the paper's lambda
+        "num_states": config_dict.placeholder(int),  # chain states per evaluation; None: all
+    })
     c.eval.soundness = config_dict.ConfigDict({
         "num_images": config_dict.placeholder(int),  # None: off; else the row's first images
         "checks": ("large_eps", "iterations", "gradient_free", "transfer", "flags"),

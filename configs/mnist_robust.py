@@ -20,12 +20,19 @@ ADDT's Fixed-AA with eval_iter 20; add attack iterates as Fixed-AA candidates wi
 ``--config.eval.candidates="(5,)"``), ``:smoke`` (random tiny UNet, seconds), ``:autoattack_classifier`` (AutoAttack standard --
 APGD-CE, APGD-T, FAB-T, Square 5000 queries, 100 iterations -- on the classifier alone, the
 first 1000 test images, Linf 0.3, batch 250, scored one-shot; the per-attack progression and
-AutoAttack's flags in results.json).
+AutoAttack's flags in results.json), ``:diffattack`` (the DDPM t* = 0.1 purifier on the first
+64 images: the table's PGD x10 EoT 4 CE row, with the soundness checks on its first 16 images,
+next to DiffAttack-PGD -- the same attack on CE + 1 x the deviated-reconstruction term over
+every chain state, ``attack.loss="diffattack"``), ``:autoattack_rand`` (AutoAttack rand --
+APGD-CE, APGD-DLR, 100 iterations, EoT 20 -- through the same purifier with exact gradients,
+the first 16 images, chunks of 8); ``:diffattack_smoke`` / ``:autoattack_rand_smoke``: those
+rows on the random tiny UNet, 4 images, 2 steps.
 """
 
 from configs import _common
 
-VARIANTS = ("", "smoke", "eps01", "l2", "fixed", "stochastic", "dwbox", "autoattack_classifier")
+VARIANTS = ("", "smoke", "eps01", "l2", "fixed", "stochastic", "dwbox", "autoattack_classifier",
+            "diffattack", "autoattack_rand", "diffattack_smoke", "autoattack_rand_smoke")
 
 
 def rows(samplers=("ddpm", "ddim"), t_stars=(0.1, 0.3)):
@@ -80,4 +87,33 @@ def get_config(arg=None):
         c.rows = rows(samplers=("ddpm",), t_stars=(0.1,))
     elif arg == "autoattack_classifier":
         _common.autoattack_classifier(c, "test[:1000]")
+    elif arg in ("diffattack", "diffattack_smoke"):
+        # the table's attack (PGD x10, EoT 4, CE) next to DiffAttack-PGD (the same attack on
+        # CE + 1 x the deviated-reconstruction term over every chain state), on the DDPM
+        # t* = 0.1 purifier; the soundness checks on the PGD row's first 16 images
+        c.data.test_split = "test[:64]"
+        pur = {"sampler": "ddpm", "t_star": 0.1}
+        c.rows = ({"name": "ddpm_t0.1_pgd", "purifier": pur,
+                   "eval": {"soundness": {"num_images": 16}}},
+                  {"name": "ddpm_t0.1_diffattack", "purifier": pur,
+                   "attack": {"loss": "diffattack"}})
+    elif arg in ("autoattack_rand", "autoattack_rand_smoke"):
+        # AutoAttack rand (APGD-CE, APGD-DLR; 100 iterations, EoT 20) on the DDPM t* = 0.1
+        # purifier with exact gradients; chunks of 8 images (resumable)
+        c.data.test_split = "test[:16]"
+        c.attack.update(name="autoattack", num_steps=100)
+        c.attack.autoattack.version = "rand"
+        c.eval.batch_size = 8
+        c.rows = ({"name": "ddpm_t0.1_aa_rand", "purifier": {"sampler": "ddpm", "t_star": 0.1}},)
+    if arg.endswith("_smoke"):  # the same rows on the random tiny UNet, 4 images, 2 steps
+        rows_ = c.rows
+        _common.robust_smoke(c)
+        c.rows = rows_
+        c.data.test_split = "test[:4]"
+        c.data.num_images = 0
+        c.eval.batch_size = 4
+        if c.attack.name == "autoattack":
+            c.attack.num_steps = 2
+            c.attack.autoattack.eot_samples = 2
+        c.eval.soundness.update(factor=2, square_queries=4)
     return c

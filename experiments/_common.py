@@ -595,7 +595,7 @@ def make_purifier(purifier_config, model):
 
 
 def make_attack(attack_config, *, return_iterates: bool = False,
-                mesh: jax.sharding.Mesh | None = None):
+                mesh: jax.sharding.Mesh | None = None, defended=None):
     """``attack(model, x, y, key) -> AttackResult`` from ``config.attack`` (None for "none").
 
     ``return_iterates``: the attack also returns its iterates (PGD / APGD; the candidates of a
@@ -605,6 +605,10 @@ def make_attack(attack_config, *, return_iterates: bool = False,
     the attack as ``eot_mesh`` (each chunk of EoT samples split over ``eot``), so the EoT chunk
     (``eot_chunk``, else ``eot_samples``) must divide by its size; an attack with
     ``eot_samples=1`` has nothing to split and gets no ``eot_mesh``.
+
+    ``defended``: the defended model (a :class:`jaxrob.purify.DefendedModel`) that DiffAttack's
+    loss (``attack.loss == "diffattack"``) reads the purifier's chain states from; the attack
+    is given it as a pytree (its parameters traced). Needed only to run such an attack.
 
     A ``jax.tree_util.Partial``: the attack function is static and its options hash by value,
     so two attacks built from the same config share one compilation.
@@ -641,11 +645,44 @@ def make_attack(attack_config, *, return_iterates: bool = False,
     if return_iterates:  # only when asked: the plain attack's options (and cache key) unchanged
         common["return_iterates"] = True
     if name == "pgd":
-        return Partial(attacks.pgd, norm=a.norm, num_steps=int(a.num_steps),
-                       step_size=a.get("step_size"), random_start=bool(a.random_start),
-                       num_restarts=int(a.num_restarts), **common)
-    return Partial(attacks.apgd, norm=a.norm, num_steps=int(a.num_steps),
-                   random_start=bool(a.random_start), num_restarts=int(a.num_restarts), **common)
+        kw = dict(norm=a.norm, num_steps=int(a.num_steps), step_size=a.get("step_size"),
+                  random_start=bool(a.random_start), num_restarts=int(a.num_restarts), **common)
+    else:
+        kw = dict(norm=a.norm, num_steps=int(a.num_steps), random_start=bool(a.random_start),
+                  num_restarts=int(a.num_restarts), **common)
+    inner = attacks.pgd if name == "pgd" else attacks.apgd
+    if a.loss != "diffattack":
+        return Partial(inner, **kw)
+    d = a.get("diffattack")
+    if d is None:
+        raise ValueError("attack.loss='diffattack': expected an attack.diffattack block "
+                         "(configs/_common.robust_eval_options adds it)")
+    if d.base not in attacks.LOSSES:
+        raise ValueError(f"attack.diffattack.base: expected one of {list(attacks.LOSSES)}, got "
+                         f"{d.base!r}")
+    if not float(d.weight) >= 0:
+        raise ValueError(f"attack.diffattack.weight: expected >= 0, got {d.weight}")
+    kw.pop("loss")
+    return Partial(_diffattack_attack, defended=defended, inner=inner, base=d.base,
+                   weight=float(d.weight), num_states=d.get("num_states"), **kw)
+
+
+def _diffattack_attack(model, x, y, key, *, defended, inner, base, weight, num_states, **kw):
+    """``inner`` (PGD / APGD) on DiffAttack's loss (Kang et al.) built for these clean ``x``:
+    the classification loss ``base`` plus ``weight`` x the deviated-reconstruction term over
+    the chain states of ``defended``'s purifier (:func:`jaxrob.attacks.diffattack_loss`),
+    purified with keys drawn from the attack's ``key`` (fresh noise per iteration and EoT
+    sample: the stochastic setting). The attack runs on ``defended`` itself, not on ``model``
+    (the evaluation's key-adapting wrapper of it), since the loss must belong to the model
+    attacked; in the stochastic setting both draw fresh noise from the attack's keys."""
+    from jaxrob import attacks
+
+    if defended is None:
+        raise ValueError("attack.loss='diffattack': make_attack needs defended= (the model "
+                         "whose purifier the loss reads)")
+    loss = attacks.diffattack_loss(defended, x, base=base, weight=weight, num_states=num_states)
+    del model
+    return inner(defended, x, y, key, loss=loss, **kw)
 
 
 def row_config(config, row):

@@ -50,6 +50,8 @@ def _attack_plain(config) -> dict:
     plain = _common.to_plain(config.attack)
     if plain.get("name") != "autoattack":
         plain.pop("autoattack", None)
+    if plain.get("loss") != "diffattack":
+        plain.pop("diffattack", None)
     return plain
 
 
@@ -77,7 +79,8 @@ def _evaluate(config, workdir: pathlib.Path, defended, test, mesh, name: str) ->
     if candidates:  # likewise
         fingerprint["candidates"] = list(candidates)
     store = ChunkStore(workdir / "chunks", fingerprint=fingerprint)
-    attack = _common.make_attack(config.attack, return_iterates=bool(candidates), mesh=mesh)
+    attack = _common.make_attack(config.attack, return_iterates=bool(candidates), mesh=mesh,
+                                 defended=defended)
     return evaluate_robustness(
         defended, attack, test.images, test.labels, test.indices,
         key=jr.key(int(config.seed)), protocols=protocols, randomness=config.eval.randomness,
@@ -293,7 +296,8 @@ def convergence_check(config, workdir: pathlib.Path, defended, test, base: dict,
 
 def _soundness_attack(config) -> dict:
     """The gradient attack of the soundness checks for the row's attack: PGD / APGD as
-    configured; FGSM as one PGD step of eps; AutoAttack as its APGD-CE (iterations, EoT)."""
+    configured (DiffAttack rows: on their base classification loss); FGSM as one PGD step of
+    eps; AutoAttack as its APGD-CE (iterations, EoT)."""
     a = config.attack
     if a.name == "autoattack":
         return dict(attack="apgd", num_steps=int(a.num_steps), step_size=None,
@@ -303,9 +307,12 @@ def _soundness_attack(config) -> dict:
         return dict(attack="pgd", num_steps=1, step_size=float(a.eps),
                     eot_samples=int(a.eot_samples), loss=a.loss, random_start=False,
                     num_restarts=1)
+    # DiffAttack rows: the checks run the attack on its classification loss alone (the
+    # deviation term needs the clean batch, which the checks' attacks are not given)
+    loss = a.diffattack.base if a.loss == "diffattack" else a.loss
     return dict(attack=a.name, num_steps=int(a.num_steps),
                 step_size=a.get("step_size") if a.name == "pgd" else None,
-                eot_samples=int(a.eot_samples), loss=a.loss,
+                eot_samples=int(a.eot_samples), loss=loss,
                 random_start=bool(a.random_start), num_restarts=int(a.num_restarts))
 
 
@@ -454,6 +461,10 @@ def table(rows, protocols) -> str:
             adesc = ("none" if a["name"] == "none" else
                      f"{a['name']} {a['norm']} eps={a['eps']:g} x{a.get('num_steps', 1)} "
                      f"EoT{a['eot_samples']}")
+            if a["name"] != "none" and a.get("loss", "ce") != "ce":
+                d = a.get("diffattack") or {}
+                adesc += (f" loss {d.get('base')} + {d.get('weight'):g} x deviation (DiffAttack)"
+                          if a["loss"] == "diffattack" else f" loss {a['loss']}")
         bad = (r.get("self_check") or {}).get("mismatches")
         cells = [r["name"] + (" **self-check FAILED**" if bad else ""), pdesc,
                  pur["gradient"] if pur else "-", r["randomness"], adesc]
@@ -566,6 +577,15 @@ def run(config, workdir) -> dict:
                                     mesh=mesh)
             except ValueError as e:
                 raise ValueError(f"rows: {name}: {e}") from None
+            if rc.attack.loss == "diffattack" and (
+                    purifier is None or getattr(purifier, "gradient", "exact") != "exact"):
+                raise ValueError(f"rows: {name}: attack.loss='diffattack' needs a purifier with "
+                                 f"exact gradients (its reverse-chain states), got "
+                                 f"{'no purifier' if purifier is None else purifier.gradient}")
+            if rc.attack.loss == "diffattack" and rc.eval.randomness != "stochastic":
+                raise ValueError(f"rows: {name}: attack.loss='diffattack' purifies with the "
+                                 f"attack's own keys (stochastic setting); expected "
+                                 f"eval.randomness='stochastic', got {rc.eval.randomness!r}")
         _check_soundness(rc, name)
         names_p = [parse_protocol(p)[0] for p in rc.eval.protocols]
         check_randomness(rc.eval.randomness)
