@@ -11,9 +11,9 @@ and images 8000+ are held out. Needs three exports:
   runs/kmnist_ddpm`` (~25-40 min on the 2-core CPU) and copy ``runs/kmnist_ddpm/export`` there
   (or point ``--config.ddpm.path`` at it). An MNIST DDPM would reconstruct KMNIST glyphs
   poorly, so there is no cross-domain fallback;
-* ``checkpoints/kmnist_substitute_classifier`` (the black-box substitute): train it with
+* ``checkpoints/kmnist_substitute_classifier`` (the black-box substitute; committed, made by
   ``python experiments/train_classifier.py --config configs/kmnist_substitute_classifier.py
-  --workdir runs/kmnist_substitute_classifier`` (about a minute) and copy its export there.
+  --workdir runs/kmnist_substitute_classifier``, about a minute).
 
 The run stops with the commands above, before any work, while an export is missing. Rows and
 variants as ``configs/mnist_diffdefense.py`` (``:small``: 32 images; ``:smoke``: digits).
