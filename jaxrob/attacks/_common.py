@@ -245,6 +245,34 @@ def check_eot(samples, chunk, samples_name: str = "samples",
     return samples, chunk
 
 
+def eot_mean(fn, key: Key, samples: int, chunk: int):
+    """``mean_j fn(fold_in(key, j))`` over ``j = 0 .. samples - 1``, for any pytree output.
+
+    The EoT average of quantities other than a loss and its gradient (C&W's objective gradient
+    and logits, DeepFool's logits and Jacobian rows). As :func:`eot_value_and_grad`: the samples
+    are a ``vmap`` over ``chunk`` keys at a time inside a ``lax.scan`` accumulating the sums, so
+    the result does not depend on ``chunk`` up to float summation order. ``chunk`` must divide
+    ``samples`` (checked by :func:`check_eot`).
+    """
+
+    def body(acc, idx_C):
+        out = jax.vmap(lambda i: fn(jr.fold_in(key, i)))(idx_C)
+        return jax.tree.map(lambda a, o: a + jnp.sum(o, axis=0), acc, out), None
+
+    shapes = jax.eval_shape(fn, key)
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    idx_NC = jnp.arange(samples, dtype=jnp.uint32).reshape(samples // chunk, chunk)
+    total, _ = jax.lax.scan(body, init, idx_NC)
+    return jax.tree.map(lambda t: t / samples, total)
+
+
+def eot_logits(logits_fn, x, key, *, eot_samples, eot_chunk):
+    """``logits_fn(x, key)`` (one sample) or its mean over ``fold_in(key, j)``, ``j < S``."""
+    if eot_samples == 1:
+        return logits_fn(x, key)
+    return eot_mean(lambda k: logits_fn(x, k), key, eot_samples, eot_chunk)
+
+
 # --------------------------------------------------------------------------------------------
 # Geometry of the threat model.
 

@@ -1,4 +1,5 @@
-"""DeepFool (Linf or L2): step to the linearised decision boundary, once per iteration."""
+"""DeepFool (Linf or L2): step to the linearised decision boundary, once per iteration; optional
+EoT (the linearisation of the expected logits)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from jaxrob._types import Images, Key, Labels
 from jaxrob.attacks._common import (
     AttackResult,
     check_attack_inputs,
+    check_eot,
     check_scalar,
+    eot_logits,
+    eot_mean,
     expand,
     per_example_norm,
     resolve_loss,
@@ -22,10 +26,26 @@ from jaxrob.attacks._losses import LogitsFn, cw_loss
 _DUAL = {"l2": "l2", "linf": "l1"}
 
 
+def _logits_and_rows(logits_fn, x_adv, key, cot_MBK, *, eot_samples, eot_chunk):
+    """Logits (B, K) and the gradients of the candidates' logits (M, B, H, W, C) at ``x_adv``:
+    under ``key`` (``eot_samples = 1``), else their means over ``fold_in(key, j)``, j < S."""
+
+    def one(k):
+        z_BK, vjp = jax.vjp(lambda v: logits_fn(v, k), x_adv)
+        (g_MBHWC,) = jax.vmap(vjp)(cot_MBK)  # gradient of each candidate's logit
+        return z_BK, g_MBHWC
+
+    if eot_samples == 1:
+        return one(key)
+    return eot_mean(one, key, eot_samples, eot_chunk)
+
+
 @filter_jit
-def _deepfool(logits_fn, x, y, key, overshoot, *, norm, num_steps, num_candidates):
+def _deepfool(logits_fn, x, y, key, overshoot, *, norm, num_steps, num_candidates, eot_samples,
+              eot_chunk):
     batch = x.shape[0]
-    z0_BK = logits_fn(x, jr.fold_in(key, 0))
+    eot = dict(eot_samples=eot_samples, eot_chunk=eot_chunk)
+    z0_BK = eot_logits(logits_fn, x, jr.fold_in(key, 0), **eot)
     if z0_BK.ndim != 2 or z0_BK.shape[1] < 2:
         raise ValueError(f"logits_fn: expected logits of shape ({batch}, K) with K >= 2, got "
                          f"{z0_BK.shape}")
@@ -40,8 +60,7 @@ def _deepfool(logits_fn, x, y, key, overshoot, *, norm, num_steps, num_candidate
 
     def body(i, carry):
         r_tot, x_adv, active_B = carry
-        z_BK, vjp = jax.vjp(lambda v: logits_fn(v, jr.fold_in(key, i)), x_adv)
-        (g_MBHWC,) = jax.vmap(vjp)(cot_MBK)  # gradient of each candidate's logit
+        z_BK, g_MBHWC = _logits_and_rows(logits_fn, x_adv, jr.fold_in(key, i), cot_MBK, **eot)
         active_B = active_B & (jnp.argmax(z_BK, axis=1) == y)
         z_BM = jnp.take_along_axis(z_BK, classes_BM, axis=1)
         f_Bn = z_BM[:, 1:] - z_BM[:, :1]
@@ -67,7 +86,7 @@ def _deepfool(logits_fn, x, y, key, overshoot, *, norm, num_steps, num_candidate
 
     init = (jnp.zeros_like(x), x, jnp.ones((batch,), bool))
     _, x_adv, _ = jax.lax.fori_loop(0, num_steps, body, init)
-    z_BK = logits_fn(x_adv, jr.fold_in(key, num_steps))
+    z_BK = eot_logits(logits_fn, x_adv, jr.fold_in(key, num_steps), **eot)
     success_B = jnp.argmax(z_BK, axis=1) != y
     return AttackResult(x_adv, cw_loss(z_BK, y), norm=per_example_norm(x_adv - x, norm),
                         success=success_B)
@@ -75,7 +94,8 @@ def _deepfool(logits_fn, x, y, key, overshoot, *, norm, num_steps, num_candidate
 
 def deepfool(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, norm: str = "l2",
              overshoot: float = 0.02, num_steps: int = 50,
-             num_candidates: int | None = None) -> AttackResult:
+             num_candidates: int | None = None, eot_samples: int = 1,
+             eot_chunk: int | None = None) -> AttackResult:
     """DeepFool: step to the nearest linearised decision boundary until misclassified.
 
     At ``x_i`` with logits ``z``, for each candidate class ``k != y``: ``f_k = z_k - z_y``,
@@ -90,7 +110,15 @@ def deepfool(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, norm: str =
     crawls towards the boundary); the true label ``y`` is attacked (the original attacks the
     predicted label). Examples stop moving once misclassified (checked at every iterate). The
     loop is a ``lax.fori_loop`` of ``num_steps`` iterations (finished examples still cost their
-    forward / backward passes). Iteration ``i`` calls ``logits_fn`` with ``fold_in(key, i)``.
+    forward / backward passes). Iteration ``i`` calls ``logits_fn`` with ``k_i = fold_in(key,
+    i)`` (the candidate classes are chosen from the logits at ``x`` under ``k_0``).
+
+    EoT (randomised models): with ``eot_samples = S > 1``, ``z`` and the gradients in ``w_k``
+    are the means over the keys ``fold_in(k_i, j)``, ``j < S``, so each step is DeepFool's step
+    on the linearisation of the expected logits (its Jacobian rows are the mean rows); the
+    candidate classes, the misclassification test that stops an example, and the final
+    ``success`` / ``loss`` use the EoT-mean logits too. ``S = 1`` uses ``k_i`` itself, exactly
+    as before EoT existed.
 
     Args:
       logits_fn: ``logits_fn(x, key) -> (B, K)``.
@@ -102,21 +130,30 @@ def deepfool(logits_fn: LogitsFn, x: Images, y: Labels, key: Key, *, norm: str =
       num_steps: maximum number of iterations.
       num_candidates: only the classes with the highest clean logits (the original's 10) are
         candidates; None: all K - 1 other classes.
+      eot_samples: EoT samples per linearisation (1: no EoT).
+      eot_chunk: EoT samples per vmap (must divide ``eot_samples``); None: all.
 
     Returns:
       :class:`AttackResult` with the final ``x_adv``, its distance to ``x`` in ``norm``,
       whether it is misclassified and its C&W margin ``loss`` (evaluated with
-      ``fold_in(key, num_steps)``).
+      ``fold_in(key, num_steps)``; with EoT, of the mean logits over its samples).
+
+    Raises:
+      ValueError: bad images or labels, an unknown ``norm``, non-positive ``num_steps`` /
+        ``num_candidates`` / ``eot_samples``, or ``eot_chunk`` not dividing ``eot_samples``.
 
     References:
       Moosavi-Dezfooli, Fawzi & Frossard, "DeepFool: a simple and accurate method to fool deep
-      neural networks", CVPR 2016 (Algorithm 2; Linf via Eq. (12) with q = 1).
+      neural networks", CVPR 2016 (Algorithm 2; Linf via Eq. (12) with q = 1); Athalye,
+      Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Security", ICML 2018 (EoT).
     """
     y = check_attack_inputs(x, y, norm=norm)
     overshoot = check_scalar(overshoot, "overshoot")
     num_steps = check_positive_int(num_steps, "num_steps")
     if num_candidates is not None:
         num_candidates = check_positive_int(num_candidates, "num_candidates")
+    eot_samples, eot_chunk = check_eot(eot_samples, eot_chunk, "eot_samples", "eot_chunk")
     resolve_loss(logits_fn, "cw", x=x, y=y, key=key)  # checks the model and the labels
     return _deepfool(logits_fn, x, y, key, overshoot, norm=norm, num_steps=num_steps,
-                     num_candidates=num_candidates)
+                     num_candidates=num_candidates, eot_samples=eot_samples,
+                     eot_chunk=eot_chunk)
