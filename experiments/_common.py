@@ -110,7 +110,8 @@ def data_dir(data_config) -> str | None:
 def load_split(data_config, split: str, *, name: str | None = None, num_images: int = 0):
     """``jaxrob.data.load_dataset`` for a ``config.data`` block; ``num_images`` > 0 keeps the
     first that many examples. ``data.name == "imagenet"`` reads the folder ``data.imagenet_dir``
-    with :func:`jaxrob.data.load_imagenet` (only the kept examples are decoded). A
+    with :func:`jaxrob.data.load_imagenet` (lazily: an image is decoded when its row is first
+    read, so each process decodes only the rows it places). A
     ``data.image_size`` other than the dataset's resizes the images to it (bilinear; e.g. the
     ImageNet smoke's Tiny-ImageNet images)."""
     from jaxrob.data import ArrayDataset, load_dataset
@@ -163,7 +164,10 @@ def _load_imagenet(data_config, split: str, num_images: int):
         resize_size=data_config.get("resize_size") or None,
         labels_file=_data_file(data_config, "labels_file"),
         meta_file=_data_file(data_config, "meta_file"),
-        limit=int(num_images) if num_images else None)
+        limit=int(num_images) if num_images else None,
+        # decoded on first access: on several JAX processes each decodes only the rows that
+        # its devices hold (run_chunks reads row by row), not the whole selection
+        lazy=True)
 
 
 def resolve_path(path: str, *, base: pathlib.Path) -> pathlib.Path:

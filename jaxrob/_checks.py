@@ -48,7 +48,9 @@ def check_images(
     if hw is not None and tuple(shape[1:3]) != tuple(hw):
         raise ValueError(f"{name}: expected height x width {hw[0]}x{hw[1]}, "
                          f"got shape {tuple(shape)}")
-    if _is_concrete(x):
+    # values of arrays only: an array-like that is not one (jaxrob.data.LazyImages, decoded
+    # on first access) is checked by shape and dtype, without reading every row
+    if _is_concrete(x) and isinstance(x, np.ndarray | jax.Array | np.generic):
         arr = np.asarray(x)
         if np.isnan(arr).any():
             raise ValueError(f"{name}: contains NaN")

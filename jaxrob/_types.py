@@ -18,6 +18,15 @@ Array = jax.Array | np.ndarray  # a device array, or a host array where the func
 _Data = Array
 
 Images = Float[_Data, "b h w c"]  # float32 NHWC in [0, 1] at public boundaries
+
+
+class RowArray:
+    """Base of the host array-likes that are not arrays and are read row by row
+    (``x[rows]``, e.g. ``jaxrob.data.LazyImages``, decoded on first access): accepted, besides
+    arrays, by the evaluations that read a dataset's rows chunk by chunk."""
+
+
+DatasetImages = Images | RowArray  # what an evaluation over a whole dataset takes
 Latents = Float[Array, "b h w c"]  # diffusion-space tensors (x_t), usually in about [-1, 1]
 # an autoencoder's latent codes of images (b, h/f, w/f, c_z): own names, so that a function
 # taking images and returning their codes is checked for the batch size only
@@ -35,5 +44,6 @@ EpsFn = Callable[[Array, Array], Array]  # eps_fn(x_t, model_step) -> eps
 LogitsFn = Callable[[Array, Array], Array]  # logits_fn(x, key) -> (B, K); the attacked thing
 PurifyFn = Callable[[Array, Array], Array]  # purify(x, key) -> x_purified
 
-__all__ = ["AnyKey", "Array", "EpsFn", "Images", "Key", "Keys", "Labels", "LatentCodes", "Latents",
-           "Logits", "LogitsFn", "PerExample", "PerExampleInt", "PurifyFn", "Steps"]
+__all__ = ["AnyKey", "Array", "DatasetImages", "EpsFn", "Images", "Key", "Keys", "Labels",
+           "LatentCodes", "Latents", "Logits", "LogitsFn", "PerExample", "PerExampleInt",
+           "PurifyFn", "RowArray", "Steps"]

@@ -2,7 +2,8 @@
 
 :func:`load_imagenet` reads an ImageNet-layout folder (wnid sub-folders, or a flat folder and a
 labels file) in torchvision's class order with its resize + center-crop, decoding only the
-requested slice.
+requested slice (``lazy=True``: each image when its row is first read, a
+:class:`LazyImages`, so each JAX process decodes only the rows it places).
 """
 
 from jaxrob.data._imagenet import imagenet_index as imagenet_index
@@ -16,6 +17,7 @@ from jaxrob.data._readers import CIFAR10_CLASSES as CIFAR10_CLASSES
 from jaxrob.data._readers import DATASETS as DATASETS
 from jaxrob.data._readers import ArrayDataset as ArrayDataset
 from jaxrob.data._readers import DatasetSpec as DatasetSpec
+from jaxrob.data._readers import LazyImages as LazyImages
 from jaxrob.data._readers import clear_cache as clear_cache
 from jaxrob.data._readers import load_dataset as load_dataset
 from jaxrob.data._readers import read_idx_gz as read_idx_gz

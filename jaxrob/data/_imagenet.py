@@ -15,7 +15,8 @@ torchvision's pretrained models line up): the sub-folders in the first layout, t
 labelled images present (or ``wnids``) in the second. Examples are ordered by class, then file
 name in the first layout (``ImageFolder``'s order) and by file name in the second, file names
 compared with their digit runs as numbers (``val_2`` before ``val_10``); this order is the
-``indices`` a split string slices. Only the selected examples' files are opened.
+``indices`` a split string slices. Only the selected examples' files are opened; with
+``lazy=True`` each only when its row is first read (one process's share on several hosts).
 
 Preprocessing is torchvision's evaluation transform: resize the shorter side to ``resize_size``
 (the longer to ``int(resize_size * long / short)``, PIL bilinear), center crop ``image_size``
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxrob.data._readers import ArrayDataset, parse_split, split_positions
+from jaxrob.data._readers import ArrayDataset, LazyImages, parse_split, split_positions
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _WNID = re.compile(r"^n\d{8}$")
@@ -217,6 +218,7 @@ def load_imagenet(
     positions: Sequence[int] | np.ndarray | None = None,
     limit: int | None = None,
     name: str = "imagenet",
+    lazy: bool = False,
 ) -> ArrayDataset:
     """An ImageNet-layout folder as an :class:`ArrayDataset`, decoding only the selected files.
 
@@ -236,11 +238,15 @@ def load_imagenet(
         the dataset then holds just those examples, their ``indices`` still global.
       limit: keep (and decode) only the first ``limit`` examples of the selection.
       name: the dataset's name in records.
+      lazy: decode nothing here: the images are a :class:`jaxrob.data.LazyImages` that decodes
+        a row when it is first read (the same values), so a process that reads only its
+        share of every chunk (``run_chunks`` on several JAX processes) decodes only that share.
 
     Returns:
-      float32 [0, 1] images ``(N, image_size, image_size, 3)``, int32 labels (sorted-wnid
-      index), ``indices`` = positions in the folder's reading order, ``num_classes`` = the
-      number of wnids.
+      float32 [0, 1] images ``(N, image_size, image_size, 3)`` (a NumPy array, or
+      :class:`jaxrob.data.LazyImages` with ``lazy``), int32 labels (sorted-wnid index),
+      ``indices`` = positions in the folder's reading order, ``num_classes`` = the number of
+      wnids.
 
     Raises:
       FileNotFoundError: a missing folder or file.
@@ -269,8 +275,15 @@ def load_imagenet(
         if isinstance(limit, bool) or not isinstance(limit, int | np.integer) or limit < 1:
             raise ValueError(f"limit: expected a positive integer or None, got {limit!r}")
         sel = sel[: int(limit)]
-    images = np.empty((len(sel), image_size, image_size, 3), np.float32)
-    for i, p in enumerate(sel):
-        images[i] = _decode(files[int(p)], image_size, resize_size) * np.float32(1 / 255)
+
+    def decode(i: int) -> np.ndarray:
+        return _decode(files[int(sel[i])], image_size, resize_size) * np.float32(1 / 255)
+
+    if lazy:
+        images = LazyImages(decode, len(sel), (image_size, image_size, 3))
+    else:
+        images = np.empty((len(sel), image_size, image_size, 3), np.float32)
+        for i in range(len(sel)):
+            images[i] = decode(i)
     return ArrayDataset(images=images, labels=labels[sel].astype(np.int32), name=name,
                         split=split, num_classes=len(classes), indices=sel.astype(np.int32))

@@ -34,6 +34,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from jaxrob._types import RowArray
+
 DATA_DIR_ENV = "JAXROB_DATA_DIR"
 
 # Uint8 images (N, H, W, C) and integer labels (N,), as a reader returns them.
@@ -44,12 +46,108 @@ RawSplit = tuple[np.ndarray, np.ndarray]
 # The dataset container.
 
 
+class _Decoded:
+    """The rows of a :class:`LazyImages` source decoded so far (shared by its views)."""
+
+    def __init__(self, decode: Callable[[int], np.ndarray], n: int, image_shape: tuple):
+        self.decode, self.n, self.image_shape = decode, n, image_shape
+        self.done = np.zeros((n,), bool)
+        # np.empty: untouched rows take no memory (pages are committed when first written)
+        self.rows = np.empty((n, *image_shape), np.float32)
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        for p in np.unique(rows[~self.done[rows]]):
+            img = np.asarray(self.decode(int(p)))
+            if img.shape != self.image_shape or img.dtype != np.float32:
+                raise ValueError(f"LazyImages: decode({int(p)}) returned {img.dtype} "
+                                 f"{img.shape}, expected float32 {self.image_shape}")
+            self.rows[p] = img
+            self.done[p] = True
+        return self.rows[rows]
+
+
+class LazyImages(RowArray):
+    """Float32 NHWC images decoded on first access (an array-like, not a NumPy array).
+
+    Reading ``images[rows]`` (an int, a slice, integer positions or a boolean mask, optionally
+    followed by indices of the other axes) decodes the rows not decoded before, keeps them, and
+    returns a NumPy copy. So a process that reads only its own rows of every chunk (as
+    :func:`jaxrob.evaluation.run_chunks` and :func:`jaxrob.parallel.put_rows` do on several JAX
+    processes) decodes only its share of the dataset. ``np.asarray(images)`` decodes every
+    row. :meth:`take` is a view that shares the decoded rows (:meth:`ArrayDataset.subset` of a
+    lazy dataset uses it).
+
+    Attributes:
+      shape: ``(N, H, W, C)``.
+      dtype: float32.
+      ndim: 4.
+      decoded: positions (in this view) of the rows decoded so far.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 4
+
+    def __init__(self, decode: Callable[[int], np.ndarray], n: int,
+                 image_shape: tuple[int, int, int]):
+        """``decode(i)`` returns row ``i`` (``0 <= i < n``) as float32 ``image_shape``."""
+        image_shape = tuple(int(v) for v in image_shape)
+        if len(image_shape) != 3 or min(image_shape) < 1 or int(n) < 0:
+            raise ValueError(f"LazyImages: expected n >= 0 and an (H, W, C) image shape, got "
+                             f"n={n}, image_shape={image_shape}")
+        self._source = _Decoded(decode, int(n), image_shape)
+        self._rows = np.arange(int(n), dtype=np.int64)
+
+    @classmethod
+    def _view(cls, source: _Decoded, rows: np.ndarray) -> LazyImages:
+        out = cls.__new__(cls)
+        out._source, out._rows = source, rows
+        return out
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (int(self._rows.shape[0]), *self._source.image_shape)
+
+    def __len__(self) -> int:
+        return int(self._rows.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"LazyImages(shape={self.shape}, dtype=float32, "
+                f"decoded={int(self._source.done[self._rows].sum())})")
+
+    @property
+    def decoded(self) -> np.ndarray:
+        return np.flatnonzero(self._source.done[self._rows])
+
+    def take(self, sel) -> LazyImages:
+        """The rows ``sel`` (a slice, positions or a boolean mask) as a lazy view."""
+        rows = self._rows[sel]
+        return LazyImages._view(self._source, np.atleast_1d(rows))
+
+    def __getitem__(self, key) -> np.ndarray:
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if not isinstance(first, int | np.integer | slice):
+            first = np.asarray(first)  # lists, JAX arrays
+        rows = self._rows[first]
+        scalar = np.ndim(rows) == 0
+        out = self._source.get(np.atleast_1d(rows))
+        if scalar:
+            out = out[0]
+        if rest:
+            out = out[(*(() if scalar else (slice(None),)), *rest)]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayDataset:
     """An in-memory image classification split.
 
     Attributes:
-      images: float32 NHWC array with values in [0, 1].
+      images: float32 NHWC array with values in [0, 1], or a :class:`LazyImages` whose rows
+        are decoded on first access (``jaxrob.data.load_imagenet(..., lazy=True)``).
       labels: int32 array of shape (N,), values in ``[0, num_classes)``.
       name: the dataset's registry name (``"mnist"``, ``"cifar10_jpeg"``, ...).
       split: the split as requested, slice included (``"test[8000:]"``).
@@ -64,7 +162,7 @@ class ArrayDataset:
     copy them (or use :meth:`subset`, which gathers) before writing.
     """
 
-    images: np.ndarray
+    images: np.ndarray | LazyImages
     labels: np.ndarray
     name: str
     split: str
@@ -73,7 +171,9 @@ class ArrayDataset:
 
     def __post_init__(self):
         images, labels = self.images, self.labels
-        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.float32:
+        if isinstance(images, LazyImages):
+            pass  # float32 NHWC by construction, decoded on first access
+        elif not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.float32:
             raise ValueError(
                 f"ArrayDataset.images: expected a float32 numpy array (N, H, W, C), got "
                 f"{type(images).__name__} {getattr(images, 'dtype', '')} "
@@ -146,8 +246,9 @@ class ArrayDataset:
                         f"subset: positions must lie in [0, {len(self)}), got "
                         f"range [{sel.min()}, {sel.max()}]"
                     )
+        images = self.images
         return ArrayDataset(
-            images=self.images[sel],
+            images=images.take(sel) if isinstance(images, LazyImages) else images[sel],
             labels=self.labels[sel],
             name=self.name,
             split=self.split,

@@ -18,7 +18,7 @@ import numpy as np
 
 import jaxrob._keys as tags
 from jaxrob._checks import check_images
-from jaxrob._types import Images, Key, Labels
+from jaxrob._types import DatasetImages, Images, Key, Labels
 from jaxrob.evaluation._protocols import predictions
 from jaxrob.evaluation._robust import (
     Model,
@@ -27,6 +27,7 @@ from jaxrob.evaluation._robust import (
     _fold_all,
     _num_samples,
     _self_check,
+    host_images,
     score_record,
 )
 from jaxrob.evaluation._runner import run_chunks
@@ -50,7 +51,7 @@ def _given_chunk(defended, protocols, randomness, vote_chunk, batch, keys):
             "linf": jnp.max(jnp.abs(d), -1), "l2": jnp.sqrt(jnp.sum(d * d, -1))}
 
 
-def score_adversarial(defended: Model, x: Images, x_adv: Images, y: Labels, indices, *,
+def score_adversarial(defended: Model, x: DatasetImages, x_adv: Images, y: Labels, indices, *,
                       key: Key, protocols=("one_shot",), randomness: str = "stochastic",
                       batch_size: int = 64, store: ChunkStore | None = None,
                       mesh: jax.sharding.Mesh | None = None, vote_chunk: int | None = None,
@@ -103,7 +104,7 @@ def score_adversarial(defended: Model, x: Images, x_adv: Images, y: Labels, indi
                 f"{acc(out['pred_adv']):.3f}")
 
     run = run_chunks(
-        _given_chunk, {"x": np.asarray(x, np.float32), "x_adv": np.asarray(x_adv, np.float32),
+        _given_chunk, {"x": host_images(x), "x_adv": np.asarray(x_adv, np.float32),
                        "y": labels.astype(np.int32), "index": indices},
         key=key, args=(defended, protocols, randomness, vote_chunk), batch_size=batch_size,
         store=store, mesh=mesh, progress=progress, desc=f"scoring ({randomness})",
@@ -111,7 +112,7 @@ def score_adversarial(defended: Model, x: Images, x_adv: Images, y: Labels, indi
     per = run.records
     per["label"] = labels
     ndev = mesh.shape[DATA_AXIS] if mesh is not None else jax.device_count()
-    check = _self_check(defended, np.asarray(x), labels, indices, per["pred_clean"][:, 0],
+    check = _self_check(defended, x, labels, indices, per["pred_clean"][:, 0],
                         key=key, randomness=randomness, num=self_check,
                         stride=max(1, min(batch_size, n) // ndev))
     if check["mismatches"]:

@@ -48,7 +48,7 @@ import jaxrob._keys as tags
 from jaxrob._checks import check_images
 from jaxrob._jit import filter_jit
 from jaxrob._keys import example_keys
-from jaxrob._types import Images, Key, Keys, Labels, LogitsFn
+from jaxrob._types import DatasetImages, Images, Key, Keys, Labels, LogitsFn
 from jaxrob.attacks._common import AttackResult, check_num_classes
 from jaxrob.evaluation._protocols import (
     check_randomness,
@@ -58,7 +58,7 @@ from jaxrob.evaluation._protocols import (
     score_predictions,
     summarize,
 )
-from jaxrob.evaluation._runner import run_chunks
+from jaxrob.evaluation._runner import _host_array_like, run_chunks
 from jaxrob.evaluation._store import ChunkStore
 from jaxrob.parallel import DATA_AXIS
 
@@ -301,7 +301,7 @@ def _robust_chunk(defended, attack, protocols, randomness, vote_chunk, candidate
 
 
 def evaluate_robustness(defended: Model, attack: Attack | Sequence[Attack] | None,
-                        images: Images, labels: Labels, indices, *, key: Key,
+                        images: DatasetImages, labels: Labels, indices, *, key: Key,
                         protocols=("one_shot",),
                         randomness: str = "stochastic", batch_size: int = 64,
                         store: ChunkStore | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -320,7 +320,8 @@ def evaluate_robustness(defended: Model, attack: Attack | Sequence[Attack] | Non
     Args:
       defended, attack, protocols, randomness, vote_chunk, candidates: as
         :func:`robust_scores`.
-      images: (N, H, W, C) float32 in [0, 1]; labels: (N,) ints.
+      images: (N, H, W, C) float32 in [0, 1] (an array, or a ``jaxrob.data.LazyImages``:
+        each process then decodes only the rows it places); labels: (N,) ints.
       indices: (N,) global dataset indices of the examples (their keys).
       key: the run's key.
       batch_size: examples per chunk (a multiple of the mesh size).
@@ -361,7 +362,9 @@ def evaluate_robustness(defended: Model, attack: Attack | Sequence[Attack] | Non
     candidates = _check_candidates(candidates, attacks, protocols)
     _check_splits(defended, randomness)
     # the number of classes, abstractly (one example; the labels are checked here)
-    k = check_num_classes(defended, jnp.asarray(images[:1]), labels[:1] * 0,
+    # abstractly: reading images[:1] would decode a row of a lazy dataset on every process
+    k = check_num_classes(defended, jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32),
+                          labels[:1] * 0,
                           example_keys(key, indices[:1]))
     if labels.size and labels.max() >= k:
         raise ValueError(f"labels: expected labels in [0, {k}) for a model with {k} classes, "
@@ -375,7 +378,7 @@ def evaluate_robustness(defended: Model, attack: Attack | Sequence[Attack] | Non
             + (f", adv {acc(out['pred_adv']):.3f}" if "pred_adv" in out else ""))
 
     run = run_chunks(
-        _robust_chunk, {"x": np.asarray(images, np.float32), "y": labels.astype(np.int32),
+        _robust_chunk, {"x": host_images(images), "y": labels.astype(np.int32),
                         "index": indices},
         key=key, args=(defended, attack, protocols, randomness, vote_chunk, candidates),
         batch_size=batch_size, store=store, mesh=mesh, progress=progress,
@@ -396,6 +399,15 @@ def evaluate_robustness(defended: Model, attack: Attack | Sequence[Attack] | Non
             "randomness": randomness, "protocols": list(protocols),
             "candidates": list(candidates), "wall_s": run.wall_s, "total_s": run.total_s,
             "chunks_run": run.chunks_run, "chunks_total": run.chunks_total, "self_check": check}
+
+
+def host_images(x):
+    """``x`` as ``run_chunks`` data: a float32 host array-like that is read row by row as it
+    is (a NumPy array, a memory map, a ``jaxrob.data.LazyImages`` that decodes only the rows a
+    process reads), anything else (a JAX array) copied to a float32 NumPy array."""
+    if _host_array_like(x) and np.dtype(x.dtype) == np.float32:
+        return x
+    return np.asarray(x, np.float32)
 
 
 @filter_jit

@@ -52,7 +52,7 @@ import jaxrob._keys as tags
 from jaxrob._checks import check_images, check_positive_int
 from jaxrob._jit import filter_jit
 from jaxrob._keys import example_keys
-from jaxrob._types import Images, Key, Labels
+from jaxrob._types import DatasetImages, Key, Labels
 from jaxrob.attacks import apgd, pgd, square
 from jaxrob.attacks._common import check_num_classes, check_scalar
 from jaxrob.evaluation._protocols import check_randomness, parse_protocol
@@ -137,7 +137,7 @@ def _bare_of(defended):
 # --------------------------------------------------------------------------------------------
 
 
-def soundness_checks(defended: Model, x: Images, y: Labels, indices, *, key: Key,
+def soundness_checks(defended: Model, x: DatasetImages, y: Labels, indices, *, key: Key,
                      eps: float, norm: str = "linf", attack: str = "pgd", num_steps: int = 10,
                      step_size: float | None = None, eot_samples: int = 1, loss: str = "ce",
                      random_start: bool | None = None, num_restarts: int = 1,
