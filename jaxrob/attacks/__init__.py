@@ -15,16 +15,21 @@ the purifier's reverse-chain states to CE / DLR / C&W; PGD and APGD take a ``tar
 query-based (no gradients) and reports its per-example query count. Pytree models are traced, not
 baked in: attacking new parameters of the same shapes reuses the compilation.
 
+* ``pgd`` (Linf, L2), ``apgd`` (Linf, L2, L1: APGD-L1 with sparse steps and AutoAttack's
+  ``use_largereps`` schedule), ``cw_l2`` and ``deepfool`` (both with ``eot_samples``).
+* ``project`` / ``project_l1``: projection onto the eps-ball intersected with [0, 1]^d (L1: the
+  exact Euclidean projection onto that intersection).
 * ``fab``: FAB / FAB-T, steps onto the linearised decision boundary, the closest point kept
   within eps (Linf, L2, L1).
 * ``projection_linf`` / ``projection_l2`` / ``projection_l1``: FAB's projection onto a
   hyperplane inside the box [0, 1]^d.
-* ``autoattack``: AutoAttack's ensemble (standard / plus / rand / custom), each attack on the
-  still-robust examples, per-example keys; returns an ``AutoAttackResult``.
+* ``autoattack``: AutoAttack's ensemble (standard / plus / rand / custom; Linf, L2, and L1
+  without the original's L1-Square stage), each attack on the still-robust examples,
+  per-example keys; returns an ``AutoAttackResult``.
 * ``AutoAttackResult``: x_adv, per-example robust flags and breaking attack, the accuracy after
   each attack, the original's checks (randomised defence, consistency, Square).
-* ``AA_ATTACKS`` / ``AA_VERSIONS`` / ``FAB_NORMS``: the names :func:`autoattack` and :func:`fab`
-  accept.
+* ``AA_ATTACKS`` / ``AA_VERSIONS`` / ``FAB_NORMS`` / ``APGD_NORMS``: the names
+  :func:`autoattack`, :func:`fab` and :func:`apgd` accept.
 
 Protective perturbations against diffusion-based editing (``attack(model, x, ..., key) ->
 AttackResult``, Linf sign steps, last iterate, per-example keys; an LDM is ``encode_fn`` +
@@ -42,6 +47,7 @@ an eps-model on its latents, a PDM a pixel eps-model):
 """
 
 from jaxrob.attacks._apgd import APGD_LOSSES as APGD_LOSSES
+from jaxrob.attacks._apgd import APGD_NORMS as APGD_NORMS
 from jaxrob.attacks._apgd import apgd as apgd
 from jaxrob.attacks._apgd import apgd_checkpoints as apgd_checkpoints
 from jaxrob.attacks._autoattack import AA_ATTACKS as AA_ATTACKS
@@ -51,6 +57,7 @@ from jaxrob.attacks._autoattack import autoattack as autoattack
 from jaxrob.attacks._common import NORMS as NORMS
 from jaxrob.attacks._common import AttackResult as AttackResult
 from jaxrob.attacks._common import project as project
+from jaxrob.attacks._common import project_l1 as project_l1
 from jaxrob.attacks._cw import cw_l2 as cw_l2
 from jaxrob.attacks._deepfool import deepfool as deepfool
 from jaxrob.attacks._detection_aware import DetectionAwareLoss as DetectionAwareLoss

@@ -10,6 +10,13 @@ Follows AutoAttack's ``autoattack.py`` (``run_standard_evaluation``, ``set_versi
 * ``"custom"``: the ``attacks`` given, with the original's defaults (APGD-CE / APGD-DLR / FAB 5
   restarts, APGD-T / FAB-T 1 restart per target).
 
+With ``norm="l1"`` (Croce & Hein 2021), ``"standard"`` is the original's L1 version: APGD-CE (5
+restarts) and APGD-T (5 target classes), both APGD-L1 with the ``use_largereps`` schedule (radii
+3, 2, 1 x eps over 30/30/40% of the iterations), then FAB-T (9 target classes). The original
+ends with an L1 Square attack, which jaxrob's :func:`square` does not have: it is left out, with
+a warning, and ``attacks`` in the result says what ran. ``"rand"`` and ``"custom"`` run APGD-L1
+without the schedule, as the original does; ``"plus"`` (and any list with Square) is refused.
+
 Each attack runs in *stages*, as the original's loops do: a restart, or (APGD-T, FAB-T) a target
 class, the 2nd .. (n + 1)-th most likely at the clean input. A stage runs only on the examples
 no earlier stage has broken: between stages the still-robust examples are gathered on the host
@@ -30,7 +37,7 @@ Differences from the original: the target count is checked (an error, where the 
 randomness is explicit (keys), so the randomised-defence check compares five calls with
 different keys; the APGD runs report an example broken when any iterate was misclassified
 (AutoAttack's ``x_best_adv``), with the prediction of that iterate's EoT sample 0 (the
-original takes its last EoT sample's logits).
+original takes its last EoT sample's logits); the L1 standard version has no Square stage.
 """
 
 from __future__ import annotations
@@ -61,8 +68,9 @@ from jaxrob.attacks._square import _square
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
-_NORMS = {"apgd-ce": ("linf", "l2"), "apgd-dlr": ("linf", "l2"), "apgd-t": ("linf", "l2"),
-          "fab": ("linf", "l2", "l1"), "fab-t": ("linf", "l2", "l1"), "square": ("linf", "l2")}
+_NORMS = {"apgd-ce": ("linf", "l2", "l1"), "apgd-dlr": ("linf", "l2", "l1"),
+          "apgd-t": ("linf", "l2", "l1"), "fab": ("linf", "l2", "l1"),
+          "fab-t": ("linf", "l2", "l1"), "square": ("linf", "l2")}
 _TAGS = {"apgd-ce": tags.AA_APGD_CE, "apgd-dlr": tags.AA_APGD_DLR, "apgd-t": tags.AA_APGD_T,
          "fab": tags.AA_FAB, "fab-t": tags.AA_FAB_T, "square": tags.AA_SQUARE}
 _VERSION_ATTACKS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
@@ -71,6 +79,11 @@ _VERSION_ATTACKS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
 # Restarts of the untargeted APGD and FAB per version (the original's set_version; custom keeps
 # the constructor's 5). Targeted attacks: one restart per target class in every version.
 _RESTARTS = {"standard": 1, "plus": 5, "rand": 1, "custom": 5}
+# The original's L1 standard version (set_version with norm='L1'): APGD-CE with 5 restarts and
+# APGD-T with 5 target classes, both with the use_largereps schedule; FAB-T as for Linf / L2;
+# then L1-Square, which jaxrob's square does not have (dropped with a warning).
+_L1_STANDARD = ("apgd-ce", "apgd-t", "fab-t")
+_L1_APGD_RESTARTS, _L1_APGD_TARGETS = 5, 5
 _MIN_BUCKET = 8
 
 
@@ -128,7 +141,8 @@ def _logits(model, x, keys):
 
 
 @filter_jit
-def _stage(model, x, y, keys, eps, stage, *, attack, norm, n_iter, eot_samples, n_queries):
+def _stage(model, x, y, keys, eps, stage, *, attack, norm, n_iter, eot_samples, n_queries,
+           largereps):
     """Stage ``stage`` of ``attack`` on each example: ``(x_adv (B, ...), broken (B,))``."""
 
     def one(xi, yi, ki):
@@ -136,7 +150,7 @@ def _stage(model, x, y, keys, eps, stage, *, attack, norm, n_iter, eot_samples, 
         k = jr.fold_in(ki, stage)
         apgd_opts = dict(norm=norm, num_steps=n_iter, rho=0.75, alpha=0.75, random_start=True,
                          eot_samples=eot_samples, eot_chunk=None, eot_mesh=None,
-                         return_iterates=False, track_fn=model)
+                         return_iterates=False, track_fn=model, use_largereps=largereps)
         fab_opts = dict(norm=norm, num_steps=n_iter, alpha_max=0.1, eta=1.05, beta=0.9)
         if attack in ("apgd-ce", "apgd-dlr"):
             loss_fn = LogitsLoss(model, "ce" if attack == "apgd-ce" else "dlr")
@@ -190,7 +204,7 @@ def _batched_logits(model, x, keys, ids, batch_size):
 
 
 def _plan(version, attacks, norm, n_target_classes) -> list[tuple[str, int]]:
-    """``[(attack, number of stages)]`` of a version."""
+    """``[(attack, number of stages)]`` of a version (and norm)."""
     check_choice(version, AA_VERSIONS, "version")
     if version == "custom":
         if attacks is None or isinstance(attacks, str) or not len(attacks):
@@ -209,6 +223,14 @@ def _plan(version, attacks, norm, n_target_classes) -> list[tuple[str, int]]:
                              f"choose the attacks")
         attacks = _VERSION_ATTACKS[version]
     check_choice(norm, ("linf", "l2", "l1"), "norm")
+    if version == "standard" and norm == "l1":
+        warnings.warn("autoattack: the original's L1 standard version ends with L1-Square, "
+                      "which jaxrob's square does not implement; running APGD-CE, APGD-T and "
+                      "FAB-T only (the robust accuracy may be slightly higher than the "
+                      "original's)", stacklevel=3)
+        return [("apgd-ce", _L1_APGD_RESTARTS),
+                ("apgd-t", min(_L1_APGD_TARGETS, n_target_classes)),
+                ("fab-t", n_target_classes)]
     for a in attacks:
         if norm not in _NORMS[a]:
             raise ValueError(f"norm: {a} supports {list(_NORMS[a])}, got {norm!r} (version "
@@ -254,13 +276,14 @@ def autoattack(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float,
       y: (N,) int labels.
       key: the run's key; example ``i`` uses ``fold_in(key, indices[i])``.
       eps: the radius of the threat model (> 0).
-      norm: ``"linf"`` or ``"l2"`` (``"l1"`` only for a custom list of FAB attacks: jaxrob's
-        APGD and Square have no L1 form).
+      norm: ``"linf"``, ``"l2"`` or ``"l1"`` (the original's L1 version without its Square
+        stage, see the module docstring; Square has no L1 form in jaxrob).
       version: ``"standard"``, ``"plus"``, ``"rand"`` or ``"custom"``.
       attacks: with ``version="custom"``, the attacks in order, from ``"apgd-ce"``,
         ``"apgd-dlr"``, ``"apgd-t"``, ``"fab"``, ``"fab-t"``, ``"square"``.
       n_iter: iterations of APGD and FAB (100).
-      n_target_classes: target classes of APGD-T and FAB-T, at most K - 1 (9).
+      n_target_classes: target classes of APGD-T and FAB-T, at most K - 1 (9; APGD-T of the
+        L1 standard version uses at most 5, as the original).
       n_queries: Square's query budget per example (5000).
       eot_samples: EoT samples of the APGD gradients; None: 20 for ``"rand"``, else 1.
       batch_size: examples per compiled call (the largest bucket).
@@ -293,6 +316,10 @@ def autoattack(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float,
     eot_samples = check_positive_int(eot_samples, "eot_samples")
     plan = _plan(version, attacks, norm, n_target_classes)
     names = tuple(a for a, _ in plan)
+    largereps = version == "standard" and norm == "l1"
+    if largereps and n_iter < 3:
+        raise ValueError(f"n_iter: the L1 standard version's APGD splits its iterations over "
+                         f"three radii (use_largereps), expected at least 3, got {n_iter}")
     num_classes = check_num_classes(model, x, y, key)
     for a in names:
         if a in ("apgd-t", "fab-t"):
@@ -343,7 +370,8 @@ def autoattack(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float,
 
     for a_idx, (attack, n_stages) in enumerate(plan):
         opts = dict(attack=attack, norm=norm, n_iter=n_iter, n_queries=n_queries,
-                    eot_samples=eot_samples if attack in ("apgd-ce", "apgd-dlr") else 1)
+                    eot_samples=eot_samples if attack in ("apgd-ce", "apgd-dlr") else 1,
+                    largereps=largereps and attack in ("apgd-ce", "apgd-t"))
         attack_keys = fold(keys, _TAGS[attack])
         for s in range(n_stages):
             ids = np.flatnonzero(robust)
