@@ -11,9 +11,9 @@ deterministic models ignore the key); the loss maximised is named by ``loss=`` (
 ``"cw"``, ``"dlr"``) or given as ``loss(logits, y) -> (B,)``, or is a loss on the inputs
 (:class:`InputLoss`): :func:`diffattack_loss` adds DiffAttack's deviated-reconstruction term on
 the purifier's reverse-chain states to CE / DLR / C&W; PGD and APGD take a ``target=``
-(classes, or ``"least_likely"``) and then maximise the targeted form of the loss. Square is
-query-based (no gradients) and reports its per-example query count. Pytree models are traced, not
-baked in: attacking new parameters of the same shapes reuses the compilation.
+(classes, or ``"least_likely"``) and then maximise the targeted form of the loss. Square (Linf,
+L2, L1) is query-based (no gradients) and reports its per-example query count. Pytree models
+are traced, not baked in: attacking new parameters of the same shapes reuses the compilation.
 
 * ``pgd`` (Linf, L2), ``apgd`` (Linf, L2, L1: APGD-L1 with sparse steps and AutoAttack's
   ``use_largereps`` schedule), ``cw_l2`` and ``deepfool`` (both with ``eot_samples``).
@@ -23,9 +23,10 @@ baked in: attacking new parameters of the same shapes reuses the compilation.
   within eps (Linf, L2, L1).
 * ``projection_linf`` / ``projection_l2`` / ``projection_l1``: FAB's projection onto a
   hyperplane inside the box [0, 1]^d.
-* ``autoattack``: AutoAttack's ensemble (standard / plus / rand / custom; Linf, L2, and L1
-  without the original's L1-Square stage), each attack on the still-robust examples,
-  per-example keys; returns an ``AutoAttackResult``.
+* ``autoattack``: AutoAttack's ensemble (standard / plus / rand / custom; Linf, L2, and L1:
+  the original's L1 standard version, APGD-CE and APGD-T with ``use_largereps``, FAB-T, L1
+  Square), each attack on the still-robust examples, per-example keys; returns an
+  ``AutoAttackResult``.
 * ``AutoAttackResult``: x_adv, per-example robust flags and breaking attack, the accuracy after
   each attack, the original's checks (randomised defence, consistency, Square).
 * ``AA_ATTACKS`` / ``AA_VERSIONS`` / ``FAB_NORMS`` / ``APGD_NORMS``: the names

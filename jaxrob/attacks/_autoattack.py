@@ -12,10 +12,10 @@ Follows AutoAttack's ``autoattack.py`` (``run_standard_evaluation``, ``set_versi
 
 With ``norm="l1"`` (Croce & Hein 2021), ``"standard"`` is the original's L1 version: APGD-CE (5
 restarts) and APGD-T (5 target classes), both APGD-L1 with the ``use_largereps`` schedule (radii
-3, 2, 1 x eps over 30/30/40% of the iterations), then FAB-T (9 target classes). The original
-ends with an L1 Square attack, which jaxrob's :func:`square` does not have: it is left out, with
-a warning, and ``attacks`` in the result says what ran. ``"rand"`` and ``"custom"`` run APGD-L1
-without the schedule, as the original does; ``"plus"`` (and any list with Square) is refused.
+3, 2, 1 x eps over 30/30/40% of the iterations), then FAB-T (9 target classes) and L1 Square
+(5000 queries, ``p_init`` 0.8). ``"plus"``, ``"rand"`` and ``"custom"`` run APGD-L1 without the
+schedule, as the original does; ``"plus"`` with L1 warns, as the original does (it was designed
+for Linf and L2).
 
 Each attack runs in *stages*, as the original's loops do: a restart, or (APGD-T, FAB-T) a target
 class, the 2nd .. (n + 1)-th most likely at the clean input. A stage runs only on the examples
@@ -37,7 +37,8 @@ Differences from the original: the target count is checked (an error, where the 
 randomness is explicit (keys), so the randomised-defence check compares five calls with
 different keys; the APGD runs report an example broken when any iterate was misclassified
 (AutoAttack's ``x_best_adv``), with the prediction of that iterate's EoT sample 0 (the
-original takes its last EoT sample's logits); the L1 standard version has no Square stage.
+original takes its last EoT sample's logits); Square's window schedule is rescaled to its
+query budget (the original's AutoAttack runs it with ``resc_schedule=False``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 _NORMS = {"apgd-ce": ("linf", "l2", "l1"), "apgd-dlr": ("linf", "l2", "l1"),
           "apgd-t": ("linf", "l2", "l1"), "fab": ("linf", "l2", "l1"),
-          "fab-t": ("linf", "l2", "l1"), "square": ("linf", "l2")}
+          "fab-t": ("linf", "l2", "l1"), "square": ("linf", "l2", "l1")}
 _TAGS = {"apgd-ce": tags.AA_APGD_CE, "apgd-dlr": tags.AA_APGD_DLR, "apgd-t": tags.AA_APGD_T,
          "fab": tags.AA_FAB, "fab-t": tags.AA_FAB_T, "square": tags.AA_SQUARE}
 _VERSION_ATTACKS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
@@ -80,9 +81,8 @@ _VERSION_ATTACKS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
 # the constructor's 5). Targeted attacks: one restart per target class in every version.
 _RESTARTS = {"standard": 1, "plus": 5, "rand": 1, "custom": 5}
 # The original's L1 standard version (set_version with norm='L1'): APGD-CE with 5 restarts and
-# APGD-T with 5 target classes, both with the use_largereps schedule; FAB-T as for Linf / L2;
-# then L1-Square, which jaxrob's square does not have (dropped with a warning).
-_L1_STANDARD = ("apgd-ce", "apgd-t", "fab-t")
+# APGD-T with 5 target classes, both with the use_largereps schedule; FAB-T and Square as for
+# Linf / L2.
 _L1_APGD_RESTARTS, _L1_APGD_TARGETS = 5, 5
 _MIN_BUCKET = 8
 
@@ -224,13 +224,12 @@ def _plan(version, attacks, norm, n_target_classes) -> list[tuple[str, int]]:
         attacks = _VERSION_ATTACKS[version]
     check_choice(norm, ("linf", "l2", "l1"), "norm")
     if version == "standard" and norm == "l1":
-        warnings.warn("autoattack: the original's L1 standard version ends with L1-Square, "
-                      "which jaxrob's square does not implement; running APGD-CE, APGD-T and "
-                      "FAB-T only (the robust accuracy may be slightly higher than the "
-                      "original's)", stacklevel=3)
         return [("apgd-ce", _L1_APGD_RESTARTS),
                 ("apgd-t", min(_L1_APGD_TARGETS, n_target_classes)),
-                ("fab-t", n_target_classes)]
+                ("fab-t", n_target_classes), ("square", 1)]
+    if version == "plus" and norm == "l1":  # the original's set_version prints the same
+        warnings.warn("autoattack: version 'plus' was designed for Linf and L2; with L1 it "
+                      "runs as the original does (please check)", stacklevel=3)
     for a in attacks:
         if norm not in _NORMS[a]:
             raise ValueError(f"norm: {a} supports {list(_NORMS[a])}, got {norm!r} (version "
@@ -276,8 +275,8 @@ def autoattack(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float,
       y: (N,) int labels.
       key: the run's key; example ``i`` uses ``fold_in(key, indices[i])``.
       eps: the radius of the threat model (> 0).
-      norm: ``"linf"``, ``"l2"`` or ``"l1"`` (the original's L1 version without its Square
-        stage, see the module docstring; Square has no L1 form in jaxrob).
+      norm: ``"linf"``, ``"l2"`` or ``"l1"`` (the original's L1 version, see the module
+        docstring).
       version: ``"standard"``, ``"plus"``, ``"rand"`` or ``"custom"``.
       attacks: with ``version="custom"``, the attacks in order, from ``"apgd-ce"``,
         ``"apgd-dlr"``, ``"apgd-t"``, ``"fab"``, ``"fab-t"``, ``"square"``.

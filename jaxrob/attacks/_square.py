@@ -1,10 +1,11 @@
-"""Square attack (Andriushchenko et al. 2020): score-based random search, Linf and L2.
+"""Square attack (Andriushchenko et al. 2020): score-based random search, Linf, L2 and L1.
 
 Follows AutoAttack's ``square.py`` (``SquareAttack.attack_single_run``, margin loss, one
 restart): the same initialisations (Linf: vertical stripes of +-eps; L2: a grid of
-``eta``-patterned tiles scaled to norm eps), the same square updates and window sizes from
-``p_selection`` (breakpoints rescaled from 10000 queries to ``n_queries``), and a candidate is
-kept only when it raises the margin. The examples of a batch are updated together under masks,
+``eta``-patterned tiles scaled to norm eps; L1: the same grid with the L1 pattern, projected
+onto the L1 ball cap the box), the same square updates and window sizes from ``p_selection``
+(breakpoints rescaled from 10000 queries to ``n_queries``), and a candidate is kept only when
+it raises the margin. The examples of a batch are updated together under masks,
 in one ``lax.while_loop`` that ends when every example is misclassified or the budget is spent.
 
 Queries. Every evaluation of the model on an example counts, the clean one included: query 0
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from jaxrob._checks import check_positive_int
+from jaxrob._checks import check_choice, check_positive_int
 from jaxrob._jit import filter_jit
 from jaxrob._types import Array, Images, Key, Labels
 from jaxrob.attacks._common import (
@@ -37,11 +38,16 @@ from jaxrob.attacks._common import (
     check_scalar,
     expand,
     per_example_norm,
+    project_l1,
     resolve_loss,
 )
 from jaxrob.attacks._losses import LogitsFn, cw_loss
 
 _TINY = 1e-12
+SQUARE_NORMS = ("linf", "l2", "l1")
+# L1: the original projects onto a radius shrunk by this factor, so that float rounding in the
+# projection cannot leave the ball.
+_L1_SHRINK = 1.0 - 1e-6
 # p_selection's breakpoints, on AutoAttack's reference budget of 10000 queries: p_init / 2**j
 # for iterations in (_BREAKS[j - 1], _BREAKS[j]].
 _BREAKS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -81,26 +87,40 @@ def _square_sizes(n_updates: int, n_queries: int, p_init: float, h: int, w: int,
     return sizes
 
 
-def _eta_rectangles(a: int, b: int) -> np.ndarray:
-    """AutoAttack's ``eta_rectangles`` (L2): nested rectangles with weights ``1 / (k + 1)^2``,
-    unit L2 norm."""
+def _lp(delta: np.ndarray, norm: str) -> float:
+    return float(np.sum(np.abs(delta)) if norm == "l1" else np.sqrt(np.sum(delta**2)))
+
+
+def _eta_rectangles(a: int, b: int, norm: str = "l2") -> np.ndarray:
+    """AutoAttack's ``eta_rectangles``: nested rectangles around the centre, the k-th weighted
+    ``1 / (k + 1)^2`` (L2) or ``1 / (k + 1)^4`` (L1), unit norm."""
     delta = np.zeros((a, b), np.float64)
     ca, cb = a // 2, b // 2
+    power = 4 if norm == "l1" else 2
     for k in range(max(a // 2 + 1, b // 2 + 1)):
         delta[max(ca - k, 0):min(ca - k + 2 * k + 1, a),
-              max(cb - k, 0):min(cb - k + 2 * k + 1, b)] += 1.0 / (k + 1) ** 2
-    n = np.sqrt(np.sum(delta**2))
+              max(cb - k, 0):min(cb - k + 2 * k + 1, b)] += 1.0 / (k + 1) ** power
+    n = _lp(delta, norm)
     return delta / n if n > 0 else delta
 
 
-def square_eta(s: int) -> np.ndarray:
-    """(s, s) AutoAttack's L2 ``eta(s)`` before its random transpose: the top half a positive
-    rectangle pattern, the bottom half a negative one, unit L2 norm."""
+def square_eta(s: int, norm: str = "l2") -> np.ndarray:
+    """(s, s) AutoAttack's ``eta(s)`` before its random transpose: the top half a positive
+    rectangle pattern, the bottom half a negative one, unit norm.
+
+    Args:
+      s: the side of the square.
+      norm: ``"l2"`` (weights ``1 / (k + 1)^2``, unit L2 norm) or ``"l1"`` (weights
+        ``1 / (k + 1)^4``, more concentrated at the centres, unit L1 norm).
+
+    Returns:
+      (s, s) float64 pattern.
+    """
     delta = np.zeros((s, s), np.float64)
     if s // 2:
-        delta[: s // 2] = _eta_rectangles(s // 2, s)
-    delta[s // 2:] = -_eta_rectangles(s - s // 2, s)
-    return delta / np.sqrt(np.sum(delta**2))
+        delta[: s // 2] = _eta_rectangles(s // 2, s, norm)
+    delta[s // 2:] = -_eta_rectangles(s - s // 2, s, norm)
+    return delta / _lp(delta, norm)
 
 
 def _sq_mask(vh_B, vw_B, s, h, w):
@@ -131,9 +151,9 @@ def _normalize_l2(d):
     return d / expand(per_example_norm(d, "l2") + _TINY)
 
 
-def _init_l2(key, x, eps):
-    """AutoAttack's L2 start: tiles of ``+-eta(s)`` (s = h // 5, a sign per example, tile and
-    channel, a random transpose per example and tile), scaled to L2 norm eps."""
+def _tiles(key, x, norm):
+    """AutoAttack's L2 / L1 start before scaling: tiles of ``+-eta(s)`` (s = h // 5, a sign per
+    example, tile and channel, a random transpose per example and tile)."""
     b, h, w, c = x.shape
     s = max(h // 5, 1)
     sp = (h - 5 * s) // 2  # the original starts the columns at the rows' offset too
@@ -143,15 +163,26 @@ def _init_l2(key, x, eps):
     valid = ((rows >= 0) & (tile_r < nh))[:, None] & ((cols >= 0) & (tile_c < nw))[None, :]
     tile_r, tile_c = np.clip(tile_r, 0, nh - 1), np.clip(tile_c, 0, nw - 1)
     loc_r, loc_c = rows % s, cols % s
-    eta = square_eta(s).astype(np.float32)
+    eta = square_eta(s, norm).astype(np.float32)
     e_1HW = jnp.asarray(eta[loc_r[:, None], loc_c[None, :]] * valid)[None]
     et_1HW = jnp.asarray(eta.T[loc_r[:, None], loc_c[None, :]] * valid)[None]
     k_sign, k_tr = jr.split(key)
     signs = jr.rademacher(k_sign, (b, nh, nw, c), x.dtype)[:, tile_r][:, :, tile_c]
     tr_BHW = (jr.uniform(k_tr, (b, nh, nw)) > 0.5)[:, tile_r][:, :, tile_c]
     pattern_BHW = jnp.where(tr_BHW, et_1HW, e_1HW)
-    delta = pattern_BHW[..., None] * signs
-    return jnp.clip(x + _normalize_l2(delta) * eps, 0.0, 1.0)
+    return pattern_BHW[..., None] * signs
+
+
+def _init_l2(key, x, eps):
+    """The L2 tiles scaled to L2 norm eps, clipped to [0, 1]."""
+    return jnp.clip(x + _normalize_l2(_tiles(key, x, "l2")) * eps, 0.0, 1.0)
+
+
+def _init_l1(key, x, eps):
+    """The L1 tiles (L1 norm: the number of tiles per channel, times the channels) projected
+    onto the L1 ball (radius shrunk by ``_L1_SHRINK``) cap the box, as the original does
+    (``L1_projection``), not rescaled."""
+    return project_l1(x + _tiles(key, x, "l1"), x, eps * _L1_SHRINK)
 
 
 def _update_linf(key, x, x_best, eps, s):
@@ -164,7 +195,9 @@ def _update_linf(key, x, x_best, eps, s):
     return jnp.clip(jnp.clip(x_new, x - eps, x + eps), 0.0, 1.0)
 
 
-def _update_l2(key, x, x_best, eps, s, eta_idx, eta_table):
+def _update_l2(key, x, x_best, eps, s, eta_idx, eta_table, norm):
+    """L2 (and L1, ``norm="l1"``): move the perturbation's mass in two random windows into a
+    fresh ``+-eta(s)`` pattern in the first (AutoAttack's L2 and L1 branches)."""
     b, h, w, c = x.shape
     k_pos, k_pos2, k_sign, k_tr = jr.split(key, 4)
     vh, vw = _positions(k_pos, b, s, h, w)
@@ -172,11 +205,14 @@ def _update_l2(key, x, x_best, eps, s, eta_idx, eta_table):
     m1, r_BH1, c_B1W = _sq_mask(vh, vw, s, h, w)
     m2, _, _ = _sq_mask(vh2, vw2, s, h, w)
     f1, f2 = m1.astype(x.dtype), m2.astype(x.dtype)
-    hw_norm = lambda d: jnp.sqrt(jnp.sum(jnp.square(d), axis=(1, 2), keepdims=True))
+    if norm == "l1":
+        hw_norm = lambda d: jnp.sum(jnp.abs(d), axis=(1, 2), keepdims=True)
+    else:
+        hw_norm = lambda d: jnp.sqrt(jnp.sum(jnp.square(d), axis=(1, 2), keepdims=True))
 
     delta = x_best - x
     norm_w1 = hw_norm(delta * f1)  # (B, 1, 1, C)
-    norm_img = expand(per_example_norm(delta, "l2"))  # (B, 1, 1, 1)
+    norm_img = expand(per_example_norm(delta, norm))  # (B, 1, 1, 1)
     norm_ws = hw_norm(delta * jnp.maximum(f1, f2))
     # eta(s) in window 1, transposed for a random half of the examples.
     size = eta_table.shape[1]
@@ -186,10 +222,18 @@ def _update_l2(key, x, x_best, eps, s, eta_idx, eta_table):
     eta_BHW = eta_table[eta_idx][jnp.where(tr_B11, c_BHW, r_BHW), jnp.where(tr_B11, r_BHW, c_BHW)]
     signs = jr.rademacher(k_sign, (b, 1, 1, c), x.dtype)
     new = eta_BHW[..., None] * f1 * signs + delta * f1 / (_TINY + norm_w1)
-    budget = jnp.sqrt(jnp.maximum(jnp.square(eps) - jnp.square(norm_img), 0.0) / c
-                      + jnp.square(norm_ws))
+    if norm == "l1":
+        # The original's L1 budget per channel: the window's mass plus the channel's share of
+        # what the image has left, times the channels (it may overshoot eps: the projection
+        # below brings the image back into the ball).
+        budget = (jnp.maximum(eps - norm_img, 0.0) / c + norm_ws) * c
+    else:
+        budget = jnp.sqrt(jnp.maximum(jnp.square(eps) - jnp.square(norm_img), 0.0) / c
+                          + jnp.square(norm_ws))
     new = new / (_TINY + hw_norm(new)) * budget
     delta = jnp.where(m1, new, jnp.where(m2, 0.0, delta))
+    if norm == "l1":
+        return project_l1(x + delta, x, eps * _L1_SHRINK)
     return jnp.clip(x + _normalize_l2(delta) * eps, 0.0, 1.0)
 
 
@@ -207,7 +251,7 @@ def _square(model, x, y, key, eps, *, norm, n_queries, p_init):
         return AttackResult(x_best, m_best, success=m_best > 0, queries=queries)
 
     # Query 1: the initialisation, kept where the clean input was classified correctly.
-    init = _init_linf if norm == "linf" else _init_l2
+    init = {"linf": _init_linf, "l2": _init_l2, "l1": _init_l1}[norm]
     active = m_best <= 0
     x_init = jnp.where(expand(active), init(jr.fold_in(k_init, 1), x, eps), x)
     m_init = margin(x_init, 1)
@@ -226,10 +270,10 @@ def _square(model, x, y, key, eps, *, norm, n_queries, p_init):
         side = min(h, w)
         table_np = np.zeros((len(distinct), side, side), np.float32)
         for j, s in enumerate(distinct):
-            table_np[j, :s, :s] = square_eta(s)
+            table_np[j, :s, :s] = square_eta(s, norm)
         index = jnp.asarray(np.searchsorted(distinct, sizes_np).astype(np.int32))
         table = jnp.asarray(table_np)
-        update = lambda k, xb, i: _update_l2(k, x, xb, eps, sizes[i], index[i], table)
+        update = lambda k, xb, i: _update_l2(k, x, xb, eps, sizes[i], index[i], table, norm)
 
     def cond(c):
         i, _, m, _ = c
@@ -263,7 +307,13 @@ def square(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Arra
       [0, 1];
     * L2: writes into it the pattern ``+-eta(s)`` plus the current perturbation there, empties a
       second random square and rescales the new mass to the L2 budget left (AutoAttack's
-      ``attack_single_run``), then scales the whole perturbation to norm eps and clips to [0, 1].
+      ``attack_single_run``), then scales the whole perturbation to norm eps and clips to [0, 1];
+    * L1: the same two windows with the L1 pattern (weights ``1 / (k + 1)^4``, unit L1 norm):
+      window 1 gets ``+-eta(s)`` plus its current perturbation rescaled to the window's L1 mass
+      plus the image's unused L1 budget, window 2 is emptied, and the image is projected onto
+      the L1 ball (radius ``eps (1 - 1e-6)``, as the original) cap the box with
+      :func:`jaxrob.attacks.project_l1` (AutoAttack's ``L1_projection``). The start is the grid
+      of L1 tiles projected the same way.
 
     The candidate replaces ``x_best`` only when its margin is strictly higher; an example stops as
     soon as its margin is positive. See the module docstring for the query count and the keys.
@@ -274,6 +324,8 @@ def square(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Arra
     checks the clean input on top); squares, positions, signs and transposes are drawn per
     example (the original's Linf square and every transpose are shared by the batch); a zero
     margin (a tie) is not a success (the original stops at ``margin <= 0``); one restart.
+    The window schedule is always rescaled to ``n_queries`` (the original's ``resc_schedule``,
+    its default; AutoAttack itself turns it off).
 
     Args:
       model: ``logits_fn(x, key) -> (B, K)`` (deterministic models ignore the key).
@@ -282,7 +334,7 @@ def square(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Arra
       y: (B,) int labels.
       key: randomness of the search and the model's keys (module docstring).
       eps: radius of the ball (>= 0).
-      norm: ``"linf"`` or ``"l2"``.
+      norm: ``"linf"``, ``"l2"`` or ``"l1"``.
       n_queries: the most model evaluations per example (>= 1; 1: only the clean check).
       p_init: the initial fraction of pixels a square covers, in (0, 1] (0.8).
 
@@ -297,10 +349,12 @@ def square(model: LogitsFn, x: Images, y: Labels, key: Key, *, eps: float | Arra
 
     References:
       Andriushchenko, Croce, Flammarion & Hein, "Square Attack: a query-efficient black-box
-      adversarial attack via random search", ECCV 2020; AutoAttack, github.com/fra31/auto-attack,
-      ``autoattack/square.py``.
+      adversarial attack via random search", ECCV 2020; Croce & Hein, "Mind the box: l1-APGD
+      for sparse adversarial attacks on image classifiers", ICML 2021 (L1); AutoAttack,
+      github.com/fra31/auto-attack, ``autoattack/square.py``.
     """
-    y = check_attack_inputs(x, y, norm=norm)
+    y = check_attack_inputs(x, y)
+    check_choice(norm, SQUARE_NORMS, "norm")
     eps = check_scalar(eps, "eps")
     n_queries = check_positive_int(n_queries, "n_queries")
     try:

@@ -6,6 +6,7 @@ import pathlib
 import sys
 import warnings
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -16,7 +17,7 @@ from scipy.optimize import minimize
 import jaxrob
 import jaxrob.attacks as ja
 from jaxrob.attacks._apgd import largereps_schedule
-from jaxrob.attacks._autoattack import _plan
+from jaxrob.attacks._autoattack import _TAGS, _plan, _stage
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE = pathlib.Path(os.environ.get("JAXROB_AUTOATTACK_REFERENCE",
@@ -146,24 +147,33 @@ def test_apgd_l1_breaks_the_undefended_mnist_classifier(data_dir):
 
 
 def test_autoattack_l1_standard_plan_is_the_originals():
-    with pytest.warns(UserWarning, match="L1-Square"):
-        plan = _plan("standard", None, "l1", 9)
-    assert plan == [("apgd-ce", 5), ("apgd-t", 5), ("fab-t", 9)]
-    with pytest.warns(UserWarning):
-        assert _plan("standard", None, "l1", 3) == [("apgd-ce", 5), ("apgd-t", 3), ("fab-t", 3)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        plan = _plan("standard", None, "l1", 9)
+        assert plan == [("apgd-ce", 5), ("apgd-t", 5), ("fab-t", 9), ("square", 1)]
+        assert _plan("standard", None, "l1", 3) == [("apgd-ce", 5), ("apgd-t", 3), ("fab-t", 3),
+                                                     ("square", 1)]
         assert _plan("rand", None, "l1", 9) == [("apgd-ce", 1), ("apgd-dlr", 1)]
         assert _plan("custom", ["apgd-t"], "l1", 9) == [("apgd-t", 9)]
+        assert _plan("custom", ["square"], "l1", 9) == [("square", 5)]
+    with pytest.warns(UserWarning, match="'plus' was designed for Linf and L2"):
+        assert [a for a, _ in _plan("plus", None, "l1", 9)] == [
+            "apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
 
 
-def test_autoattack_l1_standard_runs_apgd_ce_apgd_t_and_fab_t(model):
+def test_autoattack_l1_standard_runs_its_four_attacks(model):
+    """APGD-CE, APGD-T, FAB-T, Square; the robust accuracy is never above that of any of its
+    attacks alone: each attack's stages, run alone on every example with the same per-example
+    keys and settings, leave a robust set that contains the version's."""
     logits_fn, x, y = model
     x, y, eps = x[:16], y[:16], 1.5
-    with pytest.warns(UserWarning, match="L1-Square"):
-        r = ja.autoattack(logits_fn, x, y, jr.key(0), eps=eps, norm="l1", n_iter=10,
-                          n_target_classes=3, batch_size=8)
-    assert r.stages == ("clean", "apgd-ce", "apgd-t", "fab-t") and r.norm == "l1"
+    key = jr.key(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the original's full version runs
+        r = ja.autoattack(logits_fn, x, y, key, eps=eps, norm="l1", n_iter=10,
+                          n_target_classes=3, n_queries=60, batch_size=8)
+    assert r.stages == ("clean", "apgd-ce", "apgd-t", "fab-t", "square") and r.norm == "l1"
+    assert r.attacks == ("apgd-ce", "apgd-t", "fab-t", "square")
     acc = [r.accuracy[s] for s in r.stages]
     assert all(a >= b for a, b in zip(acc, acc[1:], strict=False))
     assert acc[0] > acc[1]  # APGD-L1 broke some
@@ -172,6 +182,26 @@ def test_autoattack_l1_standard_runs_apgd_ce_apgd_t_and_fab_t(model):
     broken = ~r.robust
     assert np.all(predictions(logits_fn, jnp.asarray(r.x_adv))[broken] != np.asarray(y)[broken])
     assert r.consistent
+
+    clean = predictions(logits_fn, x) == np.asarray(y)
+    keys = jax.vmap(lambda i: jr.fold_in(key, i))(jnp.arange(16, dtype=jnp.uint32))
+    for attack, n_stages in _plan("standard", None, "l1", 3):
+        attack_keys = jax.vmap(lambda k, t=_TAGS[attack]: jr.fold_in(k, t))(keys)
+        alone = clean.copy()
+        for s in range(n_stages):
+            for lo in (0, 8):  # the bucket size autoattack compiled
+                sl = slice(lo, lo + 8)
+                xa, hit = _stage(logits_fn, x[sl], y[sl], attack_keys[sl], jnp.float32(eps),
+                                 jnp.int32(s), attack=attack, norm="l1", n_iter=10,
+                                 eot_samples=1, n_queries=60,
+                                 largereps=attack in ("apgd-ce", "apgd-t"))
+                alone[sl] &= ~np.asarray(hit)
+                assert norms(np.asarray(xa) - np.asarray(x[sl]), "l1").max() <= (
+                    eps * (1 + TOL) + TOL)
+        assert not np.any(r.robust & ~alone), attack
+        assert r.robust.mean() <= alone.mean()
+        if attack == "square":  # the fourth stage is not vacuous at this eps
+            assert alone.mean() < clean.mean()
 
 
 def test_apgd_l1_and_autoattack_l1_bad_inputs_raise_clear_errors(model):
@@ -184,10 +214,9 @@ def test_apgd_l1_and_autoattack_l1_bad_inputs_raise_clear_errors(model):
                 use_largereps=True)
     with pytest.raises(ValueError, match="norm: expected one of"):
         ja.apgd(logits_fn, x, y, jr.key(0), eps=1.0, norm="l0")
-    with pytest.raises(ValueError, match="square supports"):  # Square has no L1 form here
-        ja.autoattack(logits_fn, x, y, jr.key(0), eps=1.0, norm="l1", version="plus")
-    with pytest.raises(ValueError, match="square supports"):
-        ja.autoattack(logits_fn, x, y, jr.key(0), eps=1.0, norm="l1", version="custom",
-                      attacks=["apgd-ce", "square"])
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="n_iter: .* at least 3"):
+    with pytest.raises(ValueError, match="norm: expected one of"):
+        ja.autoattack(logits_fn, x, y, jr.key(0), eps=1.0, norm="l0")
+    with pytest.raises(ValueError, match="norm: expected one of"):
+        ja.square(logits_fn, x, y, jr.key(0), eps=1.0, norm="L1")
+    with pytest.raises(ValueError, match="n_iter: .* at least 3"):
         ja.autoattack(logits_fn, x, y, jr.key(0), eps=1.0, norm="l1", n_iter=2)

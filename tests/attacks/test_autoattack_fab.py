@@ -289,7 +289,7 @@ def test_autoattack_bad_inputs_raise_before_any_work(det):
            dict(version="custom", attacks=["apgd-ce", "pgd"]),
            dict(version="custom"),
            dict(version="standard", attacks=["apgd-ce"]),
-           dict(norm="l1", version="plus"),  # Square has no L1 form
+           dict(norm="L1", version="standard"),  # the names are lower case
            dict(norm="l0", version="custom", attacks=["fab"]),
            dict(n_target_classes=10),  # 10 classes: at most 9 targets
            dict(version="custom", attacks=["fab-t"], n_target_classes=12),

@@ -18,7 +18,7 @@ TOL = 1e-6
 # Square.
 
 
-@pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 2.0)])
+@pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 2.0), ("l1", 12.0)])
 def test_square_stays_in_ball_and_fools_an_undefended_model(model, norm, eps):
     logits_fn, x, y = model
     assert np.mean(predictions(logits_fn, x) == np.asarray(y)) > 0.9
@@ -35,10 +35,11 @@ def test_square_stays_in_ball_and_fools_an_undefended_model(model, norm, eps):
     assert q.mean() < 100  # a large eps takes few queries
 
 
-@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.5)])
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.5), ("l1", 2.0)])
 def test_square_respects_the_budget_and_stops_querying_fooled_examples(model, norm, eps):
     """Every batched model call is logged; per example, queries = calls until its first
-    misclassified one, after which it is only ever fed its final x_adv."""
+    misclassified one, after which it is only ever fed its final x_adv. Every point queried is
+    in the ball and in [0, 1]."""
     logits_fn, x, y = model
     calls = []
 
@@ -52,6 +53,8 @@ def test_square_respects_the_budget_and_stops_querying_fooled_examples(model, no
     assert 1 <= len(calls) <= n_queries
     np.testing.assert_array_equal(calls[0], x)  # query 0: the clean input
     inputs = np.stack(calls)  # (Q, B, H, W, C)
+    assert inputs.min() >= 0.0 and inputs.max() <= 1.0
+    assert max(norms(v - np.asarray(x), norm).max() for v in inputs) <= eps * (1 + TOL) + TOL
     margins = np.stack([np.asarray(ja.cw_loss(logits_fn(v, None), y)) for v in calls])  # (Q, B)
     q, x_adv, yy = np.asarray(res.queries), np.asarray(res.x_adv), np.asarray(y)
     assert q.max() <= n_queries
@@ -235,7 +238,7 @@ _F3 = lambda x, key: x.reshape(x.shape[0], -1)[:, :3]
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: ja.square(_F, _X, _Y, jr.key(0), eps=0.1, norm="l1"), "norm: expected"),
+    (lambda: ja.square(_F, _X, _Y, jr.key(0), eps=0.1, norm="l0"), "norm: expected"),
     (lambda: ja.square(_F, _X, _Y, jr.key(0), eps=0.1, n_queries=0), "n_queries: expected a"),
     (lambda: ja.square(_F, _X, _Y, jr.key(0), eps=0.1, n_queries=2.5), "n_queries"),
     (lambda: ja.square(_F, _X, _Y, jr.key(0), eps=-0.1), "eps: expected a finite"),
