@@ -21,8 +21,8 @@ What exists, and what does not (yet):
       python -c "import jaxrob.models as m; m.convert_torchvision_resnet(
           'resnet50-0676ba61.pth', 'checkpoints/imagenet_resnet50')"
 
-  ``classifier.input_size = 224``: the ResNet resizes the 256x256 purifier output to 224x224
-  (bilinear, as DiffPure's ``F.interpolate`` does) before classifying it;
+  ``classifier.input_size = 224``: the ResNet resizes any input of another size to 224x224
+  (bilinear; a no-op here, where the purifier hands it 224x224 images);
 * the data: ``data.imagenet_dir`` is the ILSVRC2012 validation folder (one sub-folder per wnid,
   as torchvision's ``ImageNet`` / ``ImageFolder`` read it; or the flat folder of 50,000 JPEGs with
   ``data.labels_file`` = ``LOC_val_solution.csv`` or the devkit's
@@ -31,11 +31,16 @@ What exists, and what does not (yet):
   ``jaxrob.data.load_imagenet``: classes in torchvision's order (sorted wnids), examples in
   ``ImageFolder`` order, only the first ``val[:512]`` decoded; a missing folder raises
   ``FileNotFoundError`` naming ``data.imagenet_dir``. Preprocessing: shorter side resized to
-  ``data.resize_size`` = 256, center crop ``data.image_size`` = 256 (the ADM's resolution);
-* DEVIATION from DiffPure: DiffPure crops 224 (``Resize(256)``, ``CenterCrop(224)``), attacks in
-  that 224x224 space and upsamples 224 -> 256 before its purifier; here the attack space is the
-  256x256 crop itself (no 224 -> 256 resize around the purifier exists in jaxrob yet), and the
-  ResNet sees the purifier's output resized 256 -> 224 as in DiffPure;
+  ``data.resize_size`` = 256, center crop ``data.image_size`` = 224 (DiffPure's
+  ``Resize(256)`` + ``CenterCrop(224)``). Each image is decoded when its row is first read, so
+  on several JAX processes each decodes only the rows its devices hold (docs/multihost.md);
+* the geometry is DiffPure's (``eval_sde_adv.py``): the attack works on the 224x224 crops; the
+  purifier (``purifier.input_size = 256``) upsamples its input 224 -> 256, runs the ADM at 256
+  and downsamples the result 256 -> 224 for the ResNet, both resizes bilinear as PyTorch's
+  ``F.interpolate(..., mode="bilinear", align_corners=False)`` and inside the purifier, so
+  the attack's gradients go through them. (DiffPure resizes the output in [-1, 1] before
+  mapping it to [0, 1]; jaxrob clips the purified image to [0, 1] first: a linear map either
+  way, they differ only where the sample leaves [-1, 1].)
 * DiffPure evaluates 512 validation images (32 data seeds x 16); the settings recorded here are
   its ImageNet ones: t* = 0.15 (its ``t=150``), Linf eps 4/255, VP-SDE reverse process
   (``sampler="sde"``, dt = 1e-3, 150 Euler steps).
@@ -49,8 +54,9 @@ With the three files in place the run is::
 
 It has not been run here (no ImageNet, no weights, no accelerator). ``:smoke`` runs the same
 code path on CPU in about a minute: a random tiny ADM and a random tiny ResNet (basic blocks,
-stages (1, 1, 1, 1)) at 32x32, on 4 Tiny-ImageNet val images (the registered
-``tiny_imagenet`` zip reader) resized 64 -> 32 by ``data.image_size``.
+stages (1, 1, 1, 1)), on 4 Tiny-ImageNet val images (the registered ``tiny_imagenet`` zip
+reader) resized 64 -> 28 by ``data.image_size``, purified at 32x32 (``purifier.input_size``:
+28 -> 32 -> 28, DiffPure's 224 -> 256 -> 224 shrunk).
 
 Memory: the ADM alone is 2.2 GB of float32 parameters.
 """
@@ -68,8 +74,8 @@ def get_config(arg=None):
     c = _common.robust_eval_options(_common.robust_base())
     c.data = _common.data("imagenet", "train", "val[:512]")
     c.data.num_images = 0
-    c.data.image_size = 256  # the center crop: the ADM's resolution (see DEVIATION above)
-    c.data.resize_size = 256  # the shorter side before the crop
+    c.data.image_size = 224  # the center crop: the attack's space (DiffPure's CenterCrop(224))
+    c.data.resize_size = 256  # the shorter side before the crop (DiffPure's Resize(256))
     c.data.imagenet_dir = IMAGENET_VAL_DIR
     c.data.labels_file = ""  # a flat folder's labels (LOC_val_solution.csv / devkit ground truth)
     c.data.meta_file = ""  # the devkit's meta.mat, with its ground-truth labels file
@@ -81,7 +87,7 @@ def get_config(arg=None):
     c.classifier = _common.config_dict.ConfigDict({
         "source": "torchvision_resnet50",  # or "export" (convert_torchvision_resnet)
         "path": RESNET50_FILE,  # repo-relative or absolute
-        "input_size": 224,  # the ResNet resizes its 256x256 input to 224x224 (DiffPure)
+        "input_size": 224,  # the ResNet's size (inputs of another size are resized to it)
         # source "random" (smoke): a random classifier of this jaxrob.models.MODELS entry
         "model": {"name": "resnet", "kwargs": {"block": "bottleneck",
                                                "stage_sizes": (3, 4, 6, 3)}},
@@ -89,12 +95,16 @@ def get_config(arg=None):
         "seed": 0,
     })
     c.purifier.update(sampler="sde", t_star=0.15, num_steps=150)
+    # the ADM's side: the purifier resizes 224 -> 256 before the chain and 256 -> 224 after it
+    c.purifier.input_size = 256
     c.attack.update(eps=4 / 255, num_steps=20, eot_samples=20, step_size=1 / 255)
     c.eval.batch_size = 4
     if arg == "smoke":
-        # 4 Tiny-ImageNet val images (the registered zip reader) resized 64 -> 32, random tiny
-        # ADM and ResNet; the ImageNet folder reader is tested on its own (tests/data)
-        c.data.update(name="tiny_imagenet", test_split="val[:4]", image_size=32)
+        # 4 Tiny-ImageNet val images (the registered zip reader) resized 64 -> 28, a random tiny
+        # ADM at 32 (DiffPure's geometry shrunk: 28 -> 32 -> 28, as 224 -> 256 -> 224) and a
+        # random tiny ResNet; the ImageNet folder reader is tested on its own (tests/data)
+        c.data.update(name="tiny_imagenet", test_split="val[:4]", image_size=28)
+        c.purifier.input_size = 32
         c.ddpm.source = "random"
         c.ddpm.model.overrides = _common.config_dict.ConfigDict({
             "image_size": 32, "ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1,

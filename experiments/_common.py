@@ -446,6 +446,8 @@ def load_ddpm(ddpm_config, image_shape, *, fast_vjp: bool = False):
     unet = diffusion_module_from_metadata(model_meta)
     schedule = schedule_from_metadata(to_plain(ddpm_config.diffusion))
     if source == "random":
+        if model_meta.get("name") == "adm":  # an ADM checks its input size: its own one
+            image_shape = (unet.image_size, unet.image_size, *image_shape[2:])
         # eval_shape + NumPy: jit(unet.init) spends ~20 s compiling threefry on a small CPU
         variables = random_variables(unet, jax.ShapeDtypeStruct((1, *image_shape), np.float32),
                                      jax.ShapeDtypeStruct((1,), np.int32),
@@ -584,7 +586,9 @@ def load_classifier(model_config, data_config, *, fast_vjp: bool = False):
 
 def make_purifier(purifier_config, model):
     """A :class:`jaxrob.purify.Purifier` over ``model`` from ``config.purifier`` (None when
-    disabled)."""
+    disabled). ``purifier.input_size`` (optional; None: the data's size): the side the
+    diffusion model runs at, the purifier resizing its input to it and its output back
+    (bilinear, PyTorch's ``align_corners=False``), as DiffPure does on ImageNet."""
     from jaxrob.purify import diffpure, multistage
 
     p = purifier_config
@@ -592,6 +596,8 @@ def make_purifier(purifier_config, model):
         return None
     kw = dict(sampler=p.sampler, gradient=p.gradient, surrogate_steps=p.get("surrogate_steps"),
               variance=p.variance, eta=float(p.eta), remat=bool(p.remat))
+    if p.get("input_size"):  # the diffusion model's side (DiffPure's ImageNet 224 -> 256 -> 224)
+        kw["input_size"] = int(p.input_size)
     stages = p.get("stages")
     if stages:
         return multistage(model, stages=[tuple(s) for s in stages], **kw)

@@ -9,7 +9,9 @@ by the gradient of an MSE or :func:`ssim` distance; exact second-order or guidan
 gradients),
 :func:`diffdefense` builds a :class:`DiffDefense` (``defence(x, key)``, and
 ``defence.reconstruct(x, key)`` -> :class:`Reconstruction` with the detection score),
-:class:`DefendedModel` (or :func:`purified_logits`) puts a classifier behind it -- the
+:func:`resize_images` is the bilinear resize (PyTorch's ``align_corners=False``) a
+:class:`Purifier` with ``input_size`` applies around its chain (DiffPure's ImageNet 224 -> 256
+-> 224); :class:`DefendedModel` (or :func:`purified_logits`) puts a classifier behind it -- the
 ``logits_fn(x, key)`` that attacks and evaluations take -- :func:`majority_vote`, and
 :func:`example_keys` (per-example keys from global indices).
 
@@ -39,6 +41,7 @@ from jaxrob.purify._diffpure import example_keys as example_keys
 from jaxrob.purify._diffpure import majority_vote as majority_vote
 from jaxrob.purify._diffpure import multistage as multistage
 from jaxrob.purify._diffpure import purified_logits as purified_logits
+from jaxrob.purify._diffpure import resize_images as resize_images
 from jaxrob.purify._gdmp import DISTANCES as DISTANCES
 from jaxrob.purify._gdmp import GDMP_GRADIENTS as GDMP_GRADIENTS
 from jaxrob.purify._gdmp import GuidedPurifier as GuidedPurifier

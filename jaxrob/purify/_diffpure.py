@@ -48,7 +48,20 @@ from jaxrob._types import AnyKey, Array, Images, Key, PurifyFn
 SAMPLERS = ("ddpm", "ddim", "sde", "ode")
 GRADIENTS = ("exact", "bpda", "surrogate")
 
-_OPTIONS = ("sampler", "gradient", "surrogate_steps", "variance", "eta", "remat", "unroll")
+_OPTIONS = ("sampler", "gradient", "surrogate_steps", "variance", "eta", "remat", "unroll",
+            "input_size")
+
+
+def resize_images(x: Images, size: tuple[int, int]) -> Array:
+    """``x`` resized to ``size = (height, width)``: bilinear, half-pixel centres, no
+    antialiasing, i.e. PyTorch's ``F.interpolate(x, size, mode="bilinear",
+    align_corners=False)`` up and down (what DiffPure does around its ImageNet purifier). A
+    linear map (differentiable; values stay in the input's range); ``x`` itself when it already
+    has that size."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[1:3]) == size:
+        return x
+    return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), "bilinear", antialias=False)
 
 
 def _is_key_batch(key) -> bool:
@@ -119,6 +132,11 @@ class Purifier:
       eta: DDIM eta.
       remat: ``jax.checkpoint`` each step (bounded memory under reverse-mode).
       unroll: ``lax.scan`` unroll factor.
+      input_size: None, or the side the diffusion model runs at: an input of another size is
+        resized to ``input_size`` x ``input_size`` before the chain and the output back to the
+        input's size after it (:func:`resize_images`: bilinear, PyTorch's
+        ``align_corners=False``), both inside the purifier, so gradients flow through them.
+        DiffPure on ImageNet: 224x224 inputs, 256x256 ADM.
       sde: for ``"sde"``/``"ode"``, the VP-SDE of ``schedule`` (derived:
         :meth:`jaxrob.diffusion.VPSDE.from_schedule`; a non-linear schedule is refused).
     """
@@ -135,6 +153,7 @@ class Purifier:
     eta: float = static_field(default=0.0)
     remat: bool = static_field(default=True)
     unroll: int = static_field(default=1)
+    input_size: int | None = static_field(default=None)
     # the VP-SDE of ``schedule`` for the "sde" / "ode" samplers (derived; None otherwise)
     sde: jd.VPSDE | None = static_field(default=None)
 
@@ -148,10 +167,12 @@ class Purifier:
         """Validate the options and derive the reverse chains (host-side, once)."""
         opts = check_options("Purifier", eps_fn, schedule, options, dict(
             sampler="ddpm", gradient="exact", surrogate_steps=None, variance="fixed_small",
-            eta=0.0, remat=True, unroll=1))
+            eta=0.0, remat=True, unroll=1, input_size=None))
         check_choice(opts["sampler"], SAMPLERS, "sampler")
         check_choice(opts["gradient"], GRADIENTS, "gradient")
         check_choice(opts["variance"], jd.VARIANCES, "variance")
+        if opts["input_size"] is not None:
+            opts["input_size"] = check_positive_int(opts["input_size"], "input_size")
         opts["eta"] = float(opts["eta"])
         if opts["eta"] < 0:
             raise ValueError(f"eta: expected >= 0, got {opts['eta']}")
@@ -216,7 +237,9 @@ class Purifier:
                 "surrogate_steps": self.surrogate_steps, "variance": self.variance,
                 "eta": float(self.eta), "remat": self.remat,
                 "schedule_steps": int(self.schedule.num_steps),
-                "nfe_forward": int(self.nfe), "nfe_backward": int(self.nfe_backward)}
+                "nfe_forward": int(self.nfe), "nfe_backward": int(self.nfe_backward),
+                # only when set, so the manifests of purifiers without it are unchanged
+                **({} if self.input_size is None else {"input_size": self.input_size})}
 
     # ------------------------------------------------------------------ the function
     def __call__(self, x: Images, key: AnyKey, forward_key: AnyKey | None = None) -> Images:
@@ -231,7 +254,8 @@ class Purifier:
             ``key``. Stage ``i`` of a multistage purifier folds ``i`` into both keys.
 
         Returns:
-          Purified images in [0, 1], shaped like ``x``.
+          Purified images in [0, 1], shaped like ``x`` (with ``input_size``, purified at
+          ``input_size`` x ``input_size`` and resized back).
         """
         check_images(x, "x")
         _check_keys(key, x, "key")
@@ -258,14 +282,18 @@ class Purifier:
             return surr + jax.lax.stop_gradient(full - surr)
         return self._chain(x, key, self.chains, forward_key)
 
+    def _model_size(self, x):
+        """``x`` at the diffusion model's size (``input_size``; unchanged without it)."""
+        return x if self.input_size is None else resize_images(x, (self.input_size,) * 2)
+
     def _chain(self, x, key, chains, forward_key=None, steps_override=None):
-        h = x
+        h = self._model_size(x)
         fkey = key if forward_key is None else forward_key
         for i, ((t_star, steps), chain) in enumerate(zip(self.stages, chains, strict=True)):
             k, kf = ((jr.fold_in(key, i), jr.fold_in(fkey, i)) if len(self.stages) > 1
                      else (key, fkey))
             h = self._stage(h, k, t_star, steps_override or steps, chain, forward_key=kf)
-        return h
+        return resize_images(h, x.shape[1:3])
 
     def _stage(self, x01, key, t_star, steps, chain, *, forward_key=None,
                trajectory: bool = False):
@@ -328,13 +356,13 @@ class Purifier:
         return deviation_per_example(self._deviation, x, x_ref, key)
 
     def _deviation(self, x, x_ref, key):
-        h, devs = x, []
-        ref = jd.to_model_space(x_ref)
+        h, devs = self._model_size(x), []
+        ref = jd.to_model_space(self._model_size(x_ref))
         for i, ((t_star, steps), chain) in enumerate(zip(self.stages, self.chains, strict=True)):
             k = jr.fold_in(key, i) if len(self.stages) > 1 else key
             h, d = self._stage_deviation(h, ref, k, t_star, steps, chain)
             devs.append(d)
-        return h, jnp.concatenate(devs, axis=0)
+        return resize_images(h, x.shape[1:3]), jnp.concatenate(devs, axis=0)
 
     def _stage_deviation(self, x01, ref, key, t_star, steps, chain):
         x = jd.to_model_space(x01)
@@ -365,7 +393,7 @@ class Purifier:
         return jd.from_model_space(out, clip=True), _deviations(states, ref, noise, a, b)
 
     def trajectory(self, x: Images, key: Key, forward_key: Key | None = None
-                   ) -> tuple[Images, Array]:
+                   ) -> tuple[Array, Array]:
         """The states of a single-stage purification, for distance-to-clean studies.
 
         Args:
@@ -376,14 +404,14 @@ class Purifier:
         Returns:
           ``(x_t, states)``: the forward-diffused input and the (steps, B, H, W, C) reverse
           states (the last one is the purified output before clipping), all mapped to [0, 1]
-          space without clipping (``(x + 1) / 2``).
+          space without clipping (``(x + 1) / 2``); with ``input_size``, at that size.
         """
         if len(self.stages) != 1:
             raise ValueError("trajectory: expected a single-stage purifier")
         check_images(x, "x")
         (t_star, steps), = self.stages
-        return self._stage(x, key, t_star, steps, self.chains[0], forward_key=forward_key,
-                           trajectory=True)
+        return self._stage(self._model_size(x), key, t_star, steps, self.chains[0],
+                           forward_key=forward_key, trajectory=True)
 
 
 def _deviations(states, ref, noise, a, b):
@@ -405,7 +433,8 @@ def _model_and_schedule(model, schedule):
 def diffpure(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, t_star: float,
              num_steps: int | None = None, sampler: str = "ddpm", gradient: str = "exact",
              surrogate_steps: int | None = None, variance: str = "fixed_small",
-             eta: float = 0.0, remat: bool = True, unroll: int = 1) -> Purifier:
+             eta: float = 0.0, remat: bool = True, unroll: int = 1,
+             input_size: int | None = None) -> Purifier:
     """A DiffPure-style purifier: diffuse to ``t_star`` in closed form, reverse in ``num_steps``.
 
     Args:
@@ -424,6 +453,9 @@ def diffpure(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, t_star: fl
       eta: DDIM eta.
       remat: checkpoint every step (bounded memory for exact gradients).
       unroll: ``lax.scan`` unroll factor.
+      input_size: None, or the side the model runs at: inputs of another size are resized to
+        it before the chain and back after it (DiffPure on ImageNet: 224 -> 256 -> 224,
+        bilinear as PyTorch's ``align_corners=False``; see :class:`Purifier`).
 
     Returns:
       A :class:`Purifier`.
@@ -440,7 +472,8 @@ def diffpure(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, t_star: fl
         num_steps = schedule.step_for_t_star(t_star) + 1
     return Purifier.create(model, schedule, ((t_star, num_steps),), sampler=sampler,
                            gradient=gradient, surrogate_steps=surrogate_steps,
-                           variance=variance, eta=eta, remat=remat, unroll=unroll)
+                           variance=variance, eta=eta, remat=remat, unroll=unroll,
+                           input_size=input_size)
 
 
 def multistage(model: jd.EpsFn, schedule: jd.Schedule | None = None,

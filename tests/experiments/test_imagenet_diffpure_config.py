@@ -52,7 +52,11 @@ def test_imagenet_folder_is_read_at_the_configured_size(tmp_path):
     c.data.data_dir = str(tmp_path)
     c.data.imagenet_dir = "val"  # relative to the data directory
     ds = exp_common.load_split(c.data, c.data.test_split, num_images=3)
-    assert ds.images.shape == (3, 256, 256, 3) and ds.num_classes == 2
+    # DiffPure's Resize(256) + CenterCrop(224), decoded when first read
+    assert isinstance(ds.images, jaxrob.data.LazyImages) and ds.images.decoded.size == 0
+    assert ds.images.shape == (3, 224, 224, 3) and ds.num_classes == 2
+    np.testing.assert_allclose(ds.images[2], np.broadcast_to(
+        np.asarray((10, 200, 10), np.float32) / 255, (224, 224, 3)), atol=2 / 255)
     np.testing.assert_array_equal(ds.labels, [0, 0, 1])
     np.testing.assert_array_equal(ds.indices, [0, 1, 2])
     assert ds.name == "imagenet" and ds.split == "val[:512]"
@@ -60,21 +64,26 @@ def test_imagenet_folder_is_read_at_the_configured_size(tmp_path):
 
 def test_smoke_variant_builds_its_models(tmp_path):
     c = load_config("imagenet_diffpure", "smoke")
-    assert (c.data.name, c.data.test_split, c.data.image_size) == ("tiny_imagenet", "val[:4]", 32)
-    model, info = exp_common.load_ddpm(c.ddpm, (32, 32, 3))
+    assert (c.data.name, c.data.test_split, c.data.image_size) == ("tiny_imagenet", "val[:4]", 28)
+    assert c.purifier.input_size == 32  # 28 -> 32 -> 28: DiffPure's 224 -> 256 -> 224 shrunk
+    # robust_eval gives it the data's shape; an ADM's parameters do not depend on the size
+    model, info = exp_common.load_ddpm(c.ddpm, (28, 28, 3))
     assert isinstance(model, DiffusionModel) and isinstance(model.module, ADMUNet)
     assert model.module.learn_sigma and model.module.output == "eps"
     assert info["source"] == "random" and model.schedule.num_steps == 1000
     purify = exp_common.make_purifier(c.purifier, model)
-    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-    assert jax.eval_shape(purify, x, jax.random.key(0)).shape == (2, 32, 32, 3)
-    assert isinstance(purify, jaxrob.purify.Purifier)
+    x = jax.ShapeDtypeStruct((2, 28, 28, 3), jnp.float32)
+    assert jax.eval_shape(purify, x, jax.random.key(0)).shape == (2, 28, 28, 3)
+    assert isinstance(purify, jaxrob.purify.Purifier) and purify.input_size == 32
     clf, info = exp_common.load_classifier(c.classifier, c.data)
     assert isinstance(clf, Classifier) and isinstance(clf.module, ResNet)
     assert clf.module.block == "basic" and info["source"] == "random"
     assert jax.eval_shape(clf, x).shape == (2, 200)
-    # the full config's classifier resizes 256x256 inputs to 224x224 (a shallow one here)
+    # the full config: DiffPure's geometry, 224x224 data, the ADM at 256
     full = load_config("imagenet_diffpure")
+    assert (full.data.image_size, full.data.resize_size) == (224, 256)
+    assert full.purifier.input_size == 256
+    # its classifier resizes inputs of another size to 224x224 (a shallow one here)
     full.classifier.update(source="random", num_classes=10)
     full.classifier.model.kwargs.stage_sizes = (1, 1, 1, 1)
     clf, _ = exp_common.load_classifier(full.classifier, full.data)
