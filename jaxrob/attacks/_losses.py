@@ -31,12 +31,24 @@ def _check_logits(logits, y, name: str, min_classes: int = 2) -> None:
                          f"logits {logits.shape}, got {y.shape}")
 
 
+def _pick(logits_BK: Array, i_B: Array) -> Array:
+    """``logits_BK[b, i_B[b]]`` (B,), differentiated as a gather (all of it to that entry)."""
+    return jnp.take_along_axis(logits_BK, i_B[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
 def _true_and_max_other(logits_BK: Array, y_B: Array) -> tuple[Array, Array]:
-    """``(z_y, max_{j != y} z_j)``, each (B,)."""
+    """``(z_y, max_{j != y} z_j)``, each (B,).
+
+    The maximum is read at its ``argmax`` (the lowest such index on a tie, which receives the
+    whole derivative), not taken with ``jnp.max``: its derivative marks the entries *equal* to
+    the maximum, which XLA can evaluate twice with different rounding when it fuses the logits'
+    computation into both (a model's random per-class offset under ``jit(vmap(grad))`` over
+    keys, as in :func:`jaxrob.attacks.eot_grad`). It then marks none: a NaN/inf gradient or a
+    vanished margin term (docs/known_faults.md). The values are unchanged.
+    """
     onehot_BK = jax.nn.one_hot(y_B, logits_BK.shape[1], dtype=bool)
-    z_true_B = jnp.sum(jnp.where(onehot_BK, logits_BK, 0.0), axis=1)
-    z_other_B = jnp.max(jnp.where(onehot_BK, -jnp.inf, logits_BK), axis=1)
-    return z_true_B, z_other_B
+    j_B = jnp.argmax(jnp.where(onehot_BK, -jnp.inf, logits_BK), axis=1)
+    return _pick(logits_BK, y_B), _pick(logits_BK, j_B)
 
 
 def ce_loss(logits: Logits, y: Labels) -> PerExample:
@@ -61,6 +73,9 @@ def cw_loss(logits: Logits, y: Labels, *, kappa: float | None = None) -> PerExam
     ``min(max_{j != y} z_j - z_y, kappa)``: the negative of C&W's ``f_6`` with confidence
     ``kappa``, which stops rewarding the attacker once the margin exceeds ``kappa``.
 
+    Ties: the derivative of ``max_{j != y} z_j`` is that of the logit ``argmax`` selects (the
+    lowest index among tied classes), not an average over the tied ones.
+
     Args:
       logits: (B, K) logits.
       y: (B,) int true labels.
@@ -83,6 +98,8 @@ def dlr_loss(logits: Logits, y: Labels) -> PerExample:
 
     ``z_pi1 >= z_pi2 >= z_pi3`` are the sorted logits. The loss is invariant to shifting and
     (positive) rescaling of the logits, and positive exactly when the example is misclassified.
+    Each selected logit is differentiated as the one entry that selects it (``argmax`` /
+    ``jax.lax.top_k`` indices; the lower index among tied classes), never by comparing values.
 
     Args:
       logits: (B, K) logits with K >= 3.
@@ -97,6 +114,8 @@ def dlr_loss(logits: Logits, y: Labels) -> PerExample:
     """
     _check_logits(logits, y, "dlr_loss", min_classes=3)
     z_true_B, z_other_B = _true_and_max_other(logits, y)
+    # top_k's derivative gathers at the indices it returns (no equality test, unlike
+    # jnp.max's), so it is safe under EoT's jit(vmap(grad)) (see _true_and_max_other)
     top3_B3 = jax.lax.top_k(logits, 3)[0]
     return -(z_true_B - z_other_B) / (top3_B3[:, 0] - top3_B3[:, 2] + 1e-12)
 
@@ -152,7 +171,8 @@ def dlr_loss_targeted(logits: Logits, y: Labels, target: Labels) -> PerExample:
     """Targeted DLR, ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` (APGD-T's loss).
 
     ``z_pi1 >= ... >= z_pi4`` are the sorted logits. Invariant to shifting and positively
-    rescaling the logits; positive exactly when ``z_t > z_y``.
+    rescaling the logits; positive exactly when ``z_t > z_y``. The sorted logits are
+    differentiated at the indices ``jax.lax.top_k`` returns (the lower index among ties).
 
     Args:
       logits: (B, K) logits with K >= 4.
@@ -169,8 +189,7 @@ def dlr_loss_targeted(logits: Logits, y: Labels, target: Labels) -> PerExample:
     """
     _check_logits(logits, y, "dlr_loss_targeted", min_classes=4)
     _check_target(logits, target, "dlr_loss_targeted")
-    z_true_B = jnp.take_along_axis(logits, y[:, None].astype(jnp.int32), axis=1)[:, 0]
-    z_target_B = jnp.take_along_axis(logits, target[:, None].astype(jnp.int32), axis=1)[:, 0]
+    z_true_B, z_target_B = _pick(logits, y), _pick(logits, target)
     top4_B4 = jax.lax.top_k(logits, 4)[0]
     scale_B = top4_B4[:, 0] - 0.5 * (top4_B4[:, 2] + top4_B4[:, 3]) + 1e-12
     return -(z_true_B - z_target_B) / scale_B
