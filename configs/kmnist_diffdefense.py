@@ -6,11 +6,9 @@ Only the 10k KMNIST test images exist here, so every KMNIST model trains on ``te
 and images 8000+ are held out. Needs three exports:
 
 * ``checkpoints/kmnist_classifier`` (committed; ``configs/kmnist_classifier.py``);
-* ``checkpoints/kmnist_ddpm``: NOT committed yet. Train it with
-  ``python experiments/train_diffusion.py --config configs/kmnist_ddpm.py --workdir
-  runs/kmnist_ddpm`` (~25-40 min on the 2-core CPU) and copy ``runs/kmnist_ddpm/export`` there
-  (or point ``--config.ddpm.path`` at it). An MNIST DDPM would reconstruct KMNIST glyphs
-  poorly, so there is no cross-domain fallback;
+* ``checkpoints/kmnist_ddpm`` (committed; made by ``python experiments/train_diffusion.py
+  --config configs/kmnist_ddpm.py --workdir runs/kmnist_ddpm``, ~40 min on the 2-core CPU).
+  An MNIST DDPM would reconstruct KMNIST glyphs poorly, so there is no cross-domain fallback;
 * ``checkpoints/kmnist_substitute_classifier`` (the black-box substitute; committed, made by
   ``python experiments/train_classifier.py --config configs/kmnist_substitute_classifier.py
   --workdir runs/kmnist_substitute_classifier``, about a minute).
