@@ -654,12 +654,10 @@ def make_attack(attack_config, *, return_iterates: bool = False,
         return Partial(attacks.fgsm, **common)
     if return_iterates:  # only when asked: the plain attack's options (and cache key) unchanged
         common["return_iterates"] = True
+    kw = dict(norm=a.norm, num_steps=int(a.num_steps), random_start=bool(a.random_start),
+              num_restarts=int(a.num_restarts), **common)
     if name == "pgd":
-        kw = dict(norm=a.norm, num_steps=int(a.num_steps), step_size=a.get("step_size"),
-                  random_start=bool(a.random_start), num_restarts=int(a.num_restarts), **common)
-    else:
-        kw = dict(norm=a.norm, num_steps=int(a.num_steps), random_start=bool(a.random_start),
-                  num_restarts=int(a.num_restarts), **common)
+        kw["step_size"] = a.get("step_size")
     inner = attacks.pgd if name == "pgd" else attacks.apgd
     if a.loss != "diffattack":
         return Partial(inner, **kw)
