@@ -1,0 +1,206 @@
+"""ADDT's robustness table from ``configs/addt_robust.py`` runs: base vs ADDT vs the ablations.
+
+    python experiments/addt_table.py runs/addt_robust/digits_* --out docs/addt_robust/digits_linf.md
+
+Each argument is the workdir of one ``experiments/robust_eval.py --config
+configs/addt_robust.py:<dataset>,<model>[,l2]`` run. Runs are grouped by (dataset, norm, eps);
+within a group every run must have used the same images and attack (checked). Writes, per group:
+
+1. the table: per setting (sampler, t*, randomness) and model, clean one-shot accuracy and
+   robust accuracy one-shot, worst-of-10 and Fixed-AA@20 (95% intervals as ``robust_eval``
+   records them);
+2. ADDT's claims, paired on the same images: (i) stochasticity -- robust accuracy in the
+   stochastic setting minus the DW-box setting, per model; (ii) fine-tuning -- each fine-tune
+   minus the base model, and ADDT minus the Gaussian control (``no_cgpo``), per setting. Each
+   difference with a paired bootstrap 95% interval over the images (2000 resamples, seed 0).
+
+Only finished runs are read (``results.json``); rows missing from a run show ``-``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+MODELS = ("base", "addt", "no_rbgm", "no_cgpo")
+MODEL_NAMES = {"base": "base DDPM", "addt": "ADDT", "no_rbgm": "ADDT w/o RBGM",
+               "no_cgpo": "control (w/o CGPO)"}
+PROTOCOLS = ("one_shot", "worst_of@10", "fixed_aa@20")
+SETTING_NAMES = {"stochastic": "stochastic", "dwbox": "DW-box", "forward_lock": "forward-lock"}
+
+
+def load_run(workdir: pathlib.Path) -> dict:
+    """One run: its config's dataset / model / attack and its rows' summaries and per-example
+    scores. Raises with the path when the run is not a finished ``addt_robust`` run."""
+    workdir = pathlib.Path(workdir)
+    cfg_path, res_path = workdir / "config.json", workdir / "results.json"
+    for p in (cfg_path, res_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{workdir}: expected a finished robust_eval run of "
+                                    f"configs/addt_robust.py (no {p.name})")
+    cfg = json.loads(cfg_path.read_text())
+    if "addt_table" not in cfg:
+        raise ValueError(f"{workdir}: expected a run of configs/addt_robust.py (its config.json "
+                         f"has no 'addt_table' entry)")
+    res = json.loads(res_path.read_text())
+    rows = {}
+    for r in res["rows"]:
+        rec = workdir / r["name"] / "per_example.npz"
+        scores = {}
+        if rec.is_file():
+            with np.load(rec) as z:
+                scores = {k: np.asarray(z[k]) for k in z.files if "@" in k}
+                scores["index"] = np.asarray(z["index"])
+        rows[r["name"]] = {"summary": r, "scores": scores}
+    atk = cfg["attack"]
+    return {"workdir": str(workdir), "dataset": cfg["addt_table"]["dataset"],
+            "model": cfg["addt_table"]["model"], "norm": atk["norm"], "eps": float(atk["eps"]),
+            "attack": (atk["name"], atk["num_steps"], atk["eot_samples"], atk["loss"]),
+            "test_split": cfg["data"]["test_split"], "rows": rows,
+            "ddpm": res.get("ddpm", {}), "wall_s": res.get("wall_s")}
+
+
+def _cell(summary: dict | None) -> str:
+    if not summary:
+        return "-"
+    lo, hi = summary["ci95"]
+    return f"{100 * summary['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def paired_diff(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0
+                ) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired examples and its bootstrap 95% interval, in points."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_diff: expected two equal-length 1-d score arrays, got "
+                         f"{a.shape} and {b.shape}")
+    d = a - b
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    boot = d[idx].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return 100 * d.mean(), 100 * lo, 100 * hi
+
+
+def _diff_cell(ra: dict | None, rb: dict | None, key: str) -> str:
+    if not ra or not rb or key not in ra["scores"] or key not in rb["scores"]:
+        return "-"
+    if not np.array_equal(ra["scores"]["index"], rb["scores"]["index"]):
+        raise ValueError("paired comparison: the two rows scored different images")
+    m, lo, hi = paired_diff(ra["scores"][key], rb["scores"][key])
+    mark = "" if lo <= 0 <= hi else " *"
+    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}"
+
+
+def _settings(runs: list[dict]) -> list[str]:
+    order = []
+    for run in runs:
+        for name in run["rows"]:
+            if name != "classifier" and name not in order:
+                order.append(name)
+    return order
+
+
+def _setting_label(name: str) -> str:
+    sampler, t, rand = name.split("_", 2)
+    return f"{sampler.upper()} t*={t[1:]} {SETTING_NAMES.get(rand, rand)}"
+
+
+def group_table(runs: list[dict]) -> str:
+    """The markdown of one (dataset, norm, eps) group."""
+    first = runs[0]
+    for run in runs[1:]:
+        for key in ("test_split", "attack"):
+            if run[key] != first[key]:
+                raise ValueError(f"{run['workdir']}: {key} {run[key]} differs from "
+                                 f"{first['workdir']}'s {first[key]}: not comparable")
+    by_model = {r["model"]: r for r in runs}
+    models = [m for m in MODELS if m in by_model]
+    name, steps, eot, loss = first["attack"]
+    n = next(iter(first["rows"].values()))["summary"]["num_images"]
+    out = [f"### {first['dataset']}, {first['norm']} eps {first['eps']:g}: {n} test images "
+           f"(`{first['test_split']}`), {name.upper()} x{steps}, EoT {eot} (DW-box: EoT 1), "
+           f"{loss} loss, exact gradients", ""]
+    clf = first["rows"].get("classifier")
+    if clf:
+        out += [f"Classifier alone: clean {_cell(clf['summary']['clean']['one_shot'])}, robust "
+                f"{_cell(clf['summary']['adv']['one_shot'])}.", ""]
+    out += ["| setting | model | clean one-shot | robust one-shot | robust worst-of-10 | "
+            "robust Fixed-AA@20 | wall s |", "|---|---|---|---|---|---|---|"]
+    for s in _settings(runs):
+        for m in models:
+            row = by_model[m]["rows"].get(s)
+            summ = row["summary"] if row else None
+            cells = [_cell(summ["clean"].get("one_shot")) if summ else "-"]
+            cells += [_cell(summ["adv"].get(p)) if summ else "-" for p in PROTOCOLS]
+            wall = f"{summ['wall_s']:.0f}" if summ and summ.get("wall_s") is not None else "-"
+            out.append(f"| {_setting_label(s)} | {MODEL_NAMES[m]} | " + " | ".join(cells)
+                       + f" | {wall} |")
+    out += ["", "**Claim 1 (stochasticity)**: robust accuracy in the stochastic setting minus "
+            "the DW-box setting, same images, points (paired bootstrap 95% interval; * = the "
+            "interval excludes 0).", "",
+            "| purifier | model | one-shot | Fixed-AA@20 |", "|---|---|---|---|"]
+    for s in _settings(runs):
+        if not s.endswith("_stochastic"):
+            continue
+        dw = s.replace("_stochastic", "_dwbox")
+        for m in models:
+            rows = by_model[m]["rows"]
+            out.append(f"| {_setting_label(s).rsplit(' ', 1)[0]} | {MODEL_NAMES[m]} | "
+                       + " | ".join(_diff_cell(rows.get(s), rows.get(dw), f"adv@{p}")
+                                    for p in ("one_shot", "fixed_aa@20")) + " |")
+    pairs = [(m, "base") for m in models if m != "base"] + (
+        [("addt", "no_cgpo")] if {"addt", "no_cgpo"} <= set(models) else [])
+    if pairs and "base" in by_model:
+        out += ["", "**Claim 2 (fine-tuning)**: robust accuracy of a fine-tune minus the base "
+                "DDPM's (and ADDT minus the Gaussian control), same images and keys, points "
+                "(paired bootstrap 95% interval; * = excludes 0).", "",
+                "| setting | " + " | ".join(f"{MODEL_NAMES[a]} - {MODEL_NAMES[b]} one-shot / "
+                                            f"Fixed-AA@20" for a, b in pairs) + " |",
+                "|---|" + "---|" * len(pairs)]
+        for s in _settings(runs):
+            cells = []
+            for a, b in pairs:
+                ra, rb = by_model[a]["rows"].get(s), by_model[b]["rows"].get(s)
+                cells.append(" / ".join(_diff_cell(ra, rb, f"adv@{p}")
+                                        for p in ("one_shot", "fixed_aa@20")))
+            out.append(f"| {_setting_label(s)} | " + " | ".join(cells) + " |")
+    out += ["", "Runs: " + "; ".join(f"{MODEL_NAMES[m]} `{by_model[m]['workdir']}` "
+                                      f"({by_model[m]['wall_s']:.0f} s)"
+                                      if by_model[m]["wall_s"] is not None else
+                                      f"{MODEL_NAMES[m]} `{by_model[m]['workdir']}`"
+                                      for m in models), ""]
+    return "\n".join(out)
+
+
+def format_tables(runs: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["dataset"], run["norm"], run["eps"]), []).append(run)
+    for key, g in groups.items():
+        models = [r["model"] for r in g]
+        if len(set(models)) != len(models):
+            raise ValueError(f"group {key}: more than one run of the same model: "
+                             f"{[r['workdir'] for r in g]}")
+    return "\n".join(group_table(g) for _, g in sorted(groups.items()))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("workdirs", nargs="+", type=pathlib.Path)
+    p.add_argument("--out", type=pathlib.Path, default=None,
+                   help="write the markdown here (also printed)")
+    args = p.parse_args(argv)
+    md = format_tables([load_run(w) for w in args.workdirs])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

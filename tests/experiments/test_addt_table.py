@@ -1,0 +1,138 @@
+"""configs/addt_robust.py and experiments/addt_table.py: the ADDT robustness table.
+
+The config: its arg grammar, the exports it points at, rows that robust_eval accepts. The table:
+on synthetic run directories whose per-example scores are known, every cell and every paired
+difference equals the numbers computed directly, and runs that are not comparable are refused.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from exp_helpers import load_config
+
+from experiments import _common, addt_table
+from jaxrob.evaluation import check_randomness
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("arg", ["", "digits", "digits,addt,l1", "cifar10,addt",
+                                 "digits,addt,smoke,smoke", "digits,base,addt"])
+def test_config_rejects_bad_args(arg):
+    with pytest.raises(ValueError, match="<dataset>,<model>"):
+        load_config("addt_robust", arg)
+
+
+@pytest.mark.parametrize("model", ["base", "addt", "no_rbgm", "no_cgpo"])
+def test_config_points_at_committed_digits_exports(model):
+    cfg = load_config("addt_robust", f"digits,{model}")
+    assert (REPO / cfg.ddpm.path / "metadata.json").is_file() or (REPO / cfg.ddpm.path).is_dir()
+    assert cfg.classifier.path == "checkpoints/digits_classifier"
+    assert cfg.attack.norm == "linf" and cfg.attack.eps == pytest.approx(0.2)
+    assert cfg.addt_table.to_dict() == {"dataset": "digits", "model": model}
+    l2 = load_config("addt_robust", f"digits,{model},l2")
+    assert l2.attack.norm == "l2" and l2.ddpm.path == cfg.ddpm.path
+
+
+def test_config_rows_are_the_papers_settings():
+    cfg = load_config("addt_robust", "mnist,addt")
+    assert cfg.ddpm.path == "checkpoints/mnist_addt" and cfg.data.test_split == "test[:256]"
+    names = [r["name"] for r in cfg.rows]
+    assert names[0] == "classifier"
+    for sampler in ("ddpm", "ddim"):
+        for t in ("0.1", "0.2"):
+            assert f"{sampler}_t{t}_stochastic" in names and f"{sampler}_t{t}_dwbox" in names
+            # DDIM with eta 0 draws no reverse noise: forward_lock would equal the DW-box
+            assert (f"{sampler}_t{t}_forward_lock" in names) == (sampler == "ddpm")
+    for r in cfg.rows:
+        rc = _common.row_config(cfg, r)
+        check_randomness(rc.eval.randomness)
+        if rc.eval.randomness == "fixed":
+            assert rc.attack.eot_samples == 1
+        assert tuple(rc.eval.protocols) == ("one_shot", "worst_of@10", "fixed_aa@20")
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _summary(scores: np.ndarray) -> dict:
+    return {"accuracy": float(scores.mean()), "ci95": [0.0, 1.0],
+            "num_images": int(scores.size)}
+
+
+def _write_run(root: pathlib.Path, model: str, scores: dict, *, steps: int = 10,
+               n: int = 6) -> pathlib.Path:
+    """A finished addt_robust run with per-example scores ``scores[row][protocol]``."""
+    wd = root / model
+    wd.mkdir(parents=True)
+    cfg = {"addt_table": {"dataset": "digits", "model": model},
+           "attack": {"name": "pgd", "norm": "linf", "eps": 0.2, "num_steps": steps,
+                      "eot_samples": 4, "loss": "ce"},
+           "data": {"test_split": "test"}}
+    (wd / "config.json").write_text(json.dumps(cfg))
+    rows = []
+    for name, per in scores.items():
+        (wd / name).mkdir()
+        np.savez(wd / name / "per_example.npz", index=np.arange(n),
+                 **{f"adv@{p}": v for p, v in per.items()},
+                 **{f"clean@{p}": np.ones(n, np.float32) for p in per})
+        rows.append({"name": name, "num_images": n, "wall_s": 1.0,
+                     "clean": {p: _summary(np.ones(n)) for p in per},
+                     "adv": {p: _summary(v) for p, v in per.items()}})
+    (wd / "results.json").write_text(json.dumps({"rows": rows, "wall_s": 2.0}))
+    return wd
+
+
+def _scores(rng, n=6):
+    protos = ("one_shot", "worst_of@10", "fixed_aa@20")
+    out = {"classifier": {p: np.zeros(n, np.float32) for p in protos}}
+    for s in ("ddpm_t0.1_stochastic", "ddpm_t0.1_dwbox"):
+        out[s] = {"one_shot": rng.integers(0, 2, n).astype(np.float32),
+                  "worst_of@10": rng.integers(0, 2, n).astype(np.float32),
+                  "fixed_aa@20": rng.integers(0, 21, n).astype(np.float32) / 20}
+    return out
+
+
+def test_table_cells_and_paired_differences(tmp_path):
+    rng = np.random.default_rng(0)
+    runs = {m: _scores(rng) for m in ("base", "addt", "no_cgpo")}
+    dirs = [_write_run(tmp_path, m, s) for m, s in runs.items()]
+    md = addt_table.format_tables([addt_table.load_run(d) for d in dirs])
+    acc = runs["addt"]["ddpm_t0.1_stochastic"]["one_shot"].mean()
+    assert f"| DDPM t*=0.1 stochastic | ADDT | 100.0 [0.0, 100.0] | {100 * acc:.1f} [0.0, " in md
+    # claim 2: ADDT - base, one-shot, stochastic -- the mean of the paired differences
+    d = (runs["addt"]["ddpm_t0.1_stochastic"]["one_shot"]
+         - runs["base"]["ddpm_t0.1_stochastic"]["one_shot"]).mean()
+    m, lo, hi = addt_table.paired_diff(runs["addt"]["ddpm_t0.1_stochastic"]["one_shot"],
+                                       runs["base"]["ddpm_t0.1_stochastic"]["one_shot"])
+    assert m == pytest.approx(100 * d) and lo <= m <= hi
+    assert f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" in md
+    # claim 1: stochastic - DW-box of the control, Fixed-AA
+    f = (runs["no_cgpo"]["ddpm_t0.1_stochastic"]["fixed_aa@20"]
+         - runs["no_cgpo"]["ddpm_t0.1_dwbox"]["fixed_aa@20"]).mean()
+    assert f"{100 * f:+.1f} [" in md
+    assert "ADDT - control (w/o CGPO)" in md
+
+
+def test_paired_diff_of_identical_scores_is_exactly_zero():
+    a = np.array([1, 0, 1, 1], np.float32)
+    assert addt_table.paired_diff(a, a) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="equal-length"):
+        addt_table.paired_diff(a, a[:3])
+
+
+def test_table_refuses_runs_that_are_not_comparable(tmp_path):
+    rng = np.random.default_rng(1)
+    a = _write_run(tmp_path / "a", "base", _scores(rng))
+    b = _write_run(tmp_path / "b", "addt", _scores(rng), steps=40)
+    with pytest.raises(ValueError, match="attack .* differs"):
+        addt_table.format_tables([addt_table.load_run(a), addt_table.load_run(b)])
+    c = _write_run(tmp_path / "c", "base", _scores(rng))
+    with pytest.raises(ValueError, match="more than one run of the same model"):
+        addt_table.format_tables([addt_table.load_run(a), addt_table.load_run(c)])
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "config.json").write_text("{}")
+        addt_table.load_run(tmp_path / "d")
