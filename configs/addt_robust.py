@@ -11,8 +11,9 @@ fine-tune: CGPO K = 5 + RBGM), ``no_rbgm`` (CGPO with the reference's Linf PGD d
 ``checkpoints/<dataset>_addt[_<variant>]``; the classifier is always the committed
 ``<dataset>_classifier`` the fine-tunes were guided by.
 
-Rows (one run per model; the same images, keys and attack for every model): the classifier
-alone, then DDPM and DDIM purification at t* = 0.1 and 0.2 (10 reverse steps) attacked with
+Rows (one run per model; the same images, keys and attack for every model; in this order, so a
+cut run has the main rows): the classifier alone, then per t* in (0.1, 0.2) DDPM and DDIM
+purification (10 reverse steps; the DDPM forward-lock rows last) attacked with
 PGD (10 iterations, EoT 4, CE, exact gradients through every step) in ADDT's settings:
 ``stochastic`` (fresh noise for every EoT sample and every scoring purification), ``fixed`` --
 the DW-box: the forward noise and every reverse step's noise fixed per image and shared by the
@@ -23,8 +24,16 @@ over images of the fraction of 20 purifications classified correctly, minimised 
 the clean input and the attack's result; with ``--config.eval.candidates="(5,)"`` also its 5th
 iterate). Under ``fixed`` every protocol sees the one fixed purification.
 
-Cost on the shared 2-core CPU: digits minutes per model; MNIST about an hour per model (the
-exact-gradient stochastic rows dominate: 256 images x 40 gradients through 10 UNet steps).
+Cost on the shared 2-core CPU: digits about an hour per model when four run side by side;
+MNIST about two hours per model on the whole machine (the exact-gradient EoT rows dominate: 256
+images x 40 gradients through 10 UNet steps, ~0.09 s each) -- an accelerator job. On a TPU VM
+(``tpu_scripts/``), one run per model, then the table::
+
+    for m in base addt no_rbgm no_cgpo; do tpu_scripts/run.sh NAME "python experiments/robust_eval.py \
+        --config configs/addt_robust.py:mnist,$m --workdir runs/addt_robust/mnist_$m"; done
+
+(``experiments/addt_table.py`` labels a run by the export it loaded, so ``tpu_scripts/sweep.sh``
+over ``ddpm.path`` works too.)
 ``,smoke``: the random tiny UNet, 4 images, 2 steps (the tests).
 """
 

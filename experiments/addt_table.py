@@ -58,10 +58,26 @@ def load_run(workdir: pathlib.Path) -> dict:
         rows[r["name"]] = {"summary": r, "scores": scores}
     atk = cfg["attack"]
     return {"workdir": str(workdir), "dataset": cfg["addt_table"]["dataset"],
-            "model": cfg["addt_table"]["model"], "norm": atk["norm"], "eps": float(atk["eps"]),
+            "model": _model_of(cfg), "norm": atk["norm"], "eps": float(atk["eps"]),
             "attack": (atk["name"], atk["num_steps"], atk["eot_samples"], atk["loss"]),
             "test_split": cfg["data"]["test_split"], "rows": rows,
             "ddpm": res.get("ddpm", {}), "wall_s": res.get("wall_s")}
+
+
+def _model_of(cfg: dict) -> str:
+    """The model a run evaluated, from the DDPM export it loaded (``checkpoints/<dataset>_ddpm``
+    is the base, ``<dataset>_addt[_<variant>]`` a fine-tune), so that a run whose
+    ``ddpm.path`` was overridden on the command line is labelled by what it ran; the config
+    arg's model for exports named otherwise."""
+    name = pathlib.PurePath(str(cfg.get("ddpm", {}).get("path", ""))).name
+    dataset = cfg["addt_table"]["dataset"]
+    if name == f"{dataset}_ddpm":
+        return "base"
+    if name.startswith(f"{dataset}_addt"):
+        variant = name[len(f"{dataset}_addt"):].lstrip("_") or "addt"
+        if variant in MODELS:
+            return variant
+    return cfg["addt_table"]["model"]
 
 
 def _cell(summary: dict | None) -> str:

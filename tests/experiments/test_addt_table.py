@@ -64,10 +64,13 @@ def _summary(scores: np.ndarray) -> dict:
 
 def _write_run(root: pathlib.Path, model: str, scores: dict, *, steps: int = 10,
                n: int = 6) -> pathlib.Path:
-    """A finished addt_robust run with per-example scores ``scores[row][protocol]``."""
+    """A finished addt_robust run with per-example scores ``scores[row][protocol]``; its config
+    arg names the base model, its ``ddpm.path`` the model (the table labels by the path)."""
     wd = root / model
     wd.mkdir(parents=True)
-    cfg = {"addt_table": {"dataset": "digits", "model": model},
+    path = "checkpoints/digits_" + ("ddpm" if model == "base" else
+                                    "addt" + ("" if model == "addt" else f"_{model}"))
+    cfg = {"addt_table": {"dataset": "digits", "model": "base"}, "ddpm": {"path": path},
            "attack": {"name": "pgd", "norm": "linf", "eps": 0.2, "num_steps": steps,
                       "eot_samples": 4, "loss": "ce"},
            "data": {"test_split": "test"}}
