@@ -25,8 +25,16 @@ attacks), and all of its randomness comes from ``key``:
   size, chunking and devices); one key shares it across the batch.
 
 Restarts (``vmap``) and examples are batched; the optimisation is a ``lax.scan``, the reverse
-process a ``lax.scan`` with ``jax.checkpoint`` per step (and per optimiser iteration), so the whole
-defence jits and memory stays bounded. Two gradients are involved, each a named option:
+process a ``lax.scan``, so the whole defence jits. Memory: when an attack differentiates the
+defence (``remat=True``), ``jax.checkpoint`` on every reverse step and every optimiser iteration
+bounds it; the defence's own (undifferentiated) call keeps the reverse pass's activations for the
+optimiser's gradient instead of recomputing them (one network forward fewer per VJP; its memory
+grows with ``num_steps`` x batch; ``inner_remat=True`` checkpoints there too). With the MNIST
+DDPM UNet, 15 steps, 5 restarts, ``z_gradient="exact"`` on XLA:CPU: 4.1 GiB of temporaries at
+batch 16 and 8.3 GiB at 32 (0.6 and 1.2 GiB with ``inner_remat``; an attack's gradient through
+the defence takes 5.8 GiB at batch 16 either way), ~15% less time. Both compute the same
+function; a ``jax.custom_jvp`` picks the bounded one under differentiation. Two gradients are
+involved, each a named option:
 
 * ``z_gradient``: the gradient the optimiser follows. ``"exact"`` (default) differentiates the
   whole reverse process, eps-network included; ``"reference"`` is the DiffDefense code's: the
@@ -83,6 +91,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
+from jax.custom_derivatives import SymbolicZero
 
 import jaxrob._keys as tags
 import jaxrob.diffusion as jd
@@ -96,7 +105,7 @@ DD_GRADIENTS = ("exact", "bpda")
 OUTPUTS = ("clip", "sigmoid")
 
 _OPTIONS = ("num_steps", "restarts", "iterations", "learning_rate", "betas", "adam_eps", "eta",
-            "output", "z_gradient", "gradient", "remat", "unroll")
+            "output", "z_gradient", "gradient", "remat", "inner_remat", "unroll")
 
 
 @pytree_dataclass
@@ -160,7 +169,11 @@ class DiffDefense:
       output: ``"clip"`` (``clip((x_0 + 1) / 2)``) or ``"sigmoid"`` (the reference's squashing).
       z_gradient: ``"exact"`` or ``"reference"`` (the gradient the optimiser follows).
       gradient: ``"exact"`` or ``"bpda"`` (the gradient an attack gets).
-      remat: ``jax.checkpoint`` each reverse step and each optimiser iteration.
+      remat: when the defence is differentiated (an attack's gradient), ``jax.checkpoint`` each
+        reverse step and each optimiser iteration (memory bounded in both).
+      inner_remat: ``jax.checkpoint`` the reverse steps of the optimiser's own gradient also in
+        the undifferentiated call (memory ~ batch instead of ``num_steps`` x batch there, at one
+        more network forward per VJP).
       unroll: ``lax.scan`` unroll factor of the reverse process.
     """
 
@@ -178,6 +191,7 @@ class DiffDefense:
     z_gradient: str = static_field(default="exact")
     gradient: str = static_field(default="exact")
     remat: bool = static_field(default=True)
+    inner_remat: bool = static_field(default=False)
     unroll: int = static_field(default=1)
 
     @classmethod
@@ -186,7 +200,7 @@ class DiffDefense:
         opts = check_options("DiffDefense", eps_fn, schedule, options, dict(
             num_steps=15, restarts=5, iterations=4, learning_rate=0.02, betas=(0.5, 0.999),
             adam_eps=1e-8, eta=0.0, output="clip", z_gradient="exact", gradient="exact",
-            remat=True, unroll=1))
+            remat=True, inner_remat=False, unroll=1))
         num_steps = check_positive_int(opts["num_steps"], "num_steps")
         if num_steps > schedule.num_steps:
             raise ValueError(f"num_steps: expected 1..{schedule.num_steps} (the model's "
@@ -218,6 +232,7 @@ class DiffDefense:
         check_choice(opts["gradient"], DD_GRADIENTS, "gradient")
         opts["unroll"] = check_positive_int(opts["unroll"], "unroll")
         opts["remat"] = bool(opts["remat"])
+        opts["inner_remat"] = bool(opts["inner_remat"])
         chain = jd.respace(schedule, num_steps)
         return cls(eps_fn, schedule, chain, **opts)
 
@@ -256,7 +271,8 @@ class DiffDefense:
                 "betas": list(self.betas), "adam_eps": float(self.adam_eps),
                 "eta": float(self.eta), "output": self.output,
                 "z_gradient": self.z_gradient, "gradient": self.gradient,
-                "remat": self.remat, "schedule_steps": int(self.schedule.num_steps),
+                "remat": self.remat, "inner_remat": self.inner_remat,
+                "schedule_steps": int(self.schedule.num_steps),
                 "nfe_forward": int(self.nfe), "nfe_vjp": int(self.nfe_vjp)}
 
     # ------------------------------------------------------------------ the pieces
@@ -272,13 +288,13 @@ class DiffDefense:
         Returns:
           The decoded images, shaped like ``z``. Exactly differentiable in ``z``.
         """
-        return self._decode(z, key, clip=clip, stop_eps=False)
+        return self._decode(z, key, clip=clip, stop_eps=False, remat=self.remat)
 
-    def _decode(self, z, key, *, clip, stop_eps):
+    def _decode(self, z, key, *, clip, stop_eps, remat):
         eps_fn = self.eps_fn
         if stop_eps:
             eps_fn = lambda x_t, step: jax.lax.stop_gradient(self.eps_fn(x_t, step))
-        x0 = jd.ddim_sample(eps_fn, z, key, self.chain, eta=self.eta, remat=self.remat,
+        x0 = jd.ddim_sample(eps_fn, z, key, self.chain, eta=self.eta, remat=remat,
                             unroll=self.unroll)
         if self.output == "sigmoid":
             return jax.nn.sigmoid(x0)
@@ -290,19 +306,28 @@ class DiffDefense:
         Its gradient in ``z`` is the one the optimiser follows: with ``z_gradient="reference"``
         the network's output is a constant (``stop_gradient``), as in the reference code. The
         values of both are equal. ``D`` is unclipped here (``clip=False``), so saturated pixels
-        keep a gradient.
+        keep a gradient. Its reverse steps are checkpointed (``remat``) as when an attack
+        differentiates the defence.
         """
-        out = self._decode(z, key, clip=False, stop_eps=self.z_gradient == "reference")
+        return self._objective(z, x, key, remat=self.remat or self.inner_remat)
+
+    def _objective(self, z, x, key, *, remat):
+        out = self._decode(z, key, clip=False, stop_eps=self.z_gradient == "reference",
+                           remat=remat)
         return jnp.mean(jnp.square(out - x), axis=(1, 2, 3))
 
-    def _optimise(self, z, x, key):
-        """``iterations`` Adam steps of one restart (z: (B, H, W, C)); returns ``z_L``."""
+    def _optimise(self, z, x, key, *, bounded):
+        """``iterations`` Adam steps of one restart (z: (B, H, W, C)); returns ``z_L``.
+
+        ``bounded``: the version an attack differentiates (checkpoints per ``remat``); else
+        the undifferentiated call's (reverse steps checkpointed only with ``inner_remat``)."""
         b1, b2 = self.betas
         lr = self.learning_rate
         if isinstance(lr, str):  # "reference"
             lr = reference_learning_rate(self.iterations)
         opt = optax.adam(lr, b1=b1, b2=b2, eps=self.adam_eps)
-        grad_fn = jax.grad(lambda zz, k: jnp.sum(self.objective(zz, x, k)))
+        inner = self.inner_remat or (bounded and self.remat)
+        grad_fn = jax.grad(lambda zz, k: jnp.sum(self._objective(zz, x, k, remat=inner)))
 
         def step(carry, it):
             zz, state = carry
@@ -312,12 +337,12 @@ class DiffDefense:
 
         if self.iterations == 0:
             return z
-        if self.remat:
+        if bounded and self.remat:
             step = jax.checkpoint(step)
         (z, _), _ = jax.lax.scan(step, (z, opt.init(z)), jnp.arange(self.iterations))
         return z
 
-    def _reconstruct(self, x, key):
+    def _reconstruct(self, x, key, *, bounded):
         """One key shared by the batch ``x``: (x_rec, error, z, restart)."""
         k_init = jr.fold_in(key, tags.RECON_INIT)
         k_rev = jr.fold_in(key, tags.RECON_REVERSE)
@@ -325,8 +350,9 @@ class DiffDefense:
         def restart(r):
             z = jr.normal(jr.fold_in(k_init, r), x.shape, x.dtype)
             k = jr.fold_in(k_rev, r)
-            z = self._optimise(z, x, k)
-            out = self._decode(z, jr.fold_in(k, self.iterations), clip=True, stop_eps=False)
+            z = self._optimise(z, x, k, bounded=bounded)
+            out = self._decode(z, jr.fold_in(k, self.iterations), clip=True, stop_eps=False,
+                               remat=bounded and self.remat)
             return out, jnp.mean(jnp.square(out - x), axis=(1, 2, 3)), z
 
         out_RB, err_RB, z_RB = jax.vmap(restart)(jnp.arange(self.restarts))
@@ -361,15 +387,19 @@ class DiffDefense:
         """
         check_images(x, "x")
         self._check_input(x)
+        if jnp.ndim(key) == 1 and key.shape[0] != x.shape[0]:
+            raise ValueError(f"key: expected one key or {x.shape[0]} keys (one per "
+                             f"example), got {key.shape[0]} keys")
+        if self.remat and not self.inner_remat:  # the two versions differ: pick per use
+            return _bounded_when_differentiated(self, x, key)
+        return self._reconstruct_keys(x, key, bounded=True)
+
+    def _reconstruct_keys(self, x, key, *, bounded):
         if jnp.ndim(key) == 1:
-            if key.shape[0] != x.shape[0]:
-                raise ValueError(f"key: expected one key or {x.shape[0]} keys (one per "
-                                 f"example), got {key.shape[0]} keys")
-            out, err, z, best = jax.vmap(
-                lambda xi, ki: jax.tree.map(lambda a: a[0], self._reconstruct(xi[None], ki))
-            )(x, key)
+            out, err, z, best = jax.vmap(lambda xi, ki: jax.tree.map(
+                lambda a: a[0], self._reconstruct(xi[None], ki, bounded=bounded)))(x, key)
         else:
-            out, err, z, best = self._reconstruct(x, key)
+            out, err, z, best = self._reconstruct(x, key, bounded=bounded)
         return Reconstruction(out, err, z, best)
 
     def __call__(self, x: Images, key: AnyKey) -> Images:
@@ -390,13 +420,52 @@ class DiffDefense:
         return self.reconstruct(x, key).x
 
 
+def _bounded_when_differentiated(defence: DiffDefense, x, key) -> Reconstruction:
+    """``defence.reconstruct(x, key)``: the undifferentiated version (no recomputation in the
+    optimiser's gradient) when evaluated, the bounded-memory one (checkpoints) under ``jvp`` /
+    ``grad``. Both compute the same function; only what is stored for a derivative differs.
+
+    The defence's array leaves (parameters, schedules) are explicit arguments, so derivatives in
+    them go through the bounded version too; other leaves (a plain-function ``eps_fn``) are
+    closed over. Only the arguments with a nonzero tangent are differentiated (symbolic zeros)."""
+    leaves, treedef = jax.tree.flatten(defence)
+    pos = [i for i, leaf in enumerate(leaves)
+           if isinstance(leaf, jax.Array | np.ndarray | np.generic)]
+
+    def version(bounded):
+        def run(arrays, x, key):
+            filled = list(leaves)
+            for i, a in zip(pos, arrays, strict=True):
+                filled[i] = a
+            return jax.tree.unflatten(treedef, filled)._reconstruct_keys(x, key, bounded=bounded)
+        return run
+
+    fn = jax.custom_jvp(version(False))
+
+    def jvp(primals, tangents):
+        flat, tree = jax.tree.flatten(primals)
+        flat_t = jax.tree.leaves(tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))
+        live = [i for i, t in enumerate(flat_t) if not isinstance(t, SymbolicZero)]
+
+        def of_live(*values):
+            filled = list(flat)
+            for i, v in zip(live, values, strict=True):
+                filled[i] = v
+            return version(True)(*jax.tree.unflatten(tree, filled))
+
+        return jax.jvp(of_live, [flat[i] for i in live], [flat_t[i] for i in live])
+
+    fn.defjvp(jvp, symbolic_zeros=True)
+    return fn([leaves[i] for i in pos], x, key)
+
+
 def diffdefense(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, num_steps: int = 15,
                 restarts: int = 5, iterations: int = 4,
                 learning_rate: float | str | Callable = 0.02,
                 betas: tuple[float, float] = (0.5, 0.999), adam_eps: float = 1e-8,
                 eta: float = 0.0,
                 output: str = "clip", z_gradient: str = "exact", gradient: str = "exact",
-                remat: bool = True, unroll: int = 1) -> DiffDefense:
+                remat: bool = True, inner_remat: bool = False, unroll: int = 1) -> DiffDefense:
     """The DiffDefense reconstruction defence (Silva et al. 2023) over a trained diffusion model.
 
     Defaults are the reference's (R = 5 restarts, L = 4 Adam iterations, rate 0.02 -- its code's
@@ -424,7 +493,11 @@ def diffdefense(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, num_ste
         constant) -- the gradient the reconstruction optimiser follows.
       gradient: ``"exact"`` (through the unrolled optimisation) or ``"bpda"`` (identity) --
         the gradient an attack gets.
-      remat: checkpoint every reverse step and every optimiser iteration (bounded memory).
+      remat: checkpoint every reverse step and every optimiser iteration when the defence is
+        differentiated (bounded memory for an attack's gradient).
+      inner_remat: checkpoint the reverse steps of the optimiser's own gradient in the
+        undifferentiated call too (memory ~ batch instead of ``num_steps`` x batch; one more
+        network forward per VJP).
       unroll: ``lax.scan`` unroll factor of the reverse process.
 
     Returns:
@@ -446,5 +519,5 @@ def diffdefense(model: jd.EpsFn, schedule: jd.Schedule | None = None, *, num_ste
                               iterations=iterations, learning_rate=learning_rate, betas=betas,
                               adam_eps=adam_eps, eta=eta, output=output, z_gradient=z_gradient,
                               gradient=gradient,
-                              remat=remat, unroll=unroll)
+                              remat=remat, inner_remat=inner_remat, unroll=unroll)
 

@@ -164,6 +164,28 @@ def test_gradient_through_the_unrolled_optimisation_with_and_without_remat():
     np.testing.assert_array_equal(grad(_dd(iterations=0)), 0.0)
 
 
+def test_undifferentiated_call_skips_the_inner_recomputation_not_the_values():
+    # remat=True: the plain call's optimiser gradient keeps the reverse pass (no checkpoint
+    # in its program); under jvp / grad the bounded version (checkpoints) takes over
+    key = jr.key(12)
+    fast, inner = _dd(learning_rate=0.1), _dd(learning_rate=0.1, inner_remat=True)
+    plain = _dd(learning_rate=0.1, remat=False)
+    checkpoints = lambda d: str(jax.make_jaxpr(d.reconstruct)(X, key)).count("remat")
+    assert checkpoints(plain) == 0 and checkpoints(inner) > 0
+    assert "custom_jvp_call" in str(jax.make_jaxpr(fast.reconstruct)(X, key))
+    recs = [jax.jit(d.reconstruct)(X, key) for d in (fast, inner, plain)]
+    for r in recs[1:]:
+        np.testing.assert_allclose(r.x, recs[0].x, atol=1e-6)
+        np.testing.assert_allclose(r.error, recs[0].error, rtol=1e-5)
+        np.testing.assert_array_equal(r.restart, recs[0].restart)
+    # forward mode through the switch: the jvp is the gradient's projection
+    u = jr.normal(jr.key(13), X.shape)
+    jvp = jax.jit(lambda x: jax.jvp(lambda y: fast(y, key), (x,), (u,))[1])(X)
+    g = jax.jit(jax.grad(lambda x: jnp.vdot(plain(x, key), u)))(X)
+    np.testing.assert_allclose(jnp.vdot(jvp, u), jnp.vdot(g, u), rtol=1e-4)
+    assert fast.manifest()["inner_remat"] is False and inner.manifest()["inner_remat"] is True
+
+
 def test_bpda_backward_is_the_identity_behind_a_defended_model():
     key = jr.key(14)
     exact = _dd()
