@@ -97,7 +97,8 @@ class JaxWorker(h.JaxWorker):
 
         from jaxrob.purify import diffdefense
 
-        d = diffdefense(self.ddpm, z_gradient=z_gradient, **self.opts)
+        # the fast path (inner_remat=False: no recomputation in the optimiser's gradient)
+        d = diffdefense(self.ddpm, z_gradient=z_gradient, inner_remat=False, **self.opts)
         rec = lambda dd, x, k: dd.reconstruct(x, k)
         if self.mesh is None:
             return jax.jit(rec), d, self.x, self.keys

@@ -165,10 +165,10 @@ def test_gradient_through_the_unrolled_optimisation_with_and_without_remat():
 
 
 def test_undifferentiated_call_skips_the_inner_recomputation_not_the_values():
-    # remat=True: the plain call's optimiser gradient keeps the reverse pass (no checkpoint
-    # in its program); under jvp / grad the bounded version (checkpoints) takes over
+    # inner_remat=False: the plain call's optimiser gradient keeps the reverse pass (no
+    # checkpoint in its program); under jvp / grad the bounded version (checkpoints) takes over
     key = jr.key(12)
-    fast, inner = _dd(learning_rate=0.1), _dd(learning_rate=0.1, inner_remat=True)
+    fast, inner = _dd(learning_rate=0.1, inner_remat=False), _dd(learning_rate=0.1)
     plain = _dd(learning_rate=0.1, remat=False)
     checkpoints = lambda d: str(jax.make_jaxpr(d.reconstruct)(X, key)).count("remat")
     assert checkpoints(plain) == 0 and checkpoints(inner) > 0
@@ -184,6 +184,7 @@ def test_undifferentiated_call_skips_the_inner_recomputation_not_the_values():
     g = jax.jit(jax.grad(lambda x: jnp.vdot(plain(x, key), u)))(X)
     np.testing.assert_allclose(jnp.vdot(jvp, u), jnp.vdot(g, u), rtol=1e-4)
     assert fast.manifest()["inner_remat"] is False and inner.manifest()["inner_remat"] is True
+    assert plain.manifest()["inner_remat"] is False  # None follows remat
 
 
 def test_bpda_backward_is_the_identity_behind_a_defended_model():
