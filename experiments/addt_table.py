@@ -14,7 +14,8 @@ within a group every run must have used the same images and attack (checked). Wr
    minus the base model, and ADDT minus the Gaussian control (``no_cgpo``), per setting. Each
    difference with a paired bootstrap 95% interval over the images (2000 resamples, seed 0).
 
-Only finished runs are read (``results.json``); rows missing from a run show ``-``.
+Every finished row is read (``<workdir>/<row>/results.json`` and ``per_example.npz``, written
+when the row ends), so a run cut short contributes its finished rows; missing rows show ``-``.
 """
 
 from __future__ import annotations
@@ -37,31 +38,35 @@ def load_run(workdir: pathlib.Path) -> dict:
     """One run: its config's dataset / model / attack and its rows' summaries and per-example
     scores. Raises with the path when the run is not a finished ``addt_robust`` run."""
     workdir = pathlib.Path(workdir)
-    cfg_path, res_path = workdir / "config.json", workdir / "results.json"
-    for p in (cfg_path, res_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{workdir}: expected a finished robust_eval run of "
-                                    f"configs/addt_robust.py (no {p.name})")
+    cfg_path = workdir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{workdir}: expected a robust_eval run of "
+                                f"configs/addt_robust.py (no config.json)")
     cfg = json.loads(cfg_path.read_text())
     if "addt_table" not in cfg:
         raise ValueError(f"{workdir}: expected a run of configs/addt_robust.py (its config.json "
                          f"has no 'addt_table' entry)")
-    res = json.loads(res_path.read_text())
     rows = {}
-    for r in res["rows"]:
-        rec = workdir / r["name"] / "per_example.npz"
-        scores = {}
-        if rec.is_file():
-            with np.load(rec) as z:
-                scores = {k: np.asarray(z[k]) for k in z.files if "@" in k}
-                scores["index"] = np.asarray(z["index"])
-        rows[r["name"]] = {"summary": r, "scores": scores}
+    for spec in cfg.get("rows", ()):  # the config's order; only rows that have finished
+        name = spec["name"]
+        res_path, rec = workdir / name / "results.json", workdir / name / "per_example.npz"
+        if not (res_path.is_file() and rec.is_file()):
+            continue
+        with np.load(rec) as z:
+            scores = {k: np.asarray(z[k]) for k in z.files if "@" in k}
+            scores["index"] = np.asarray(z["index"])
+        rows[name] = {"summary": json.loads(res_path.read_text()), "scores": scores}
+    if not rows:
+        raise FileNotFoundError(f"{workdir}: no finished row (no <row>/results.json)")
+    top = workdir / "results.json"
+    res = json.loads(top.read_text()) if top.is_file() else {}
     atk = cfg["attack"]
     return {"workdir": str(workdir), "dataset": cfg["addt_table"]["dataset"],
             "model": _model_of(cfg), "norm": atk["norm"], "eps": float(atk["eps"]),
             "attack": (atk["name"], atk["num_steps"], atk["eot_samples"], atk["loss"]),
             "test_split": cfg["data"]["test_split"], "rows": rows,
-            "ddpm": res.get("ddpm", {}), "wall_s": res.get("wall_s")}
+            "ddpm": res.get("ddpm", {}),
+            "wall_s": sum(r["summary"].get("wall_s") or 0.0 for r in rows.values())}
 
 
 def _model_of(cfg: dict) -> str:
@@ -184,11 +189,9 @@ def group_table(runs: list[dict]) -> str:
                 cells.append(" / ".join(_diff_cell(ra, rb, f"adv@{p}")
                                         for p in ("one_shot", "fixed_aa@20")))
             out.append(f"| {_setting_label(s)} | " + " | ".join(cells) + " |")
-    out += ["", "Runs: " + "; ".join(f"{MODEL_NAMES[m]} `{by_model[m]['workdir']}` "
-                                      f"({by_model[m]['wall_s']:.0f} s)"
-                                      if by_model[m]["wall_s"] is not None else
-                                      f"{MODEL_NAMES[m]} `{by_model[m]['workdir']}`"
-                                      for m in models), ""]
+    out += ["", "Runs (compute seconds of their finished rows): "
+            + "; ".join(f"{MODEL_NAMES[m]} `{by_model[m]['workdir']}` "
+                        f"({by_model[m]['wall_s']:.0f} s)" for m in models), ""]
     return "\n".join(out)
 
 

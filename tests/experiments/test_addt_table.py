@@ -74,17 +74,17 @@ def _write_run(root: pathlib.Path, model: str, scores: dict, *, steps: int = 10,
            "attack": {"name": "pgd", "norm": "linf", "eps": 0.2, "num_steps": steps,
                       "eot_samples": 4, "loss": "ce"},
            "data": {"test_split": "test"}}
+    cfg["rows"] = [{"name": name} for name in scores]
     (wd / "config.json").write_text(json.dumps(cfg))
-    rows = []
     for name, per in scores.items():
         (wd / name).mkdir()
         np.savez(wd / name / "per_example.npz", index=np.arange(n),
                  **{f"adv@{p}": v for p, v in per.items()},
                  **{f"clean@{p}": np.ones(n, np.float32) for p in per})
-        rows.append({"name": name, "num_images": n, "wall_s": 1.0,
-                     "clean": {p: _summary(np.ones(n)) for p in per},
-                     "adv": {p: _summary(v) for p, v in per.items()}})
-    (wd / "results.json").write_text(json.dumps({"rows": rows, "wall_s": 2.0}))
+        (wd / name / "results.json").write_text(json.dumps(
+            {"name": name, "num_images": n, "wall_s": 1.0,
+             "clean": {p: _summary(np.ones(n)) for p in per},
+             "adv": {p: _summary(v) for p, v in per.items()}}))
     return wd
 
 
@@ -135,7 +135,21 @@ def test_table_refuses_runs_that_are_not_comparable(tmp_path):
     c = _write_run(tmp_path / "c", "base", _scores(rng))
     with pytest.raises(ValueError, match="more than one run of the same model"):
         addt_table.format_tables([addt_table.load_run(a), addt_table.load_run(c)])
-    with pytest.raises(FileNotFoundError, match="no results.json"):
-        (tmp_path / "d").mkdir()
-        (tmp_path / "d" / "config.json").write_text("{}")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
         addt_table.load_run(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text(json.dumps(
+        {"addt_table": {"dataset": "digits", "model": "base"}, "rows": [{"name": "x"}]}))
+    with pytest.raises(FileNotFoundError, match="no finished row"):
+        addt_table.load_run(tmp_path / "d")
+
+
+def test_a_cut_run_contributes_its_finished_rows(tmp_path):
+    rng = np.random.default_rng(2)
+    a = _write_run(tmp_path, "base", _scores(rng))
+    cfg = json.loads((a / "config.json").read_text())
+    cfg["rows"].append({"name": "ddim_t0.1_stochastic"})  # listed, never finished
+    (a / "config.json").write_text(json.dumps(cfg))
+    run = addt_table.load_run(a)
+    assert list(run["rows"]) == ["classifier", "ddpm_t0.1_stochastic", "ddpm_t0.1_dwbox"]
+    assert run["wall_s"] == 3.0
