@@ -213,7 +213,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=pathlib.Path, default=None,
                    help="write the markdown here (also printed)")
     args = p.parse_args(argv)
-    md = format_tables([load_run(w) for w in args.workdirs])
+    workdirs = [w for w in args.workdirs if w.is_dir()]
+    for w in args.workdirs:
+        if not w.is_dir():  # e.g. a shell glob that also matched the runs' log files
+            print(f"addt_table: skipping {w} (not a directory)", file=sys.stderr)
+    if not workdirs:
+        p.error(f"expected run directories, got {[str(w) for w in args.workdirs]}")
+    md = format_tables([load_run(w) for w in workdirs])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(md)
