@@ -3,7 +3,7 @@
     python experiments/robust_eval.py --config configs/addt_robust.py:digits,addt --workdir runs/addt_robust/digits_addt
     python experiments/addt_table.py --workdirs runs/addt_robust/digits_* --out runs/addt_robust/digits_table.md
 
-The arg is ``<dataset>,<model>[,l2][,smoke]``: dataset ``digits`` (the bundled 8x8 digits, all
+The arg is ``<dataset>,<model>[,l2][,smoke]`` (none: ``digits,base``): dataset ``digits`` (the bundled 8x8 digits, all
 360 test images, Linf eps 0.2 / L2 eps 1.0) or ``mnist`` (the first 256 test images, Linf eps
 0.3 / L2 eps 2.0); model ``base`` (the committed ``<dataset>_ddpm``), ``addt`` (its ADDT
 fine-tune: CGPO K = 5 + RBGM), ``no_rbgm`` (CGPO with the reference's Linf PGD delta) or
@@ -49,13 +49,14 @@ _SETTINGS = {"digits": ("test", 0.2, 1.0), "mnist": ("test[:256]", 0.3, 2.0)}
 
 
 def parse(arg: str | None) -> tuple[str, str, str, bool]:
-    """``"<dataset>,<model>[,l2][,smoke]"`` -> ``(dataset, model, norm, smoke)``."""
+    """``"<dataset>,<model>[,l2][,smoke]"`` -> ``(dataset, model, norm, smoke)``; without a
+    dataset and model, ``digits,base``."""
     tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
     flags = [t for t in tokens if t in ("l2", "smoke")]
-    named = [t for t in tokens if t not in ("l2", "smoke")]
+    named = [t for t in tokens if t not in ("l2", "smoke")] or ["digits", "base"]
     if (len(named) != 2 or named[0] not in DATASETS or named[1] not in MODELS
             or len(set(flags)) != len(flags)):
-        raise ValueError(f"config arg: expected '<dataset>,<model>[,l2][,smoke]' with dataset in "
+        raise ValueError(f"config variant: expected '<dataset>,<model>[,l2][,smoke]' with dataset in "
                          f"{list(DATASETS)} and model in {list(MODELS)} (e.g. --config "
                          f"configs/addt_robust.py:digits,addt), got {arg!r}")
     return named[0], named[1], ("l2" if "l2" in flags else "linf"), "smoke" in flags

@@ -18,7 +18,12 @@ from jaxrob.evaluation import check_randomness
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("arg", ["", "digits", "digits,addt,l1", "cifar10,addt",
+def test_config_default_is_the_digits_base_run():
+    assert load_config("addt_robust", None).ddpm.path == "checkpoints/digits_ddpm"
+    assert load_config("addt_robust", "smoke").ddpm.source == "random"
+
+
+@pytest.mark.parametrize("arg", ["digits", "addt", "digits,addt,l1", "cifar10,addt",
                                  "digits,addt,smoke,smoke", "digits,base,addt"])
 def test_config_rejects_bad_args(arg):
     with pytest.raises(ValueError, match="<dataset>,<model>"):
