@@ -1,11 +1,11 @@
 """ADDT's robustness table: a DDPM next to its ADDT fine-tune and the two ablations.
 
     python experiments/robust_eval.py --config configs/addt_robust.py:digits,addt --workdir runs/addt_robust/digits_addt
-    python experiments/addt_table.py --workdirs runs/addt_robust/digits_* --out runs/addt_robust/digits_table.md
+    python experiments/addt_table.py runs/addt_robust/digits_* --out docs/addt_robust/digits_linf.md
 
-The arg is ``<dataset>,<model>[,l2][,smoke]`` (none: ``digits,base``): dataset ``digits`` (the bundled 8x8 digits, all
-360 test images, Linf eps 0.2 / L2 eps 1.0) or ``mnist`` (the first 256 test images, Linf eps
-0.3 / L2 eps 2.0); model ``base`` (the committed ``<dataset>_ddpm``), ``addt`` (its ADDT
+The arg is ``<dataset>,<model>[,l2][,smoke]`` (none: ``digits,base``): dataset ``digits`` (the
+bundled 8x8 digits, all 360 test images, Linf eps 0.2 / L2 eps 1.0) or ``mnist`` (the first 256
+test images, Linf eps 0.3 / L2 eps 2.0); model ``base`` (the committed ``<dataset>_ddpm``), ``addt`` (its ADDT
 fine-tune: CGPO K = 5 + RBGM), ``no_rbgm`` (CGPO with the reference's Linf PGD delta) or
 ``no_cgpo`` (Gaussian delta: the control fine-tune of the same length), all
 ``checkpoints/<dataset>_addt[_<variant>]``; the classifier is always the committed
