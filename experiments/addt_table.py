@@ -25,9 +25,13 @@ import json
 import pathlib
 import sys
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import numpy as np
 
-MODELS = ("base", "addt", "no_rbgm", "no_cgpo")
+from configs.addt_robust import MODELS, model_path
+
 MODEL_NAMES = {"base": "base DDPM", "addt": "ADDT", "no_rbgm": "ADDT w/o RBGM",
                "no_cgpo": "control (w/o CGPO)"}
 PROTOCOLS = ("one_shot", "worst_of@10", "fixed_aa@20")
@@ -35,8 +39,9 @@ SETTING_NAMES = {"stochastic": "stochastic", "dwbox": "DW-box", "forward_lock": 
 
 
 def load_run(workdir: pathlib.Path) -> dict:
-    """One run: its config's dataset / model / attack and its rows' summaries and per-example
-    scores. Raises with the path when the run is not a finished ``addt_robust`` run."""
+    """One run: its config's dataset / model / attack and its finished rows' summaries and
+    per-example scores. Raises with the path when the run is not an ``addt_robust`` run or has
+    no finished row."""
     workdir = pathlib.Path(workdir)
     cfg_path = workdir / "config.json"
     if not cfg_path.is_file():
@@ -58,30 +63,24 @@ def load_run(workdir: pathlib.Path) -> dict:
         rows[name] = {"summary": json.loads(res_path.read_text()), "scores": scores}
     if not rows:
         raise FileNotFoundError(f"{workdir}: no finished row (no <row>/results.json)")
-    top = workdir / "results.json"
-    res = json.loads(top.read_text()) if top.is_file() else {}
     atk = cfg["attack"]
     return {"workdir": str(workdir), "dataset": cfg["addt_table"]["dataset"],
             "model": _model_of(cfg), "norm": atk["norm"], "eps": float(atk["eps"]),
             "attack": (atk["name"], atk["num_steps"], atk["eot_samples"], atk["loss"]),
             "test_split": cfg["data"]["test_split"], "rows": rows,
-            "ddpm": res.get("ddpm", {}),
             "wall_s": sum(r["summary"].get("wall_s") or 0.0 for r in rows.values())}
 
 
 def _model_of(cfg: dict) -> str:
-    """The model a run evaluated, from the DDPM export it loaded (``checkpoints/<dataset>_ddpm``
-    is the base, ``<dataset>_addt[_<variant>]`` a fine-tune), so that a run whose
-    ``ddpm.path`` was overridden on the command line is labelled by what it ran; the config
-    arg's model for exports named otherwise."""
+    """The model a run evaluated, from the DDPM export it loaded (the committed export
+    ``configs.addt_robust.model_path`` names for it), so that a run whose ``ddpm.path`` was
+    overridden on the command line is labelled by what it ran; the config arg's model for
+    exports named otherwise."""
     name = pathlib.PurePath(str(cfg.get("ddpm", {}).get("path", ""))).name
     dataset = cfg["addt_table"]["dataset"]
-    if name == f"{dataset}_ddpm":
-        return "base"
-    if name.startswith(f"{dataset}_addt"):
-        variant = name[len(f"{dataset}_addt"):].lstrip("_") or "addt"
-        if variant in MODELS:
-            return variant
+    for model in MODELS:
+        if pathlib.PurePath(model_path(dataset, model)).name == name:
+            return model
     return cfg["addt_table"]["model"]
 
 
