@@ -246,10 +246,10 @@ def robust_base() -> config_dict.ConfigDict:
 def robust_eval_options(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Add, in place, the options that only ``experiments/robust_eval.py`` reads: AutoAttack rows
     (``attack.autoattack``, used when ``attack.name == "autoattack"``), DiffAttack's loss
-    (``attack.diffattack``, used when ``attack.loss == "diffattack"``) and the soundness checks
-    (``eval.soundness``, off while ``num_images`` is None). Not in :func:`robust_base`: the
-    studies built on it fingerprint their whole ``config.attack``, and their records must
-    resume."""
+    (``attack.diffattack``, used when ``attack.loss == "diffattack"``), the soundness checks
+    (``eval.soundness``, off while ``num_images`` is None) and ``only_rows``. Not in
+    :func:`robust_base`: the studies built on it fingerprint their whole ``config.attack``, and
+    their records must resume."""
     c.attack.autoattack = config_dict.ConfigDict({
         "version": "standard",  # standard | plus | rand | custom (jaxrob.attacks.autoattack)
         "attacks": config_dict.placeholder(tuple),  # custom: names of jaxrob.attacks.AA_ATTACKS
@@ -274,6 +274,9 @@ def robust_eval_options(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
         "eot_factor": config_dict.placeholder(int),  # its EoT multiple (None: factor)
         "square_queries": 1000,
     })
+    # a subset of config.rows to run now (comma-separated names; "" = all): the other rows'
+    # finished records in the workdir stay in results.json and table.md
+    c.only_rows = ""
     return c
 
 

@@ -543,8 +543,19 @@ def _aa_section(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _only_rows(config, names: list[str]) -> set[str]:
+    """The rows to run now: ``config.only_rows`` (comma-separated row names; empty: all)."""
+    only = [t.strip() for t in str(config.get("only_rows") or "").split(",") if t.strip()]
+    unknown = [t for t in only if t not in names]
+    if unknown:
+        raise ValueError(f"only_rows: expected names of config.rows {names}, got unknown "
+                         f"{unknown}")
+    return set(only or names)
+
+
 def run(config, workdir) -> dict:
-    """Evaluate every row of ``config.rows``; returns (and writes) ``results.json``."""
+    """Evaluate every row of ``config.rows`` (or the ``config.only_rows`` subset, listing the
+    other rows' finished records from the workdir); returns (and writes) ``results.json``."""
     from jaxrob.evaluation import check_randomness, parse_protocol
 
     timer, workdir, mesh = _common.begin(config, workdir, eot=True)
@@ -596,8 +607,15 @@ def run(config, workdir) -> dict:
                 and not getattr(purifier, "splits_randomness", False):
             raise ValueError(f"rows: {name}: randomness='forward_lock' needs a purifier that "
                              f"splits its forward and reverse noise")
+    selected = _only_rows(config, names)
     entries = []
     for name, rc in zip(names, row_configs, strict=True):
+        if name not in selected:  # not run now: its finished record, if any, stays listed
+            done = workdir / name / "results.json"
+            if done.exists():
+                entries.append(json.loads(done.read_text()))
+                logging.info("row %s: not in only_rows; its finished record is kept", name)
+            continue
         logging.info("row %s: purifier %s, attack %s, %s", name,
                      _common.to_plain(rc.purifier), _attack_plain(rc), rc.eval.randomness)
         entries.append(run_row(rc, name, workdir / name, models, test, mesh))

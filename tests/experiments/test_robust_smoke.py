@@ -141,3 +141,20 @@ def test_stronger_attack_config():
     assert st.attack.eot_samples == 2 * cfg.attack.eot_samples  # stochastic, purified
     assert st.attack.step_size == 2.5 * cfg.attack.eps / cfg.attack.num_steps
     assert _stronger(cfg, 4).attack.eot_samples == 4 * cfg.attack.eot_samples
+
+
+def test_only_rows_runs_a_subset_and_keeps_the_other_finished_rows(tmp_path):
+    cfg = _two_rows(load_config("digits_robust", "smoke"))
+    cfg.only_rows = "classifier"
+    first = robust_eval.run(cfg, tmp_path)
+    assert [r["name"] for r in first["rows"]] == ["classifier"]
+    assert not (tmp_path / "ddpm_exact").exists()  # not run, nothing written
+    cfg.only_rows = " ddpm_exact "
+    second = robust_eval.run(cfg, tmp_path)
+    # both listed, in config order; the classifier row is the first run's record, not rerun
+    assert [r["name"] for r in second["rows"]] == ["classifier", "ddpm_exact"]
+    assert second["rows"][0] == first["rows"][0]
+    assert (tmp_path / "table.md").read_text().count("\n") == 4
+    cfg.only_rows = "ddpm_exact,nope"
+    with pytest.raises(ValueError, match=r"only_rows: expected names of config.rows .*'nope'"):
+        robust_eval.run(cfg, tmp_path)
