@@ -1,4 +1,4 @@
-"""ADDT's robustness table: a DDPM next to its ADDT fine-tune and the two ablations.
+r"""ADDT's robustness table: a DDPM next to its ADDT fine-tune and the two ablations.
 
     python experiments/robust_eval.py --config configs/addt_robust.py:digits,addt --workdir runs/addt_robust/digits_addt
     python experiments/addt_table.py runs/addt_robust/digits_* --out docs/addt_robust/digits_linf.md
@@ -33,7 +33,12 @@ images x 40 gradients through 10 UNet steps, ~0.09 s each) -- an accelerator job
         --config configs/addt_robust.py:mnist,$m --workdir runs/addt_robust/mnist_$m"; done
 
 (``experiments/addt_table.py`` labels a run by the export it loaded, so ``tpu_scripts/sweep.sh``
-over ``ddpm.path`` works too.)
+over ``ddpm.path`` works too.) On a CPU, the main rows first (the MNIST rows of
+``docs/addt_robust/``; the same workdir takes the other rows later)::
+
+    python experiments/robust_eval.py --config configs/addt_robust.py:mnist,base --workdir runs/addt_robust/mnist_base \
+        --config.only_rows=classifier,ddpm_t0.1_stochastic,ddpm_t0.1_dwbox
+
 ``,smoke``: the random tiny UNet, 4 images, 2 steps (the tests).
 """
 

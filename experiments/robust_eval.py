@@ -9,8 +9,8 @@ of ``config.eval.protocols``, the full manifest of DESIGN.md, NFEs, wall time) a
 ``table.md``. Per-example records are kept under ``<row>/chunks/`` (resumable: kill the run,
 rerun the same command, finished chunks are kept and nothing is counted twice) and as
 ``<row>/per_example.npz``. ``--config.only_rows=a,b`` runs just those rows now (a long table
-one row at a time, or in parallel processes on one workdir); the other rows' finished records
-stay in ``results.json`` and ``table.md``.
+a few rows at a time, or different rows in parallel processes on one workdir); the other rows'
+finished records stay in ``results.json`` and ``table.md``.
 
 Randomness modes: ``stochastic`` (fresh purifier noise in every attack step and in scoring)
 and ``fixed`` (one purifier key per image shared by attack and scoring: the deterministic
