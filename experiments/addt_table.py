@@ -12,7 +12,9 @@ within a group every run must have used the same images and attack (checked). Wr
 2. ADDT's claims, paired on the same images: (i) stochasticity -- robust accuracy in the
    stochastic setting minus the DW-box setting, per model; (ii) fine-tuning -- each fine-tune
    minus the base model, and ADDT minus the Gaussian control (``no_cgpo``), per setting. Each
-   difference with a paired bootstrap 95% interval over the images (2000 resamples, seed 0).
+   difference with a paired bootstrap 95% interval over the images (2000 resamples, seed 0);
+3. the rows' convergence checks, where a run made them (``--config.eval.convergence.factor=4
+   --config.eval.convergence.num_images=64``): base vs stronger attack on the same images.
 
 Every finished row is read (``<workdir>/<row>/results.json`` and ``per_example.npz``, written
 when the row ends), so a run cut short contributes its finished rows; missing rows show ``-``.
@@ -188,10 +190,40 @@ def group_table(runs: list[dict]) -> str:
                 cells.append(" / ".join(_diff_cell(ra, rb, f"adv@{p}")
                                         for p in ("one_shot", "fixed_aa@20")))
             out.append(f"| {_setting_label(s)} | " + " | ".join(cells) + " |")
+    out += _convergence(by_model, models, _settings(runs))
     out += ["", "Runs (compute seconds of their finished rows): "
             + "; ".join(f"{MODEL_NAMES[m]} `{by_model[m]['workdir']}` "
                         f"({by_model[m]['wall_s']:.0f} s)" for m in models), ""]
     return "\n".join(out)
+
+
+def _convergence(by_model: dict, models: list[str], settings: list[str]) -> list[str]:
+    """The rows that carry a convergence check (``robust_eval --config.eval.convergence.*``):
+    the base and the stronger attack's accuracy on the same first images, and the verdict."""
+    lines = []
+    for s in settings:
+        for m in models:
+            row = by_model[m]["rows"].get(s)
+            conv = row["summary"].get("convergence") if row else None
+            if not conv:
+                continue
+            base, strong = row["summary"].get("attack") or {}, conv["attack"]
+            cells = []
+            for p in ("one_shot", "fixed_aa@20"):
+                rec = conv["protocols"].get(p)
+                cells.append(f"{_cell(rec['base'])} -> {_cell(rec['stronger'])}" if rec else "-")
+            lines.append(
+                f"| {_setting_label(s)} | {MODEL_NAMES[m]} | {conv['num_images']} | "
+                f"x{base.get('num_steps', '?')} EoT {base.get('eot_samples', '?')} -> "
+                f"x{strong['num_steps']} EoT {strong['eot_samples']} | " + " | ".join(cells)
+                + f" | {'yes' if conv['converged'] else '**no**'} |")
+    if not lines:
+        return []
+    return ["", "**Convergence**: the row's first images attacked again with more iterations "
+            "(and EoT samples); converged = the stronger attack's accuracy lies inside the base "
+            "run's 95% interval on those images, under every protocol.", "",
+            "| setting | model | images | attack -> stronger | robust one-shot | "
+            "robust Fixed-AA@20 | converged |", "|---|---|---|---|---|---|---|"] + lines
 
 
 def format_tables(runs: list[dict]) -> str:

@@ -158,3 +158,20 @@ def test_a_cut_run_contributes_its_finished_rows(tmp_path):
     run = addt_table.load_run(a)
     assert list(run["rows"]) == ["classifier", "ddpm_t0.1_stochastic", "ddpm_t0.1_dwbox"]
     assert run["wall_s"] == 3.0
+
+
+def test_the_convergence_checks_of_the_rows_are_listed(tmp_path):
+    rng = np.random.default_rng(3)
+    a = _write_run(tmp_path, "base", _scores(rng))
+    md = addt_table.format_tables([addt_table.load_run(a)])
+    assert "**Convergence**" not in md  # no row carries a check
+    res = json.loads((a / "ddpm_t0.1_dwbox" / "results.json").read_text())
+    res["attack"] = {"num_steps": 10, "eot_samples": 1}
+    res["convergence"] = {
+        "num_images": 4, "converged": False, "attack": {"num_steps": 40, "eot_samples": 1},
+        "protocols": {"one_shot": {"base": {"accuracy": 0.5, "ci95": [0.15, 0.85]},
+                                   "stronger": {"accuracy": 0.0, "ci95": [0.0, 0.49]}}}}
+    (a / "ddpm_t0.1_dwbox" / "results.json").write_text(json.dumps(res))
+    md = addt_table.format_tables([addt_table.load_run(a)])
+    assert ("| DDPM t*=0.1 DW-box | base DDPM | 4 | x10 EoT 1 -> x40 EoT 1 | "
+            "50.0 [15.0, 85.0] -> 0.0 [0.0, 49.0] | - | **no** |") in md
