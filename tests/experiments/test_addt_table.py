@@ -175,3 +175,50 @@ def test_the_convergence_checks_of_the_rows_are_listed(tmp_path):
     md = addt_table.format_tables([addt_table.load_run(a)])
     assert ("| DDPM t*=0.1 DW-box | base DDPM | 4 | x10 EoT 1 -> x40 EoT 1 | "
             "50.0 [15.0, 85.0] -> 0.0 [0.0, 49.0] | - | **no** |") in md
+
+
+def _write_check(run: pathlib.Path, row: str, pred_adv, pred_clean, labels, *, recorded=None):
+    """A finished convergence check of ``row``: its chunk records and its summary."""
+    from jaxrob.evaluation import ChunkStore
+
+    n = pred_adv.shape[0]
+    ChunkStore(run / row / "convergence_x4" / "chunks", write=True).save(
+        0, n, index=np.arange(n), pred_adv=pred_adv, pred_clean=pred_clean)
+    with np.load(run / row / "per_example.npz") as z:
+        arrays = dict(z)
+    arrays["label"] = labels
+    np.savez(run / row / "per_example.npz", **arrays)
+    res = json.loads((run / row / "results.json").read_text())
+    acc = float(np.mean(pred_adv[:, 0] == labels[:n])) if recorded is None else recorded
+    res.update(attack={"num_steps": 10, "eot_samples": 4}, randomness="stochastic",
+               convergence={"factor": 4, "eot_factor": 4, "num_images": n, "converged": True,
+                            "attack": {"num_steps": 40, "eot_samples": 16},
+                            "protocols": {"one_shot": {
+                                "base": {"accuracy": acc, "ci95": [0.0, 1.0]},
+                                "stronger": {"accuracy": acc, "ci95": [0.0, 1.0]}}}})
+    (run / row / "results.json").write_text(json.dumps(res))
+
+
+def test_claim_2_under_the_stronger_attack_is_paired_on_the_checks_records(tmp_path):
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 10, 6)
+    runs, adv = [], {}
+    for m in ("base", "addt"):
+        wd = _write_run(tmp_path, m, _scores(rng))
+        # 20 purifications of the attacked and the clean input per image, mostly correct
+        adv[m] = np.where(rng.random((4, 20)) < 0.6, labels[:4, None], (labels[:4, None] + 1) % 10)
+        clean = np.repeat(labels[:4, None], 20, axis=1)
+        _write_check(wd, "ddpm_t0.1_stochastic", adv[m], clean, labels)
+        runs.append(wd)
+    md = addt_table.format_tables([addt_table.load_run(d) for d in runs])
+    one = addt_table.paired_diff(adv["addt"][:, 0] == labels[:4], adv["base"][:, 0] == labels[:4])
+    faa = addt_table.paired_diff((adv["addt"] == labels[:4, None]).mean(1),
+                                 (adv["base"] == labels[:4, None]).mean(1))
+    cell = [f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" + ("" if lo <= 0 <= hi else " *")
+            for m, lo, hi in (one, faa)]
+    assert (f"| DDPM t*=0.1 stochastic | ADDT - base DDPM | 4 | {cell[0]} | {cell[1]} |") in md
+    # records that do not reproduce the check's own summary are refused
+    _write_check(runs[1], "ddpm_t0.1_stochastic", adv["addt"], adv["addt"], labels,
+                 recorded=0.123)
+    with pytest.raises(ValueError, match="differs from the check's recorded"):
+        addt_table.load_run(runs[1])
