@@ -258,6 +258,13 @@ def _stronger(config, factor: int, eot_factor: int | None = None):
     return c
 
 
+def convergence_dir(row_dir: pathlib.Path, factor: int, eot_factor: int) -> pathlib.Path:
+    """Where a row's convergence check keeps its records (``convergence_x4``,
+    ``convergence_x4_eot_x1``, ...)."""
+    tag = f"x{factor}" + (f"_eot_x{eot_factor}" if eot_factor != factor else "")
+    return pathlib.Path(row_dir) / f"convergence_{tag}"
+
+
 def convergence_check(config, workdir: pathlib.Path, defended, test, base: dict, mesh,
                       name: str) -> dict | None:
     """Rerun the first ``eval.convergence.num_images`` images with a ``factor`` x stronger
@@ -273,9 +280,9 @@ def convergence_check(config, workdir: pathlib.Path, defended, test, base: dict,
     sub = test.subset(slice(0, m))
     eot_factor = int(conv.eot_factor) if conv.get("eot_factor") else factor
     strong = _stronger(config, factor, eot_factor)
-    tag = f"x{factor}" + (f"_eot_x{eot_factor}" if eot_factor != factor else "")
-    res = _evaluate(strong, workdir / f"convergence_{tag}", defended, sub, mesh,
-                    f"{name} {tag}")
+    check_dir = convergence_dir(workdir, factor, eot_factor)
+    res = _evaluate(strong, check_dir, defended, sub, mesh,
+                    f"{name} {check_dir.name.removeprefix('convergence_')}")
     out = {"factor": factor, "eot_factor": eot_factor, "num_images": m,
            "attack": _attack_plain(strong), "total_s": res["total_s"],
            "protocols": {}}

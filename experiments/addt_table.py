@@ -87,11 +87,12 @@ def _convergence_scores(row_dir: pathlib.Path, summary: dict, index, labels) -> 
     conv = summary.get("convergence")
     if not conv or labels is None:
         return None
-    f, e = int(conv["factor"]), int(conv["eot_factor"])
-    chunks = row_dir / (f"convergence_x{f}" + (f"_eot_x{e}" if e != f else "")) / "chunks"
+    from experiments._robust_eval import convergence_dir
+    from jaxrob.evaluation import ChunkStore, fixed_aa_score, score_predictions
+
+    chunks = convergence_dir(row_dir, int(conv["factor"]), int(conv["eot_factor"])) / "chunks"
     if not chunks.is_dir():
         return None
-    from jaxrob.evaluation import ChunkStore, fixed_aa_score, score_predictions
 
     rec = ChunkStore(chunks, write=False).load()
     idx = np.asarray(rec["index"])
