@@ -247,9 +247,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_npz(path: str | os.PathLike, **arrays) -> None:
-    """``np.savez_compressed`` by process 0 only."""
+    """``np.savez_compressed`` by process 0 only, atomically (a temporary file renamed into
+    place: a killed run leaves the old file or none, never half of one)."""
     if is_main_process():
-        np.savez_compressed(path, **{k: np.asarray(v) for k, v in arrays.items()})
+        path = pathlib.Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        os.replace(tmp, path)
 
 
 def save_image_grid(path: str | os.PathLike, images01: np.ndarray, *, grid: int,

@@ -283,6 +283,9 @@ def convergence_check(config, workdir: pathlib.Path, defended, test, base: dict,
     check_dir = convergence_dir(workdir, factor, eot_factor)
     res = _evaluate(strong, check_dir, defended, sub, mesh,
                     f"{name} {check_dir.name.removeprefix('convergence_')}")
+    # the check's per-example record, like the row's own (read by experiments/addt_table.py
+    # for paired differences under the stronger attack)
+    _common.save_npz(check_dir / "per_example.npz", **res["per_example"])
     out = {"factor": factor, "eot_factor": eot_factor, "num_images": m,
            "attack": _attack_plain(strong), "total_s": res["total_s"],
            "protocols": {}}

@@ -15,8 +15,9 @@ within a group every run must have used the same images and attack (checked). Wr
    difference with a paired bootstrap 95% interval over the images (2000 resamples, seed 0);
 3. the rows' convergence checks, where a run made them (``--config.eval.convergence.factor=4
    --config.eval.convergence.num_images=64``): base vs stronger attack on the same images,
-   and claim 2's paired differences again on the checks' records (rescored from their chunks;
-   a rescoring that does not reproduce the check's summary is refused).
+   and claim 2's paired differences again on the checks' records (their ``per_example.npz``,
+   or rescored from their chunks for older checks; a record that does not reproduce the
+   check's summary is refused).
 
 Every finished row is read (``<workdir>/<row>/results.json`` and ``per_example.npz``, written
 when the row ends), so a run cut short contributes its finished rows; missing rows show ``-``.
@@ -80,19 +81,38 @@ def load_run(workdir: pathlib.Path) -> dict:
 
 
 def _convergence_scores(row_dir: pathlib.Path, summary: dict, index, labels) -> dict | None:
-    """Per-example one-shot and Fixed-AA@20 scores of the row's convergence check (its
-    stronger attack on the first images), rescored from the check's chunk records as
-    ``robust_eval`` scores them (Fixed-AA over the clean input and the attack's result); None
-    without a check."""
+    """Per-example scores of the row's convergence check (its stronger attack on the first
+    images): the check's ``per_example.npz`` (every protocol), or, for checks recorded before
+    ``robust_eval`` wrote one, one-shot and Fixed-AA@20 rescored from its chunk records as
+    ``robust_eval`` scores them (Fixed-AA over the clean input and the attack's result). Either
+    must reproduce the check's own summary, else ValueError; None without a check."""
     conv = summary.get("convergence")
-    if not conv or labels is None:
+    if not conv or "factor" not in conv:
         return None
     from experiments._robust_eval import convergence_dir
-    from jaxrob.evaluation import ChunkStore, fixed_aa_score, score_predictions
 
-    chunks = convergence_dir(row_dir, int(conv["factor"]), int(conv["eot_factor"])) / "chunks"
-    if not chunks.is_dir():
+    check = convergence_dir(row_dir, int(conv["factor"]), int(conv["eot_factor"]))
+    if (check / "per_example.npz").is_file():
+        source = check / "per_example.npz"
+        with np.load(source) as z:
+            out = {k: np.asarray(z[k]) for k in z.files if k.startswith("adv@")}
+            out["index"] = np.asarray(z["index"])
+    elif labels is not None and (check / "chunks").is_dir():
+        source = check / "chunks"
+        out = _rescore_chunks(source, summary, index, labels)
+    else:
         return None
+    for k, v in out.items():  # the record must reproduce the check's own summary
+        want = conv["protocols"].get(k.removeprefix("adv@"), {}).get("stronger")
+        if k != "index" and want and abs(float(np.mean(v)) - want["accuracy"]) > 1e-6:
+            raise ValueError(f"{source}: {k} {float(np.mean(v)):.4f} differs from the "
+                             f"check's recorded {want['accuracy']:.4f}")
+    return out
+
+
+def _rescore_chunks(chunks: pathlib.Path, summary: dict, index, labels) -> dict:
+    """One-shot and Fixed-AA@20 per example from a convergence check's chunk records."""
+    from jaxrob.evaluation import ChunkStore, fixed_aa_score, score_predictions
 
     rec = ChunkStore(chunks, write=False).load()
     idx = np.asarray(rec["index"])
@@ -104,11 +124,6 @@ def _convergence_scores(row_dir: pathlib.Path, summary: dict, index, labels) -> 
         out["adv@fixed_aa@20"] = out["adv@one_shot"]
     elif pred_adv.shape[0] >= 20:
         out["adv@fixed_aa@20"] = fixed_aa_score(np.stack([pred_clean, pred_adv]), y, 20)
-    for k, v in out.items():  # the rescoring must reproduce the check's own summary
-        want = conv["protocols"].get(k.removeprefix("adv@"), {}).get("stronger")
-        if k != "index" and want and abs(float(np.mean(v)) - want["accuracy"]) > 1e-6:
-            raise ValueError(f"{chunks}: rescored {k} {float(np.mean(v)):.4f} differs from the "
-                             f"check's recorded {want['accuracy']:.4f}")
     return out
 
 

@@ -222,3 +222,39 @@ def test_claim_2_under_the_stronger_attack_is_paired_on_the_checks_records(tmp_p
                  recorded=0.123)
     with pytest.raises(ValueError, match="differs from the check's recorded"):
         addt_table.load_run(runs[1])
+
+
+def test_a_checks_per_example_record_is_read_in_place_of_its_chunks(tmp_path):
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 10, 6)
+    runs, faa = [], {}
+    for m in ("base", "addt"):
+        wd = _write_run(tmp_path, m, _scores(rng))
+        _write_check(wd, "ddpm_t0.1_stochastic", np.repeat(labels[:4, None], 20, axis=1),
+                     np.repeat(labels[:4, None], 20, axis=1), labels)
+        # robust_eval's own record of the check: every protocol, no chunks needed
+        check = wd / "ddpm_t0.1_stochastic" / "convergence_x4"
+        faa[m] = rng.integers(0, 21, 4) / 20
+        one = (faa[m] > 0.5).astype(np.float64)
+        np.savez(check / "per_example.npz", index=np.arange(4), **{
+            "adv@one_shot": one, "adv@worst_of@10": one, "adv@fixed_aa@20": faa[m]})
+        for d in (check / "chunks").iterdir():
+            d.unlink() if d.is_file() else None
+        res = json.loads((wd / "ddpm_t0.1_stochastic" / "results.json").read_text())
+        res["convergence"]["protocols"] = {
+            p: {"base": {"accuracy": 1.0, "ci95": [0.0, 1.0]},
+                "stronger": {"accuracy": float(np.mean(v)), "ci95": [0.0, 1.0]}}
+            for p, v in (("one_shot", one), ("fixed_aa@20", faa[m]))}
+        (wd / "ddpm_t0.1_stochastic" / "results.json").write_text(json.dumps(res))
+        runs.append(wd)
+    run = addt_table.load_run(runs[1])
+    assert set(run["rows"]["ddpm_t0.1_stochastic"]["conv_scores"]) == {
+        "index", "adv@one_shot", "adv@worst_of@10", "adv@fixed_aa@20"}
+    md = addt_table.format_tables([addt_table.load_run(d) for d in runs])
+    m_, lo, hi = addt_table.paired_diff(faa["addt"], faa["base"])
+    assert f"{m_:+.1f} [{lo:+.1f}, {hi:+.1f}]" in md.split("under the stronger attack")[1]
+    # a record that does not reproduce the check's summary is refused
+    np.savez(runs[1] / "ddpm_t0.1_stochastic" / "convergence_x4" / "per_example.npz",
+             index=np.arange(4), **{"adv@fixed_aa@20": 1.0 - faa["addt"]})
+    with pytest.raises(ValueError, match="per_example.npz: adv@fixed_aa@20"):
+        addt_table.load_run(runs[1])

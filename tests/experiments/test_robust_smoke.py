@@ -128,8 +128,13 @@ def test_convergence_check_reruns_a_subset_with_a_stronger_attack(tmp_path):
         assert v["stronger"]["accuracy"] <= v["base"]["accuracy"] + 1e-9  # more iterations
     assert row["self_check"]["mismatches"] == [] and row["self_check"]["agree"] >= 1
     table = (tmp_path / "table.md").read_text()
-    assert "x3, EoT x2 on 4" in table and (tmp_path / "classifier" / "convergence_x3_eot_x2"
-                                             ).is_dir()
+    check = tmp_path / "classifier" / "convergence_x3_eot_x2"
+    assert "x3, EoT x2 on 4" in table and check.is_dir()
+    # the check's per-example record reproduces its summary, on the row's first images
+    with np.load(check / "per_example.npz") as z:
+        assert list(z["index"]) == list(range(4))
+        for p, v in conv["protocols"].items():
+            assert float(np.mean(z[f"adv@{p}"])) == pytest.approx(v["stronger"]["accuracy"])
 
 
 def test_stronger_attack_config():
