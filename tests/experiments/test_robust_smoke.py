@@ -135,6 +135,11 @@ def test_convergence_check_reruns_a_subset_with_a_stronger_attack(tmp_path):
         assert list(z["index"]) == list(range(4))
         for p, v in conv["protocols"].items():
             assert float(np.mean(z[f"adv@{p}"])) == pytest.approx(v["stronger"]["accuracy"])
+    # a rerun that does not ask for the check resumes every chunk and keeps it in the record
+    cfg.eval.convergence.factor = None
+    (again,) = robust_eval.run(cfg, tmp_path)["rows"]
+    assert again["chunks_run"] == 0 and again["convergence"] == conv
+    assert "x3, EoT x2 on 4" in (tmp_path / "table.md").read_text()
 
 
 def test_stronger_attack_config():
