@@ -384,16 +384,17 @@ def soundness_check(config, workdir: pathlib.Path, defended, test, mesh, name: s
     return res
 
 
-def _earlier_checks(workdir: pathlib.Path, res: dict, name: str) -> dict:
-    """The convergence and soundness records of the row's previous ``results.json``, when this
-    run resumed every chunk (the chunk store's fingerprint check then guarantees the same row
-    and records): a rerun that does not ask for a check keeps the one already made instead of
-    dropping it. A rerun that asks for one replaces it."""
+def _earlier_checks(workdir: pathlib.Path, res: dict, name: str, wanted: tuple[str, ...]) -> dict:
+    """The ``wanted`` check records (``"convergence"``, ``"soundness"``: the ones this run did
+    not make) of the row's previous ``results.json``, when this run resumed every chunk (the
+    chunk store's fingerprint check then guarantees the same row and records): a rerun that
+    does not ask for a check keeps the one already made instead of dropping it. A rerun that
+    asks for one replaces it."""
     path = workdir / "results.json"
-    if res["chunks_run"] or not path.is_file():
+    if not wanted or res["chunks_run"] or not path.is_file():
         return {}
     prev = json.loads(path.read_text())
-    kept = {k: prev[k] for k in ("convergence", "soundness") if prev.get(k)}
+    kept = {k: prev[k] for k in wanted if prev.get(k)}
     if kept:
         logging.info("%s: %s kept from the earlier run's %s", name, " and ".join(kept), path)
     return kept
@@ -411,7 +412,8 @@ def run_row(config, name: str, workdir: pathlib.Path, models, test, mesh) -> dic
     res = _evaluate(config, workdir, defended, test, mesh, name)
     conv = convergence_check(config, workdir, defended, test, res, mesh, name)
     sound = soundness_check(config, workdir, defended, test, mesh, name)
-    earlier = _earlier_checks(workdir, res, name)
+    earlier = _earlier_checks(workdir, res, name, tuple(
+        k for k, v in (("convergence", conv), ("soundness", sound)) if v is None))
     conv = conv if conv is not None else earlier.get("convergence")
     sound = sound if sound is not None else earlier.get("soundness")
     per = res.pop("per_example")
