@@ -384,20 +384,21 @@ def soundness_check(config, workdir: pathlib.Path, defended, test, mesh, name: s
     return res
 
 
-def _earlier_checks(workdir: pathlib.Path, res: dict, name: str, wanted: tuple[str, ...]) -> dict:
-    """The ``wanted`` check records (``"convergence"``, ``"soundness"``: the ones this run did
-    not make) of the row's previous ``results.json``, when this run resumed every chunk (the
-    chunk store's fingerprint check then guarantees the same row and records): a rerun that
-    does not ask for a check keeps the one already made instead of dropping it. A rerun that
-    asks for one replaces it."""
+def _with_earlier_checks(workdir: pathlib.Path, res: dict, name: str, checks: dict) -> dict:
+    """``checks`` (``{"convergence": ..., "soundness": ...}``, ``None`` for a check this run did
+    not make) with each missing one taken from the row's previous ``results.json``, when this
+    run resumed every chunk (the chunk store's fingerprint check then guarantees the same row
+    and records): a rerun that does not ask for a check keeps the one already made instead of
+    dropping it. A rerun that asks for one replaces it."""
+    wanted = [k for k, v in checks.items() if v is None]
     path = workdir / "results.json"
     if not wanted or res["chunks_run"] or not path.is_file():
-        return {}
+        return dict(checks)
     prev = json.loads(path.read_text())
     kept = {k: prev[k] for k in wanted if prev.get(k)}
     if kept:
         logging.info("%s: %s kept from the earlier run's %s", name, " and ".join(kept), path)
-    return kept
+    return {**checks, **kept}
 
 
 def run_row(config, name: str, workdir: pathlib.Path, models, test, mesh) -> dict:
@@ -410,12 +411,10 @@ def run_row(config, name: str, workdir: pathlib.Path, models, test, mesh) -> dic
     protocols = tuple(config.eval.protocols)
     timer = _common.Timer()
     res = _evaluate(config, workdir, defended, test, mesh, name)
-    conv = convergence_check(config, workdir, defended, test, res, mesh, name)
-    sound = soundness_check(config, workdir, defended, test, mesh, name)
-    earlier = _earlier_checks(workdir, res, name, tuple(
-        k for k, v in (("convergence", conv), ("soundness", sound)) if v is None))
-    conv = conv if conv is not None else earlier.get("convergence")
-    sound = sound if sound is not None else earlier.get("soundness")
+    checks = _with_earlier_checks(workdir, res, name, {
+        "convergence": convergence_check(config, workdir, defended, test, res, mesh, name),
+        "soundness": soundness_check(config, workdir, defended, test, mesh, name)})
+    conv, sound = checks["convergence"], checks["soundness"]
     per = res.pop("per_example")
     _common.save_npz(workdir / "per_example.npz", **per)
     entry = {
