@@ -17,7 +17,11 @@ within a group every run must have used the same images and attack (checked). Wr
    --config.eval.convergence.num_images=64``): base vs stronger attack on the same images,
    and claim 2's paired differences again on the checks' records (their ``per_example.npz``,
    or rescored from their chunks for older checks; a record that does not reproduce the
-   check's summary is refused).
+   check's summary is refused);
+4. the rows' soundness checks, where a run made them (``--config.eval.soundness.num_images=32``,
+   :func:`jaxrob.evaluation.soundness_checks`): on the row's first images, the gradient attack
+   against the same attack at a large eps, Square (gradient-free), the transfer attack from the
+   bare classifier and, where run, more iterations (and EoT samples), with each check's verdict.
 
 Every finished row is read (``<workdir>/<row>/results.json`` and ``per_example.npz``, written
 when the row ends), so a run cut short contributes its finished rows; missing rows show ``-``.
@@ -245,6 +249,7 @@ def group_table(runs: list[dict]) -> str:
                                         for p in ("one_shot", "fixed_aa@20")))
             out.append(f"| {_setting_label(s)} | " + " | ".join(cells) + " |")
     out += _convergence(by_model, models, _settings(runs))
+    out += _soundness(by_model, models, _settings(runs))
     out += ["", "Runs (compute seconds of their finished rows): "
             + "; ".join(f"{MODEL_NAMES[m]} `{by_model[m]['workdir']}` "
                         f"({by_model[m]['wall_s']:.0f} s)" for m in models), ""]
@@ -299,6 +304,69 @@ def _convergence(by_model: dict, models: list[str], settings: list[str]) -> list
                 "| setting | difference | images | one-shot | Fixed-AA@20 |",
                 "|---|---|---|---|---|"] + diff_lines
     return out
+
+
+def _sound_cell(check: dict | None, key: str, what: str = "") -> str:
+    """One soundness check's accuracy (points, no interval) and its verdict; ``-`` when the
+    check was not run."""
+    if not check:
+        return "-"
+    verdict = check["verdict"]
+    mark = {"pass": "pass", "fail": "**fail**", "inconclusive": "inconcl."}[verdict]
+    if key not in check:  # e.g. transfer without a bare classifier
+        return mark
+    return f"{100 * check[key]['accuracy']:.1f}{what} {mark}"
+
+
+def _soundness(by_model: dict, models: list[str], settings: list[str]) -> list[str]:
+    """The rows that carry soundness checks (``robust_eval --config.eval.soundness.*``): the
+    gradient attack rerun on the row's first images, the other attacks' accuracies on them and
+    each check's verdict."""
+    lines, queries, large = [], set(), set()
+    seen_classifier = False
+    for s in ["classifier"] + settings:
+        for m in models:
+            row = by_model[m]["rows"].get(s)
+            sound = row["summary"].get("soundness") if row else None
+            if not sound:
+                continue
+            if s == "classifier" and seen_classifier:
+                continue  # the same classifier row in every run: list it once
+            seen_classifier |= s == "classifier"
+            checks, base = sound["checks"], sound.get("base") or {}
+            it = checks.get("iterations")
+            stronger = (f" (x{it['num_steps']} EoT {it['eot_samples']})" if it and
+                        "stronger" in it else "")
+            if "gradient_free" in checks:
+                queries.add(checks["gradient_free"].get("queries"))
+            if "large_eps" in checks:
+                large.add(checks["large_eps"].get("eps"))
+            label = "classifier alone" if s == "classifier" else _setting_label(s)
+            verdict = sound["verdict"]
+            model = "-" if s == "classifier" else MODEL_NAMES[m]
+            lines.append(
+                f"| {label} | {model} | {sound['num_images']} | {_cell(base.get('adv'))} | "
+                f"{_sound_cell(checks.get('large_eps'), 'adv')} | "
+                f"{_sound_cell(checks.get('gradient_free'), 'square')} | "
+                f"{_sound_cell(checks.get('transfer'), 'transfer')} | "
+                f"{_sound_cell(it, 'stronger', stronger)} | "
+                f"{_sound_cell(checks.get('flags'), 'none')} | "
+                f"{'**fail**' if verdict == 'fail' else verdict} |")
+    if not lines:
+        return []
+    big = ", ".join(f"{e:g}" for e in sorted(large)) or "-"
+    q = ", ".join(str(v) for v in sorted(queries)) or "-"
+    return ["", f"**Soundness**: on the row's first images, the gradient attack rerun, then "
+            f"robust one-shot accuracy (%) under the same attack at eps {big} (pass: at most "
+            f"10%), Square ({q} queries, no gradients; fail: below the gradient attack's 95% "
+            f"interval), the attack run on the bare classifier and scored on the defence "
+            f"(transfer; fail as Square), and more iterations / EoT samples where run (fail: "
+            f"outside the interval); flags: AutoAttack's checks (EoT on a randomised model, "
+            f"re-measured accuracy, eps-ball, logits). inconcl. = lower than the gradient "
+            f"attack but inside its interval; '-' = not run.", "",
+            "| setting | model | images | gradient attack | large eps | Square | transfer | "
+            "more iterations | flags | verdict |", "|---|---|---|---|---|---|---|---|---|---|"
+            ] + lines
 
 
 def format_tables(runs: list[dict]) -> str:

@@ -258,3 +258,36 @@ def test_a_checks_per_example_record_is_read_in_place_of_its_chunks(tmp_path):
              index=np.arange(4), **{"adv@fixed_aa@20": 1.0 - faa["addt"]})
     with pytest.raises(ValueError, match="per_example.npz: adv@fixed_aa@20"):
         addt_table.load_run(runs[1])
+
+
+def _acc(a: float) -> dict:
+    return {"accuracy": a, "ci95": [max(a - 0.2, 0.0), min(a + 0.2, 1.0)], "num_images": 4}
+
+
+def test_the_soundness_checks_of_the_rows_are_listed(tmp_path):
+    rng = np.random.default_rng(6)
+    runs = [_write_run(tmp_path, m, _scores(rng)) for m in ("base", "addt")]
+    md = addt_table.format_tables([addt_table.load_run(d) for d in runs])
+    assert "**Soundness**" not in md  # no row carries the checks
+    checks = {"large_eps": {"verdict": "pass", "eps": 0.5, "adv": _acc(0.0)},
+              "gradient_free": {"verdict": "inconclusive", "queries": 1000,
+                                "square": _acc(0.25)},
+              "transfer": {"verdict": "pass", "transfer": _acc(0.75)},
+              "iterations": {"verdict": "fail", "stronger": _acc(0.0), "num_steps": 40,
+                             "eot_samples": 16},
+              "flags": {"verdict": "pass"}}
+    for run in runs:  # the classifier row of both runs: listed once
+        for row, sound in (("classifier", {"verdict": "pass", "checks": {
+                "large_eps": checks["large_eps"], "flags": checks["flags"]}}),
+                ("ddpm_t0.1_stochastic", {"verdict": "fail", "checks": checks})):
+            res = json.loads((run / row / "results.json").read_text())
+            res["soundness"] = {**sound, "num_images": 4, "base": {"adv": _acc(0.5)}}
+            (run / row / "results.json").write_text(json.dumps(res))
+    md = addt_table.format_tables([addt_table.load_run(d) for d in runs])
+    assert "Square (1000 queries" in md and "at eps 0.5 (pass" in md
+    assert md.count("| classifier alone | - | 4 | 50.0 [30.0, 70.0] | 0.0 pass | - | - | - | "
+                    "pass | pass |") == 1
+    for model in ("base DDPM", "ADDT"):
+        assert (f"| DDPM t*=0.1 stochastic | {model} | 4 | 50.0 [30.0, 70.0] | 0.0 pass | "
+                f"25.0 inconcl. | 75.0 pass | 0.0 (x40 EoT 16) **fail** | pass | **fail** |"
+                ) in md
