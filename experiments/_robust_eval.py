@@ -362,8 +362,12 @@ def soundness_check(config, workdir: pathlib.Path, defended, test, mesh, name: s
         return {"skipped": "the row has no attack"}
     m = min(int(conf.num_images), len(test))
     sub = test.subset(slice(0, m))
-    fingerprint = normalize_fingerprint({**_fingerprint(config),
-                                         "soundness": _common.to_plain(conf), "num_images": m})
+    fp = {**_fingerprint(config), "soundness": _common.to_plain(conf), "num_images": m}
+    if config.eval.randomness != "stochastic":
+        # checks recorded before every run of a fixed / forward-lock row's checks attacked the
+        # base run's fixed-noise model (soundness_checks, "Keys") are not reused
+        fp["soundness_keys"] = "shared"
+    fingerprint = normalize_fingerprint(fp)
     path = workdir / "soundness.json"
     if path.exists():
         stored = json.loads(path.read_text())

@@ -105,7 +105,8 @@ DIFFATTACK_STATES = 1_000_040
 
 # Soundness checks (jaxrob.evaluation.soundness_checks), folded into example i's key k_i: each
 # check's evaluation runs on fold_in(k_i, SOUND_<run>) and then folds the evaluation's own tags
-# (ATTACK, CLEAN, ADV, FIXED) into that, exactly as evaluate_robustness does into k_i.
+# (ATTACK, CLEAN, ADV, FIXED) into that, exactly as evaluate_robustness does into k_i. Under
+# fixed / forward_lock randomness (the key fixes the model under attack) every run uses SOUND_BASE.
 SOUND_BASE = 60  # the base attack (and the re-measure of its x_adv)
 SOUND_LARGE_EPS = 61  # the same attack at a large radius
 SOUND_STRONGER = 62  # the attack with more iterations (and EoT samples)

@@ -28,7 +28,12 @@ edge of its interval, the verdict is ``inconclusive``: more images would tell.
 Keys: example ``i`` has ``k_i = fold_in(key, index_i)``; each run of a check evaluates on
 ``fold_in(k_i, SOUND_<run>)`` (tags 60..65 of :mod:`jaxrob._keys`) exactly as
 :func:`jaxrob.evaluation.evaluate_robustness` does on ``k_i``, so the checks can share the main
-evaluation's key without reusing any of its noise.
+evaluation's key without reusing any of its noise. Under ``fixed`` (DW-box) and
+``forward_lock`` randomness the key *is* the model under attack (its fixed noise), so there
+every attack run uses the base run's tag (``SOUND_BASE``): the large-eps, stronger, Square and
+transfer attacks face the very fixed-noise purifier the base attack faced, and their
+per-example comparisons (``broken_only_by_*``) are paired. (With a tag per run, a DW-box check
+would compare attacks on different deterministic models.) ``settings["keys"]`` records which.
 
 References:
   Carlini, Athalye, Papernot, Brendel, Rauber, Tsipras, Goodfellow, Madry & Kurakin, "On
@@ -170,7 +175,8 @@ def soundness_checks(defended: Model, x: DatasetImages, y: Labels, indices, *, k
         APGD on).
       checks: the checks to run, a subset of :data:`CHECKS` (None: all; ``transfer`` is then
         ``inconclusive`` when no bare classifier is known).
-      randomness: ``stochastic``, ``fixed`` or ``forward_lock`` (as the evaluation checked).
+      randomness: ``stochastic``, ``fixed`` or ``forward_lock`` (as the evaluation checked;
+        under the last two every check attacks the base run's fixed-noise model).
       protocol: the protocol every verdict compares (``one_shot``, ``worst_of@N``, ...).
       large_eps: the radius of ``large_eps`` (None: 0.5 for Linf, ``0.5 sqrt(H W C)`` for L2,
         the L2 ball holding the Linf 0.5 ball); a user ``step_size`` is scaled with it.
@@ -276,7 +282,12 @@ def soundness_checks(defended: Model, x: DatasetImages, y: Labels, indices, *, k
     y32 = labels.astype(np.int32)
     say = log or (lambda _line: None)
 
+    # fixed / forward-lock: the key fixes the purifier's noise, i.e. the model under attack --
+    # every run attacks the base run's model (module docstring, "Keys")
+    shared_keys = randomness in ("fixed", "forward_lock")
+
     def run(tag, atk, inputs=images, what=""):
+        tag = tags.SOUND_BASE if shared_keys else tag
         data = {"x": inputs, "y": y32, "index": indices}
         out = run_chunks(_sound_chunk, data, key=key,
                          args=(defended, atk, protocols, randomness, vote_chunk, tag),
@@ -297,7 +308,8 @@ def soundness_checks(defended: Model, x: DatasetImages, y: Labels, indices, *, k
                 "checks": list(selected), "large_eps": large,
                 "large_eps_accuracy": float(large_eps_accuracy), "factor": factor,
                 "eot_factor": eot_factor, "square_queries": square_queries,
-                "batch_size": batch_size}
+                "batch_size": batch_size,
+                "keys": "shared (the base run's fixed noise)" if shared_keys else "per run"}
     results: dict = {}
 
     def finished(name):

@@ -170,3 +170,30 @@ def test_bad_input_raises_before_any_work():
         soundness_checks(HONEST, X * 2, Y, INDICES, key=jr.key(0), eps=EPS)
     with pytest.raises(ValueError, match="x_adv"):
         score_adversarial(HONEST, X, X[:4], Y, INDICES, key=jr.key(0))
+
+
+def heavy_noise(x, key):  # noise large enough that the clean predictions depend on the key
+    if jnp.ndim(key) == 0:
+        return jnp.clip(x + 0.6 * jr.normal(key, x.shape), 0.0, 1.0)
+    return jax.vmap(lambda xi, k: heavy_noise(xi[None], k)[0])(x, key)
+
+
+@pytest.mark.parametrize("randomness", ["fixed", "stochastic"])
+def test_under_fixed_randomness_every_check_attacks_the_base_runs_model(randomness):
+    # DW-box: the key is the model (its fixed noise); every run of the checks must face the
+    # fixed-noise model the base attack faced, else a check compares different models. The
+    # clean accuracy each run records is that model's: equal across runs when shared.
+    res = _checks(DefendedModel(clf, heavy_noise), checks=("large_eps", "iterations"),
+                  randomness=randomness, eot_samples=1, factor=2)
+    clean_base = res["base"]["clean"]["accuracy"]
+    clean_large = res["checks"]["large_eps"]["clean"]["accuracy"]
+    if randomness == "fixed":
+        assert res["settings"]["keys"].startswith("shared")
+        assert clean_large == clean_base
+        # same model, same step, no random start: the stronger run's first iterates are the
+        # base run's and the best (highest-loss) iterate is kept -- it breaks at least as many
+        assert res["checks"]["iterations"]["stronger"]["accuracy"] <= res["base"]["adv"][
+            "accuracy"]
+    else:  # fresh noise per run: the runs' clean accuracies differ (the test has power)
+        assert res["settings"]["keys"] == "per run"
+        assert clean_large != clean_base
