@@ -362,8 +362,9 @@ def _soundness(by_model: dict, models: list[str], settings: list[str]) -> list[s
             f"interval), the attack run on the bare classifier and scored on the defence "
             f"(transfer; fail as Square), and more iterations / EoT samples where run (fail: "
             f"outside the interval); flags: AutoAttack's checks (EoT on a randomised model, "
-            f"re-measured accuracy, eps-ball, logits). inconcl. = lower than the gradient "
-            f"attack but inside its interval; '-' = not run.", "",
+            f"re-measured accuracy, eps-ball, logits; inconcl. on a DW-box row by design: a "
+            f"randomised model scored with its noise fixed). inconcl. elsewhere = lower than "
+            f"the gradient attack but inside its interval; '-' = not run.", "",
             "| setting | model | images | gradient attack | large eps | Square | transfer | "
             "more iterations | flags | verdict |", "|---|---|---|---|---|---|---|---|---|---|"
             ] + lines
