@@ -306,14 +306,14 @@ def _convergence(by_model: dict, models: list[str], settings: list[str]) -> list
     return out
 
 
-def _sound_cell(check: dict | None, key: str, what: str = "") -> str:
-    """One soundness check's accuracy (points, no interval) and its verdict; ``-`` when the
-    check was not run."""
+def _sound_cell(check: dict | None, key: str | None = None, what: str = "") -> str:
+    """One soundness check's accuracy ``check[key]`` (points, no interval; none for a check
+    without one, e.g. the flags) and its verdict; ``-`` when the check was not run."""
     if not check:
         return "-"
     verdict = check["verdict"]
     mark = {"pass": "pass", "fail": "**fail**", "inconclusive": "inconcl."}[verdict]
-    if key not in check:  # e.g. transfer without a bare classifier
+    if key is None or key not in check:  # e.g. transfer without a bare classifier
         return mark
     return f"{100 * check[key]['accuracy']:.1f}{what} {mark}"
 
@@ -350,7 +350,7 @@ def _soundness(by_model: dict, models: list[str], settings: list[str]) -> list[s
                 f"{_sound_cell(checks.get('gradient_free'), 'square')} | "
                 f"{_sound_cell(checks.get('transfer'), 'transfer')} | "
                 f"{_sound_cell(it, 'stronger', stronger)} | "
-                f"{_sound_cell(checks.get('flags'), 'none')} | "
+                f"{_sound_cell(checks.get('flags'))} | "
                 f"{'**fail**' if verdict == 'fail' else verdict} |")
     if not lines:
         return []
